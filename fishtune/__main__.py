@@ -1,0 +1,3 @@
+from fishtune.cli import main
+
+main()

@@ -1,0 +1,7 @@
+"""Dataset commands: validate, normalize, pack."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,269 @@
+"""Loudness normalization of a dataset tree (peak -1 dBFS, then -23 LUFS, ITU-R BS.1770-4).
+
+The math is the reference recipe's (pyloudnorm: peak-normalize, measure integrated loudness
+with a 0.4 s block, gain to the target). Around it we add what the reference tool lacks:
+transcripts are copied, the input is never written, a file is skipped only when its output was
+made from the same input bytes with the same settings, clipping is counted (and prevented by
+default), a bad file is reported instead of killing the pool, and every write is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from fish_speech_core.audio import read_audio
+from fish_speech_core.files import atomic_path, atomic_write, is_temporary, sha256_file
+from fish_speech_core.parallel import map_with_progress
+from fish_speech_core.validate import Record, ValidationSettings, accepted_items, validate
+
+# Bump when the output of normalize_file changes for the same input and settings:
+# it is part of every skip record, so old outputs are redone.
+NORMALIZE_VERSION = 1
+STATE_DIR = ".fishtune"  # hidden, so discovery never mistakes our bookkeeping for data
+FORMATS = ("keep", "flac", "wav")
+_CONTAINER = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG"}
+
+
+@dataclass(frozen=True)
+class NormalizeSettings:
+    peak: float = -1.0  # dBFS, the first step's target and the clipping ceiling
+    loudness: float = -23.0  # LUFS
+    block_size: float = 0.4  # seconds, BS.1770 gating block
+    format: str = "keep"  # keep | flac | wav
+    prevent_clipping: bool = True
+
+
+def loudness_normalize(
+    audio: np.ndarray, sample_rate: int, peak: float = -1.0, loudness: float = -23.0, block_size: float = 0.4
+) -> np.ndarray:
+    """Peak-normalize to ``peak`` dBFS, then gain to ``loudness`` LUFS (float64 in and out).
+
+    ``audio`` is (frames,) or (frames, channels), as pyloudnorm expects.
+
+    Raises:
+        ValueError: audio shorter than one block, or silent (its loudness cannot be measured).
+    """
+    import pyloudnorm
+
+    current_peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if current_peak == 0.0 or not np.isfinite(current_peak):
+        raise ValueError("audio is silent or not finite; loudness cannot be normalized")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "possible clipping": we measure it ourselves
+        peaked = pyloudnorm.normalize.peak(audio, peak)
+        measured = pyloudnorm.Meter(sample_rate, block_size=block_size).integrated_loudness(peaked)
+        if not np.isfinite(measured):
+            raise ValueError("integrated loudness is -inf (every block is below the -70 LUFS gate)")
+        return pyloudnorm.normalize.loudness(peaked, measured, loudness)
+
+
+@dataclass(frozen=True)
+class _Job:
+    rel_path: str
+    input_path: Path
+    output_path: Path
+    transcript_src: Path | None
+    transcript_text: str | None
+    transcript_out: Path
+    state_path: Path
+    input_sha256: str
+    settings: NormalizeSettings
+    overwrite: bool
+
+
+@dataclass
+class FileResult:
+    rel_path: str
+    status: str  # written | skipped | failed
+    output: str = ""
+    duration: float = 0.0
+    clipped: bool = False  # the loudness gain pushed a peak above 0 dBFS
+    limited: bool = False  # ... and we scaled the file down to the peak ceiling
+    detail: str = ""
+
+
+def _state(job: _Job) -> dict:
+    return {
+        "version": NORMALIZE_VERSION,
+        "input_sha256": job.input_sha256,
+        "settings": asdict(job.settings),
+    }
+
+
+def _is_current(job: _Job) -> bool:
+    """True when the output exists, is intact and was made from these bytes with these settings."""
+    try:
+        recorded = json.loads(job.state_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if any(recorded.get(key) != value for key, value in _state(job).items()):
+        return False
+    if not job.output_path.is_file() or not job.transcript_out.is_file():
+        return False
+    return recorded.get("output_sha256") == sha256_file(job.output_path)
+
+
+def _output_subtype(container: str, input_subtype: str) -> str | None:
+    if soundfile.check_format(container, input_subtype):
+        return input_subtype
+    return None  # soundfile's default for the container
+
+
+def normalize_file(job: _Job) -> FileResult:
+    """Normalize one file; errors become a ``failed`` result, never an exception."""
+    if not job.overwrite and _is_current(job):
+        return FileResult(job.rel_path, "skipped", str(job.output_path))
+    try:
+        info = soundfile.info(str(job.input_path))
+        audio, sample_rate = read_audio(job.input_path, dtype="float64")
+        frames_first = audio[0] if audio.shape[0] == 1 else audio.T  # pyloudnorm layout
+        s = job.settings
+        out = loudness_normalize(frames_first, sample_rate, s.peak, s.loudness, s.block_size)
+        result = FileResult(job.rel_path, "written", str(job.output_path), duration=audio.shape[1] / sample_rate)
+        top = float(np.max(np.abs(out)))
+        if top > 1.0:
+            result.clipped = True
+            if s.prevent_clipping:
+                out = out * (10.0 ** (s.peak / 20.0) / top)
+                result.limited = True
+        container = _CONTAINER[job.output_path.suffix.lower()]
+        with atomic_path(job.output_path) as tmp:
+            soundfile.write(str(tmp), out, sample_rate, subtype=_output_subtype(container, info.subtype), format=container)
+        with atomic_path(job.transcript_out) as tmp:
+            if job.transcript_src is not None:
+                shutil.copyfile(job.transcript_src, tmp)
+            else:
+                tmp.write_text(job.transcript_text or "", encoding="utf-8")
+        # The record is written last: a crash before it means the file is redone, never trusted.
+        with atomic_write(job.state_path, "w") as handle:
+            json.dump({**_state(job), "output_sha256": sha256_file(job.output_path)}, handle)
+        return result
+    except Exception as exc:  # one bad file must not stop the others
+        return FileResult(job.rel_path, "failed", detail=f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class NormalizeReport:
+    input: str
+    output: str
+    settings: NormalizeSettings
+    results: list[FileResult] = field(default_factory=list)
+    rejected: list[Record] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def clipped(self) -> list[FileResult]:
+        return [r for r in self.results if r.clipped]
+
+    def summary(self) -> dict:
+        written_audio = sum(r.duration for r in self.results if r.status == "written")
+        return {
+            "input": self.input,
+            "output": self.output,
+            "settings": asdict(self.settings),
+            "written": self.count("written"),
+            "skipped": self.count("skipped"),
+            "failed": [{"path": r.rel_path, "detail": r.detail} for r in self.results if r.status == "failed"],
+            "rejected": [{"path": r.path, "reason": r.reason, "detail": r.detail} for r in self.rejected],
+            "clipped": [{"path": r.rel_path, "limited": r.limited} for r in self.clipped],
+            "audio_seconds_written": written_audio,
+            "wall_seconds": self.seconds,
+            "audio_seconds_per_second": written_audio / self.seconds if self.seconds else 0.0,
+        }
+
+
+def check_roots(input_root: Path, output_root: Path) -> None:
+    """Refuse layouts where writing OUTPUT could touch INPUT."""
+    src, dst = input_root.resolve(), output_root.resolve()
+    if src == dst:
+        raise ValueError(f"OUTPUT {output_root} is the INPUT folder; choose a separate folder (inputs are never modified)")
+    if src in dst.parents:
+        raise ValueError(f"OUTPUT {output_root} is inside INPUT {input_root}; choose a folder outside it")
+    if dst in src.parents:
+        raise ValueError(f"INPUT {input_root} is inside OUTPUT {output_root}; choose a folder outside it")
+
+
+def _output_rel(rel_path: str, fmt: str) -> str:
+    return rel_path if fmt == "keep" else str(Path(rel_path).with_suffix("." + fmt).as_posix())
+
+
+def _remove_leftover_temporaries(output_root: Path) -> None:
+    for dirpath, _, filenames in os.walk(output_root):
+        for name in filenames:
+            if is_temporary(Path(name)):
+                (Path(dirpath) / name).unlink(missing_ok=True)
+
+
+def clean_output(output_root: Path) -> None:
+    """Empty OUTPUT (only OUTPUT: the folder itself stays)."""
+    if not output_root.exists():
+        return
+    for child in output_root.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def normalize_tree(
+    input_root: str | os.PathLike,
+    output_root: str | os.PathLike,
+    settings: NormalizeSettings = NormalizeSettings(),
+    validation: ValidationSettings = ValidationSettings(),
+    filelist: str | os.PathLike | None = None,
+    num_workers: int = 1,
+    clean: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> NormalizeReport:
+    """Validate INPUT, then write the normalized audio + transcripts of accepted items into OUTPUT."""
+    if settings.format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {settings.format!r}")
+    src, dst = Path(input_root).absolute(), Path(output_root).absolute()
+    check_roots(src, dst)
+    started = time.perf_counter()
+    report = validate(src, filelist, validation, num_workers, show_progress)
+    if clean:
+        clean_output(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    _remove_leftover_temporaries(dst)
+
+    items = {item.rel_path: item for item in accepted_items(report, filelist)}
+    jobs = []
+    for record in report.accepted:
+        item = items[record.path]
+        out_rel = _output_rel(record.path, settings.format)
+        jobs.append(
+            _Job(
+                rel_path=record.path,
+                input_path=item.audio_path,
+                output_path=dst / out_rel,
+                transcript_src=item.text_path,
+                transcript_text=item.text,
+                transcript_out=(dst / out_rel).with_suffix(validation.text_extension),
+                state_path=dst / STATE_DIR / "normalize" / (out_rel + ".json"),
+                input_sha256=record.sha256 or "",
+                settings=settings,
+                overwrite=overwrite,
+            )
+        )
+    results = map_with_progress(normalize_file, jobs, num_workers, "normalize", show_progress)
+    return NormalizeReport(str(src), str(dst), settings, results, report.rejected, time.perf_counter() - started)
+
+
+def write_report(report: NormalizeReport, path: str | os.PathLike) -> Path:
+    with atomic_write(path, "w") as handle:
+        json.dump(report.summary(), handle, indent=2, ensure_ascii=False)
+    return Path(path)

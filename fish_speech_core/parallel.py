@@ -1,0 +1,58 @@
+"""Run a function over many inputs in worker processes, with a progress bar, keeping order."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import TypeVar
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        transient=transient,
+    )
+
+
+def map_with_progress(
+    fn: Callable[[T], R],
+    inputs: Sequence[T],
+    num_workers: int,
+    description: str,
+    show_progress: bool = True,
+) -> list[R]:
+    """``[fn(x) for x in inputs]`` on ``num_workers`` processes; results in input order.
+
+    ``fn`` must catch its own per-item errors and return them as values: one bad item must
+    never stop the others (an exception escaping ``fn`` is a bug and is re-raised).
+    """
+    results: list[R | None] = [None] * len(inputs)
+    with progress_bar() as progress:
+        task = progress.add_task(description, total=len(inputs), note="", visible=show_progress)
+        if num_workers <= 1 or len(inputs) <= 1:
+            for index, value in enumerate(inputs):
+                results[index] = fn(value)
+                progress.advance(task)
+        else:
+            with ProcessPoolExecutor(max_workers=min(num_workers, len(inputs))) as pool:
+                futures = {pool.submit(fn, value): index for index, value in enumerate(inputs)}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    progress.advance(task)
+    return results  # type: ignore[return-value]

@@ -1,0 +1,264 @@
+"""Dataset validation: classify every file as accepted or rejected-with-reason.
+
+The result is a manifest (one row per audio file or orphan transcript) that later stages
+consume, plus a per-speaker summary with data-size advice. Audio headers are read first;
+a file is decoded (once) only when the header checks pass, for the silence / NaN checks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from fish_speech_core import dataset as ds
+from fish_speech_core.audio import audio_info, read_audio
+from fish_speech_core.files import atomic_path, sha256_file
+from fish_speech_core.parallel import map_with_progress
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+LOUDNESS_BLOCK_SECONDS = 0.4  # pyloudnorm's default gating block: shorter audio cannot be measured
+MIN_SPEAKER_MINUTES = 30.0  # below this, a finetune rarely helps (advice only, never an error)
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    text_extension: str = ".lab"
+    max_seconds: float = 30.0
+    min_seconds: float = LOUDNESS_BLOCK_SECONDS
+
+
+@dataclass
+class Record:
+    """One row of the manifest."""
+
+    path: str  # relative to the data root
+    speaker: str
+    status: str
+    reason: str = ""
+    detail: str = ""
+    duration: float | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    sha256: str | None = None
+    transcript: str | None = None
+    peak: float | None = None  # max |sample|, linear
+    loudness: float | None = None  # integrated loudness, LUFS (BS.1770-4)
+    language: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ACCEPTED
+
+
+def _reject(item: ds.Item, reason: str, detail: str = "", **known) -> Record:
+    return Record(item.rel_path, item.speaker, REJECTED, reason, detail, language=item.language, **known)
+
+
+def integrated_loudness(audio: np.ndarray, sample_rate: int, block_size: float = LOUDNESS_BLOCK_SECONDS) -> float:
+    """BS.1770-4 integrated loudness of (channels, frames) audio, via pyloudnorm."""
+    import pyloudnorm
+
+    meter = pyloudnorm.Meter(sample_rate, block_size=block_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # silence gives log10(0): we report -inf
+        return float(meter.integrated_loudness(audio.T.astype(np.float64)))
+
+
+def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
+    """Run every check on one item; never raises for bad data."""
+    try:
+        transcript = ds.read_transcript(item)
+    except UnicodeDecodeError as exc:
+        return _reject(item, ds.TRANSCRIPT_NOT_UTF8, f"byte {exc.start}: {exc.reason}")
+    except OSError as exc:
+        return _reject(item, ds.MISSING_TRANSCRIPT, str(exc))
+    if not transcript.strip():
+        return _reject(item, ds.EMPTY_TRANSCRIPT)
+    transcript = transcript.strip()
+
+    try:
+        info = audio_info(item.audio_path)
+    except Exception as exc:  # libsndfile raises several types for corrupt files
+        return _reject(item, ds.UNREADABLE_AUDIO, str(exc).strip() or type(exc).__name__, transcript=transcript)
+    known = dict(sample_rate=info.sample_rate, channels=info.channels, transcript=transcript)
+    if info.frames == 0:
+        return _reject(item, ds.ZERO_LENGTH, **known, duration=0.0)
+    if info.duration > settings.max_seconds:
+        return _reject(
+            item, ds.TOO_LONG, f"{info.duration:.1f} s > {settings.max_seconds:g} s; split it", duration=info.duration, **known
+        )
+    if info.duration < settings.min_seconds:
+        return _reject(item, ds.TOO_SHORT, f"{info.duration:.3f} s < {settings.min_seconds:g} s", duration=info.duration, **known)
+
+    try:
+        audio, sample_rate = read_audio(item.audio_path)
+    except Exception as exc:
+        return _reject(item, ds.UNREADABLE_AUDIO, str(exc).strip() or type(exc).__name__, **known)
+    duration = audio.shape[1] / sample_rate  # the decoded length: mp3 headers only estimate it
+    known["duration"] = duration
+    if audio.shape[1] == 0:
+        return _reject(item, ds.ZERO_LENGTH, **known)
+    if not np.isfinite(audio).all():
+        return _reject(item, ds.NON_FINITE, f"{int((~np.isfinite(audio)).sum())} samples", **known)
+    if duration < settings.min_seconds:
+        return _reject(item, ds.TOO_SHORT, f"{duration:.3f} s < {settings.min_seconds:g} s", **known)
+    loudness = integrated_loudness(audio, sample_rate)
+    peak = float(np.abs(audio).max())
+    if math.isinf(loudness):
+        return _reject(item, ds.SILENT, f"peak {peak:.2g}", peak=peak, **known)
+    return Record(
+        item.rel_path,
+        item.speaker,
+        ACCEPTED,
+        sha256=sha256_file(item.audio_path),
+        peak=peak,
+        loudness=loudness,
+        language=item.language,
+        **known,
+    )
+
+
+@dataclass
+class ValidationReport:
+    root: Path
+    records: list[Record]
+    settings: ValidationSettings = field(default_factory=ValidationSettings)
+
+    @property
+    def accepted(self) -> list[Record]:
+        return [r for r in self.records if r.accepted]
+
+    @property
+    def rejected(self) -> list[Record]:
+        return [r for r in self.records if not r.accepted]
+
+    def speaker_hours(self) -> dict[str, float]:
+        hours: dict[str, float] = defaultdict(float)
+        for record in self.records:
+            if record.accepted:
+                hours[record.speaker] += (record.duration or 0.0) / 3600
+        return dict(sorted(hours.items()))
+
+    def rejects_by_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(r.reason for r in self.rejected).items()))
+
+    def advice(self) -> list[str]:
+        """Data-size warnings: never errors, only what a user should know before training."""
+        notes = []
+        for speaker, hours in self.speaker_hours().items():
+            if hours * 60 < MIN_SPEAKER_MINUTES:
+                notes.append(
+                    f"speaker {speaker!r} has {hours * 60:.1f} min of accepted audio; finetunes on less "
+                    f"than {MIN_SPEAKER_MINUTES:.0f} min rarely help"
+                )
+        if not self.accepted:
+            notes.append("no accepted audio: nothing to train on")
+        return notes
+
+    def summary(self) -> dict:
+        per_speaker: dict[str, dict] = defaultdict(lambda: {"accepted": 0, "rejected": 0, "hours": 0.0})
+        for record in self.records:
+            row = per_speaker[record.speaker or "(none)"]
+            row[record.status] += 1
+            if record.accepted:
+                row["hours"] += (record.duration or 0.0) / 3600
+        return {
+            "root": str(self.root),
+            "accepted": len(self.accepted),
+            "rejected": len(self.rejected),
+            "total_hours": sum(self.speaker_hours().values()),
+            "speakers": dict(sorted(per_speaker.items())),
+            "rejects_by_reason": self.rejects_by_reason(),
+            "rejects": [
+                {"path": r.path, "reason": r.reason, "detail": r.detail} for r in sorted(self.rejected, key=lambda r: r.path)
+            ],
+            "advice": self.advice(),
+        }
+
+    def to_markdown(self) -> str:
+        s = self.summary()
+        lines = [
+            f"**{s['accepted']} accepted, {s['rejected']} rejected, {s['total_hours'] * 60:.1f} min of audio**",
+            "",
+            "| speaker | accepted | rejected | minutes |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {row['accepted']} | {row['rejected']} | {row['hours'] * 60:.2f} |"
+            for name, row in s["speakers"].items()
+        ]
+        if s["rejects"]:
+            lines += ["", "| rejected file | reason | detail |", "|---|---|---|"]
+            lines += [f"| `{r['path']}` | {r['reason']} | {r['detail']} |" for r in s["rejects"]]
+        lines += [f"\n> {note}" for note in s["advice"]]
+        return "\n".join(lines) + "\n"
+
+    def write_parquet(self, path: str | os.PathLike) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {f.name: [getattr(r, f.name) for r in self.records] for f in fields(Record)}
+        schema = pa.schema(
+            [
+                ("path", pa.string()), ("speaker", pa.string()), ("status", pa.string()),
+                ("reason", pa.string()), ("detail", pa.string()), ("duration", pa.float64()),
+                ("sample_rate", pa.int32()), ("channels", pa.int32()), ("sha256", pa.string()),
+                ("transcript", pa.string()), ("peak", pa.float64()), ("loudness", pa.float64()),
+                ("language", pa.string()),
+            ],
+            metadata={"root": str(self.root), "max_seconds": str(self.settings.max_seconds)},
+        )
+        table = pa.table(columns, schema=schema)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return Path(path)
+
+
+def read_manifest(path: str | os.PathLike) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return [Record(**row) for row in table.to_pylist()]
+
+
+def collect_items(
+    root: str | os.PathLike, filelist: str | os.PathLike | None = None, text_extension: str = ".lab"
+) -> tuple[list[ds.Item], list[ds.Rejection]]:
+    """Items from the folder layout, or from ``filelist`` when given."""
+    if filelist is not None:
+        return ds.read_filelist(filelist, root)
+    return ds.discover(root, text_extension)
+
+
+def validate(
+    root: str | os.PathLike,
+    filelist: str | os.PathLike | None = None,
+    settings: ValidationSettings = ValidationSettings(),
+    num_workers: int = 1,
+    show_progress: bool = True,
+) -> ValidationReport:
+    """Discover and check every item of a dataset; returns the full report (accepted + rejected)."""
+    root = Path(root).absolute()
+    items, rejections = collect_items(root, filelist, settings.text_extension)
+    checked = map_with_progress(
+        partial(check_item, settings=settings), items, num_workers, "validate", show_progress
+    )
+    records = checked + [Record(r.rel_path, r.speaker, REJECTED, r.reason, r.detail) for r in rejections]
+    records.sort(key=lambda r: (r.speaker, r.path))
+    return ValidationReport(root, records, settings)
+
+
+def accepted_items(report: ValidationReport, filelist: str | os.PathLike | None = None) -> list[ds.Item]:
+    """The :class:`Item` objects of the accepted records (for stages that work per file)."""
+    items, _ = collect_items(report.root, filelist, report.settings.text_extension)
+    ok = {r.path for r in report.accepted}
+    return [item for item in items if item.rel_path in ok]
+

@@ -1,0 +1,491 @@
+"""Artifact storage on one root URL (a local folder or ``s3://bucket/prefix``) through fsspec.
+
+Layout: ``<root>/<stage>/<key>/...`` where ``key`` is the sha256 of the stage's input content,
+its parameters and the code version, so equal inputs always name the same artifact. A stage
+writes its files first and a ``_COMPLETE.json`` marker (file list + sha256 of each) last: an
+artifact without the marker is unfinished and never used. Run manifests live under
+``<root>/runs/<run_id>/``.
+
+Credentials and endpoints never pass through here: s3fs reads them from the standard AWS
+environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, IAM roles).
+No Prefect import: this module is plain fsspec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import posixpath
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from fish_speech_core.files import HASH_CHUNK, atomic_path, atomic_write
+
+DEFAULT_ROOT = "./fishtune-store"
+MARKER = "_COMPLETE.json"
+RUNS = "runs"
+T = TypeVar("T")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete or does not match its marker."""
+
+
+# ---------------------------------------------------------------- retries (I/O only)
+
+# Transient I/O failures worth retrying. Not ValueError/KeyError: those are our bugs or bad data.
+RETRYABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+
+
+def retry_io(
+    fn: Callable[[], T],
+    attempts: int = 4,
+    backoff: float = 0.5,
+    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn`` until it succeeds, at most ``attempts`` times, sleeping ``backoff * 2**i`` (+ jitter).
+
+    For storage calls only: never wrap training or other compute in this.
+    ``FileNotFoundError`` is never retried (a missing object does not appear by waiting).
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except retry_on:
+            if attempt == attempts - 1:
+                raise
+            sleep(backoff * 2**attempt * (1 + 0.25 * random.random()))
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def redact(url: str) -> str:
+    """``url`` without user info (``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``) or query string."""
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1:  # plain local path (or a Windows drive letter)
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def is_local(url: str) -> bool:
+    scheme = urlsplit(str(url)).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def local_path(url: str) -> Path:
+    """The filesystem path of a local URL (``file://`` or a plain path)."""
+    if not is_local(url):
+        raise ValueError(f"{redact(url)} is not a local path")
+    return Path(url[len("file://"):] if str(url).startswith("file://") else url).expanduser().absolute()
+
+
+def normalize_url(url: str) -> str:
+    """Local paths become absolute; remote URLs lose a trailing slash."""
+    url = str(url)
+    return str(local_path(url)) if is_local(url) else url.rstrip("/")
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(url.rstrip("/"), *(p.strip("/") for p in parts))
+
+
+def filesystem(url: str):
+    """``(fs, path)`` for a URL; remote credentials come from the environment only."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def hash_stream(handle, chunk_size: int = HASH_CHUNK) -> str:
+    digest = hashlib.sha256()
+    while block := handle.read(chunk_size):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_url(url: str) -> str:
+    """sha256 of one file's bytes, streamed through fsspec (local paths and s3:// alike)."""
+    fs, path = filesystem(url)
+
+    def read() -> str:
+        with fs.open(path, "rb") as handle:
+            return hash_stream(handle)
+
+    return retry_io(read)
+
+
+def list_files(url: str) -> dict[str, dict]:
+    """Relative POSIX path -> fsspec info of every file under a folder URL (hidden files skipped)."""
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    found = retry_io(lambda: fs.find(root, detail=True))
+    files = {}
+    for path, info in found.items():
+        if info.get("type") != "file":
+            continue
+        rel = posixpath.relpath(path, root)
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # our own state folders and temporaries are not content
+        files[rel] = info
+    return dict(sorted(files.items()))
+
+
+def hash_tree(url: str) -> str:
+    """sha256 over the sorted ``(relative path, sha256 of content)`` pairs of a folder."""
+    return digest_listing({rel: hash_url(join(url, rel)) for rel in list_files(url)})
+
+
+def hash_any(url: str) -> str:
+    """Content hash of a file or a folder URL."""
+    fs, path = filesystem(url)
+    if retry_io(lambda: fs.isdir(path)):
+        return hash_tree(url)
+    return hash_url(url)
+
+
+def digest_listing(entries: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(sorted(entries.items())), separators=(",", ":")).encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def artifact_key(stage: str, inputs: Mapping[str, str], params: Mapping[str, Any], code_version: str) -> str:
+    """sha256 of a stage's input content hashes, its parameters and the code version."""
+    blob = canonical_json({"stage": stage, "inputs": dict(inputs), "params": dict(params), "code": code_version})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def code_version() -> str:
+    """The installed fishtune version (part of every key, so a release invalidates old artifacts)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fishtune")
+    except PackageNotFoundError:
+        return "0.0.0+source"
+
+
+# ---------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published artifact: where it is and what it holds."""
+
+    stage: str
+    key: str
+    url: str
+    files: dict[str, str]  # relative path -> sha256
+
+    def file_url(self, rel: str) -> str:
+        return join(self.url, rel)
+
+
+@dataclass(frozen=True)
+class Store:
+    """One storage root. Holds only the URL: never credentials (they stay in the environment)."""
+
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", normalize_url(self.root))
+
+    def __repr__(self) -> str:
+        return f"Store({redact(self.root)!r})"
+
+    __str__ = __repr__
+
+    @property
+    def local(self) -> bool:
+        return is_local(self.root)
+
+    def url(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def artifact_url(self, stage: str, key: str) -> str:
+        return self.url(stage, key)
+
+    # -- reading
+
+    def lookup(self, stage: str, key: str) -> Artifact | None:
+        """The complete artifact for ``key``, or None (also when it was never finished)."""
+        url = self.artifact_url(stage, key)
+        fs, path = filesystem(join(url, MARKER))
+        try:
+            raw = retry_io(lambda: fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        marker = json.loads(raw)
+        return Artifact(stage, key, url, dict(marker["files"]))
+
+    def verify(self, artifact: Artifact) -> None:
+        """Re-hash every file of an artifact against its marker.
+
+        Raises:
+            ArtifactError: naming the first file that is missing or differs.
+        """
+        for rel, expected in artifact.files.items():
+            try:
+                actual = hash_url(artifact.file_url(rel))
+            except FileNotFoundError:
+                raise ArtifactError(f"{redact(artifact.file_url(rel))} is listed in the marker but missing") from None
+            if actual != expected:
+                raise ArtifactError(f"{redact(artifact.file_url(rel))}: sha256 {actual} != marker {expected}")
+
+    # -- writing
+
+    def publish(self, stage: str, key: str, source: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Artifact:
+        """Copy a local folder into ``<root>/<stage>/<key>/`` and write the marker last.
+
+        Locally the folder is assembled under a temporary name and renamed into place, so a
+        reader never sees a partial folder. Remotely the objects are uploaded first and the
+        marker after them; a crash leaves objects without a marker, which :meth:`lookup`
+        treats as absent and the next publish overwrites.
+        """
+        source = Path(source)
+        files = {
+            p.relative_to(source).as_posix(): p
+            for p in sorted(source.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+        }
+        hashes = {rel: _sha256_local(p) for rel, p in files.items()}
+        marker = {
+            "stage": stage,
+            "key": key,
+            "files": hashes,
+            "metadata": dict(metadata or {}),
+            "created": datetime.now(timezone.utc).isoformat(),
+            "code_version": code_version(),
+        }
+        url = self.artifact_url(stage, key)
+        if self.local:
+            final = local_path(url)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging = final.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                for rel, p in files.items():
+                    target = staging / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(p, target)
+                with atomic_write(staging / MARKER, "w") as handle:
+                    json.dump(marker, handle, indent=2)
+                if final.exists():  # an unfinished earlier attempt (no marker) or a concurrent twin
+                    if (final / MARKER).is_file():
+                        shutil.rmtree(staging)
+                        return self.lookup(stage, key)  # type: ignore[return-value]
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+        else:
+            fs, _ = filesystem(url)
+            for rel, p in files.items():
+                _, remote = filesystem(join(url, rel))
+                retry_io(lambda p=p, remote=remote: fs.put_file(str(p), remote))
+            _, marker_path = filesystem(join(url, MARKER))
+            body = json.dumps(marker, indent=2).encode()
+            retry_io(lambda: fs.pipe_file(marker_path, body))
+        return Artifact(stage, key, url, hashes)
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write one object (atomically when local); returns its URL."""
+        url = self.url(rel)
+        if self.local:
+            with atomic_write(local_path(url), "wb") as handle:
+                handle.write(data)
+        else:
+            fs, path = filesystem(url)
+            retry_io(lambda: fs.pipe_file(path, data))
+        return url
+
+    def read_bytes(self, rel: str) -> bytes:
+        fs, path = filesystem(self.url(rel))
+        return retry_io(lambda: fs.cat_file(path))
+
+
+def _sha256_local(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hash_stream(handle)
+
+
+# ---------------------------------------------------------------- transfer helpers
+
+
+def download(url: str, dest: str | os.PathLike) -> Path:
+    """Copy one remote (or local) file to a local path atomically."""
+    fs, path = filesystem(url)
+    dest = Path(dest)
+
+    def get() -> None:
+        with atomic_path(dest) as tmp:
+            fs.get_file(path, str(tmp))
+
+    retry_io(get)
+    return dest
+
+
+def upload(src: str | os.PathLike, url: str) -> str:
+    """Copy one local file to a URL (atomic rename when the URL is local)."""
+    if is_local(url):
+        with atomic_path(local_path(url)) as tmp:
+            shutil.copyfile(src, tmp)
+    else:
+        fs, path = filesystem(url)
+        retry_io(lambda: fs.put_file(str(src), path))
+    return url
+
+
+def sync_tree(url: str, dest: str | os.PathLike, only: Iterable[str] | None = None) -> dict[str, str]:
+    """Mirror the files under ``url`` (optionally only the top-level folders ``only``) into ``dest``.
+
+    Each file is streamed once: hashed while copied, and written only when its content differs
+    from the local copy, so unchanged files keep their bytes and times. Local files that are no
+    longer in the source are removed. Returns relative path -> sha256.
+    """
+    dest = Path(dest)
+    wanted = set(only) if only is not None else None
+    listing = {
+        rel: info for rel, info in list_files(url).items() if wanted is None or rel.split("/", 1)[0] in wanted
+    }
+    hashes: dict[str, str] = {}
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    for rel in listing:
+        target = dest / rel
+
+        def copy(rel: str = rel, target: Path = target) -> str:
+            digest = hashlib.sha256()
+            with atomic_path(target) as tmp:
+                with fs.open(posixpath.join(root, rel), "rb") as src, open(tmp, "wb") as out:
+                    while block := src.read(HASH_CHUNK):
+                        digest.update(block)
+                        out.write(block)
+                sha = digest.hexdigest()
+                if target.is_file() and _sha256_local(target) == sha:
+                    raise _Unchanged(sha)
+            return sha
+
+        try:
+            hashes[rel] = retry_io(copy)
+        except _Unchanged as same:
+            hashes[rel] = same.sha
+    if dest.exists():
+        for p in sorted(dest.rglob("*"), reverse=True):
+            rel = p.relative_to(dest).as_posix()
+            if p.is_file() and rel not in hashes and not rel.startswith("."):
+                p.unlink()
+    return hashes
+
+
+class _Unchanged(Exception):
+    def __init__(self, sha: str):
+        self.sha = sha
+
+
+# ---------------------------------------------------------------- run manifests
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run: what it read, what it wrote, whether it came from cache."""
+
+    stage: str
+    key: str = ""
+    url: str = ""
+    cached: bool = False
+    seconds: float = 0.0
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> sha256 (or URL#sha256)
+    outputs: dict[str, str] = field(default_factory=dict)  # name -> URL
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunManifest:
+    """Everything needed to trace a run's outputs (up to a merged model) back to its data."""
+
+    run_id: str
+    flow: str
+    parameters: dict[str, Any]
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    finished: str = ""
+    status: str = "running"
+    versions: dict[str, str] = field(default_factory=dict)
+    stages: list[StageRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide what a run produces (recorded in every manifest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"fishtune": code_version(), "python": platform.python_version()}
+    for name in ("torch", "torchaudio", "prefect", "fsspec", "s3fs", "pyloudnorm", "soundfile"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def write_manifest(store: Store, manifest: RunManifest, report_markdown: str | None = None) -> dict[str, str]:
+    """Write ``manifest.json`` + ``stages.parquet`` (+ ``report.md``) under ``<root>/runs/<run_id>/``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = f"{RUNS}/{manifest.run_id}"
+    written = {"manifest": store.write_bytes(f"{base}/manifest.json", json.dumps(manifest.to_dict(), indent=2, default=str).encode())}
+    rows = [
+        {
+            "stage": s.stage,
+            "key": s.key,
+            "url": s.url,
+            "cached": s.cached,
+            "seconds": s.seconds,
+            "inputs": canonical_json(s.inputs),
+            "outputs": canonical_json(s.outputs),
+        }
+        for s in manifest.stages
+    ]
+    schema = pa.schema(
+        [("stage", pa.string()), ("key", pa.string()), ("url", pa.string()), ("cached", pa.bool_()),
+         ("seconds", pa.float64()), ("inputs", pa.string()), ("outputs", pa.string())],
+        metadata={"run_id": manifest.run_id, "flow": manifest.flow},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "stages.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), local)
+        written["stages"] = store.write_bytes(f"{base}/stages.parquet", local.read_bytes())
+    if report_markdown is not None:
+        written["report"] = store.write_bytes(f"{base}/report.md", report_markdown.encode())
+    return written
+
+
+def read_manifest(store: Store, run_id: str) -> dict:
+    return json.loads(store.read_bytes(f"{RUNS}/{run_id}/manifest.json"))

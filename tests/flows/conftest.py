@@ -1,0 +1,93 @@
+"""Fixtures for the storage and Prefect tests: a real S3 (moto_server over HTTP) and a Prefect harness.
+
+Both are session-scoped and started only by the tests that ask for them, so the rest of the
+suite pays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+class MotoServer:
+    """A moto S3 server on 127.0.0.1 that a test may stop and restart on the same port."""
+
+    def __init__(self, port: int, log: Path):
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_http(self.endpoint + "/moto-api/")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """A real S3 endpoint (moto_server, HTTP) with the standard AWS env pointing at it."""
+    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto") / "moto.log")
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": server.endpoint,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3) -> str:
+    """A fresh bucket per test; returns ``s3://<bucket>``."""
+    import boto3
+    import fsspec
+
+    name = f"fishtune-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_s3.endpoint).create_bucket(Bucket=name)
+    fsspec.filesystem("s3").invalidate_cache()
+    return f"s3://{name}"

@@ -258,20 +258,32 @@ class Store:
 
     # -- writing
 
-    def publish(self, stage: str, key: str, source: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Artifact:
-        """Copy a local folder into ``<root>/<stage>/<key>/`` and write the marker last.
+    def publish(
+        self,
+        stage: str,
+        key: str,
+        source: str | os.PathLike | Mapping[str, str | os.PathLike],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Artifact:
+        """Copy a local folder (or a ``{relative path: local file}`` mapping) into
+        ``<root>/<stage>/<key>/`` and write the marker last.
 
         Locally the folder is assembled under a temporary name and renamed into place, so a
         reader never sees a partial folder. Remotely the objects are uploaded first and the
         marker after them; a crash leaves objects without a marker, which :meth:`lookup`
         treats as absent and the next publish overwrites.
         """
-        source = Path(source)
-        files = {
-            p.relative_to(source).as_posix(): p
-            for p in sorted(source.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
-        }
+        if isinstance(source, Mapping):
+            files = {rel: Path(p) for rel, p in sorted(source.items())}
+        else:
+            folder = Path(source)
+            files = {
+                p.relative_to(folder).as_posix(): p
+                for p in sorted(folder.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            }
+        if MARKER in files:
+            raise ValueError(f"{MARKER} is reserved for the completion marker")
         hashes = {rel: _sha256_local(p) for rel, p in files.items()}
         marker = {
             "stage": stage,

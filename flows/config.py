@@ -1,0 +1,72 @@
+"""The finetune flow's parameters: one pydantic model, so the Prefect UI renders a validated form.
+
+Field descriptions double as CLI help (``fishtune finetune --help``) and UI help text.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fish_speech_core.storage import DEFAULT_ROOT
+
+
+class AudioFormat(str, Enum):
+    keep = "keep"
+    flac = "flac"
+    wav = "wav"
+
+
+class Preset(str, Enum):
+    """LoRA training presets (used once the train stage is wired)."""
+
+    tiny = "tiny"  # CPU demo and tests
+    small = "small"  # r=8, the Fish Speech 1.4 recipe default
+    large = "large"
+
+
+class NormalizeOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    loudness: float = Field(-23.0, ge=-70.0, le=0.0, description="Integrated loudness target in LUFS (ITU-R BS.1770-4).")
+    peak: float = Field(-1.0, ge=-30.0, le=0.0, description="Peak target in dBFS before the loudness gain; also the anti-clipping ceiling.")
+    format: AudioFormat = Field(AudioFormat.keep, description="Output audio format: keep the input's, or convert to flac / wav.")
+
+
+class FinetuneConfig(BaseModel):
+    """Everything a finetune run needs; validated before any work starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    project: str = Field(
+        "demo", min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Project name (lowercase letters, digits, dashes): groups the runs and versioned models of one voice.",
+    )
+    data: str = Field(
+        ..., min_length=1,
+        description="Dataset root: a local folder or s3://bucket/prefix holding one folder per speaker of audio + .lab transcripts.",
+    )
+    speaker: str | None = Field(
+        None, description="Use only this speaker's folder (what the data-landed trigger sets). Empty: every speaker."
+    )
+    storage: str = Field(
+        DEFAULT_ROOT,
+        description="Artifact store root: a local folder or s3://bucket/prefix. Credentials and endpoint come from the AWS environment only.",
+    )
+    work_dir: str | None = Field(
+        None, description="Local scratch folder for incremental work. Empty: <storage>/work locally, ~/.cache/fishtune/work for s3.",
+    )
+    max_seconds: float = Field(30.0, gt=0.5, le=600.0, description="Reject clips longer than this many seconds.")
+    text_extension: str = Field(".lab", pattern=r"^\.[A-Za-z0-9]+$", description="Transcript file extension.")
+    normalize: NormalizeOptions = Field(default_factory=NormalizeOptions, description="Loudness normalization.")
+    num_workers: int = Field(1, ge=1, le=64, description="Worker processes for validate / normalize.")
+    # TODO(extract/train/merge): these are recorded in the manifest now and used once the stages land.
+    base: str | None = Field(None, description="Base model folder or URL (Fish Speech 1.4 LLaMA checkpoint + tokenizer).")
+    codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
+    preset: Preset = Field(Preset.small, description="LoRA training preset.")
+    max_steps: int = Field(1000, gt=0, le=1_000_000, description="Training steps.")
+    warm_start: bool = Field(False, description="Continue from the latest successful LoRA of this project instead of the base.")
+    gpu_pool: str | None = Field(
+        None, description="Run extract/train as child deployments on this work pool (e.g. 'cuda'). Empty: in this process."
+    )

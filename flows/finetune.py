@@ -1,0 +1,129 @@
+"""The ``finetune`` flow: validate -> normalize -> (extract -> pack -> train -> merge -> evaluate).
+
+Every stage is a cached task keyed by input content; a rerun with nothing changed is all
+``Cached``. Each stage result is resolved here (``return_state=True`` + ``.result()``), so a
+failed stage fails the flow. The run manifest and report land in ``<storage>/runs/<run id>/``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from fish_speech_core import storage
+from fish_speech_core.storage import RunManifest, StageRecord, Store
+from flows.config import FinetuneConfig
+from tasks import data as data_tasks
+from tasks.runtime import bind, default_work_dir
+
+
+def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) -> dict:
+    """Run one task, record its wall time and cache hit, and raise if it failed."""
+    started = time.perf_counter()
+    state = task(**kwargs, return_state=True)
+    seconds = time.perf_counter() - started
+    result = state.result()  # raises the task's exception: a failed stage fails the flow
+    record = StageRecord(
+        stage=result["stage"],
+        key=result["key"],
+        url=result["url"],
+        cached=state.name == "Cached",
+        seconds=round(seconds, 3),
+        inputs=inputs,
+        outputs={k: v for k, v in result.items() if isinstance(v, str) and "://" in v or k == "url"},
+        summary=result.get("summary", {}),
+    )
+    manifest.stages.append(record)
+    return result
+
+
+def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
+    """The run report: data summary, rejects by reason, per-stage wall time and cache hit/miss."""
+    lines = [f"# fishtune finetune `{config.project}` — run `{manifest.run_id}`", ""]
+    lines += [f"- data: `{storage.redact(config.data)}`" + (f" (speaker `{config.speaker}`)" if config.speaker else "")]
+    lines += [f"- storage: `{storage.redact(config.storage)}`", f"- status: **{manifest.status}**", ""]
+    validation = next((s for s in manifest.stages if s.stage == "validate"), None)
+    if validation:
+        s = validation.summary
+        lines += ["## Data", "", f"{s['accepted']} accepted, {s['rejected']} rejected, {s['total_hours'] * 60:.2f} min of audio", ""]
+        lines += ["| speaker | accepted | rejected | hours |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {row['accepted']} | {row['rejected']} | {row['hours']:.4f} |" for name, row in s["speakers"].items()]
+        if s["rejects_by_reason"]:
+            lines += ["", "| reject reason | files |", "|---|---:|"]
+            lines += [f"| {reason} | {n} |" for reason, n in s["rejects_by_reason"].items()]
+        lines += [f"\n> {note}" for note in s["advice"]]
+        lines += [""]
+    lines += ["## Stages", "", "| stage | cache | wall s | artifact |", "|---|---|---:|---|"]
+    lines += [
+        f"| {s.stage} | {'hit' if s.cached else 'miss'} | {s.seconds:.2f} | `{storage.redact(s.url)}` |" for s in manifest.stages
+    ]
+    # TODO(train): training curve table, recommended checkpoint; TODO(merge): merged model location.
+    return "\n".join(lines) + "\n"
+
+
+def _artifact_key(project: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", f"fishtune-{project}-report".lower())
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Finetune Fish Speech 1.4 on a dataset: validate, normalize (then extract, pack, train, merge)."""
+    logger = get_run_logger()
+    store = Store(config.storage)
+    work_dir = Path(config.work_dir) if config.work_dir else default_work_dir(store)
+    run_id = flow_run.get_id() or uuid.uuid4().hex
+    manifest = RunManifest(str(run_id), "finetune", config.model_dump(mode="json"), versions=storage.versions())
+    logger.info("storage %s, work folder %s", store, work_dir)
+
+    fetch = data_tasks.fetch_data  # I/O only: retries, no cache (the mirror is itself incremental)
+    validate = bind(data_tasks.validate_task, store, work_dir)
+    normalize = bind(data_tasks.normalize_task, store, work_dir)
+    try:
+        data_dir = fetch(config.data, str(work_dir), [config.speaker] if config.speaker else None)
+        data_input = {"data": storage.redact(config.data)}
+        validated = _run_stage(
+            manifest, validate, data_input, data_dir=data_dir, store_root=store.root,
+            max_seconds=config.max_seconds, text_extension=config.text_extension, num_workers=config.num_workers,
+        )
+        if not validated["summary"]["accepted"]:
+            raise ValueError(f"no accepted audio in {storage.redact(config.data)}: see {validated['url']}/report.md")
+        n = config.normalize
+        normalized = _run_stage(
+            manifest, normalize, {"data": validated["data_sha256"]}, data_dir=data_dir, store_root=store.root,
+            work_dir=str(work_dir), peak=n.peak, loudness=n.loudness, format=n.format.value,
+            max_seconds=config.max_seconds, text_extension=config.text_extension, num_workers=config.num_workers,
+        )
+        # TODO(extract, branch codec): tokens = _run_stage(manifest, extract, {"normalize": normalized["key"]}, ...)
+        #   in-process by default; with config.gpu_pool, a cached task calling run_deployment("extract_flow/...")
+        #   that checks the child's final state and reads its outputs from the store.
+        # TODO(pack, branch dataformat): shards = _run_stage(manifest, pack, {"extract": tokens["key"]}, ...)
+        # TODO(train): lora = train_flow(...) or run_deployment on config.gpu_pool; resume, never blind retries.
+        # TODO(merge): merged = _run_stage(manifest, merge, {"train": lora["key"]}, ...) -> new versioned location.
+        # TODO(evaluate): metrics on the merged model.
+        manifest.status = "completed"
+    except BaseException:
+        manifest.status = "failed"
+        raise
+    finally:
+        manifest.finished = datetime.now(timezone.utc).isoformat()
+        markdown = report_markdown(config, manifest)
+        written = storage.write_manifest(store, manifest, markdown)
+        create_markdown_artifact(markdown, key=_artifact_key(config.project), description=f"finetune run {run_id}")
+        logger.info("run manifest %s, report %s", storage.redact(written["manifest"]), storage.redact(written["report"]))
+    return {
+        "run_id": manifest.run_id,
+        "status": manifest.status,
+        "manifest": written["manifest"],
+        "report": written["report"],
+        "stages": [asdict(s) for s in manifest.stages],
+        "normalized": normalized["url"],
+    }

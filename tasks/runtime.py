@@ -1,0 +1,44 @@
+"""Per-run task options: result storage on the run's store and locks in its work folder."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from prefect import Task
+
+from fish_speech_core.storage import Store, local_path
+from tasks.caching import locked
+
+RESULTS = "prefect-results"  # cache records (one small file per task result) under the store root
+
+
+def result_storage(store: Store) -> Path | str:
+    """Where cache records go: a local Path, or a saved RemoteFileSystem block for s3.
+
+    Prefect needs remote storage as a saved block; it holds only the base URL (no settings),
+    so credentials and endpoint still come from the AWS environment of every host.
+    """
+    if store.local:
+        return local_path(store.url(RESULTS))
+    from prefect.filesystems import RemoteFileSystem
+
+    url = store.url(RESULTS)
+    name = "fishtune-results-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    RemoteFileSystem(basepath=url).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def default_work_dir(store: Store) -> Path:
+    """Scratch space for incremental work: inside a local store, else the user cache folder."""
+    if store.local:
+        return local_path(store.url("work"))
+    return Path.home() / ".cache" / "fishtune" / "work"
+
+
+def bind(task: Task, store: Store, work_dir: Path) -> Task:
+    """``task`` with result storage on ``store`` and a SERIALIZABLE lock in ``work_dir/locks``."""
+    return task.with_options(
+        result_storage=result_storage(store),
+        cache_policy=locked(task.cache_policy, Path(work_dir) / "locks"),
+    )

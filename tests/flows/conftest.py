@@ -91,3 +91,31 @@ def s3_bucket(moto_s3) -> str:
     boto3.client("s3", endpoint_url=moto_s3.endpoint).create_bucket(Bucket=name)
     fsspec.filesystem("s3").invalidate_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server for the whole session (about 10 s to start on 2 cores).
+
+    Analytics off (no outbound calls, no 'database is locked' noise) and a 90 s startup timeout
+    for loaded CI runners. Not autouse: only the flow tests pay for it.
+    """
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DO_NOT_TRACK", "1")
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+
+
+@pytest.fixture
+def prefect_env(prefect_harness, tmp_path):
+    """Per-test result folder: cache records are files, so they must not leak between tests."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        yield

@@ -1,0 +1,150 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from fish_speech_core import storage
+from fish_speech_core.storage import MARKER, Store
+from flows.config import FinetuneConfig
+from tasks.caching import CodeVersion, ContentHash, content_policy
+
+DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
+
+
+def test_content_hash_policy_keys_bytes_not_paths(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(DEMO / "alice", a / "alice")
+    shutil.copytree(DEMO / "alice", b / "alice")
+    policy = ContentHash(url_args=["data_dir"])
+    key_a = policy.compute_key(None, {"data_dir": str(a), "x": 1}, {})
+    assert key_a == policy.compute_key(None, {"data_dir": str(b), "x": 2}, {})  # same bytes elsewhere
+    (b / "alice" / "alice_000.lab").write_text("different words")
+    assert policy.compute_key(None, {"data_dir": str(b)}, {}) != key_a
+    assert CodeVersion().compute_key(None, {}, {}) == CodeVersion().compute_key(None, {}, {})
+    full = content_policy(["data_dir"], ignore=["num_workers"])
+    inputs = {"data_dir": str(a), "store_root": "/s", "max_seconds": 30.0, "num_workers": 1}
+    class Ctx:  # TASK_SOURCE reads the task's function from the context
+        class task:
+            fn = staticmethod(test_content_hash_policy_keys_bytes_not_paths)
+    base = full.compute_key(Ctx, inputs, {})
+    assert base == full.compute_key(Ctx, {**inputs, "num_workers": 8}, {})  # workers do not change the output
+    assert base != full.compute_key(Ctx, {**inputs, "max_seconds": 20.0}, {})
+
+
+def test_config_is_validated_up_front():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        FinetuneConfig(data="x", project="Bad Name", num_workers=0, normalize={"format": "mp3"})
+    fields = {".".join(map(str, e["loc"])) for e in info.value.errors()}
+    assert fields == {"project", "num_workers", "normalize.format"}
+    schema = FinetuneConfig.model_json_schema()
+    assert schema["$defs"]["AudioFormat"]["enum"] == ["keep", "flac", "wav"]
+    assert all("description" in p for p in schema["properties"].values())
+
+
+def _stages(result: dict) -> dict[str, dict]:
+    return {s["stage"]: s for s in result["stages"]}
+
+
+@pytest.mark.slow
+def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.finetune import finetune
+
+    data = tmp_path / "data"
+    shutil.copytree(DEMO, data)
+    config = FinetuneConfig(data=str(data), storage=str(tmp_path / "store"), project="cache-test")
+
+    first = finetune(config)
+    s1 = _stages(first)
+    assert [s["stage"] for s in first["stages"]] == ["validate", "normalize"]
+    assert not s1["validate"]["cached"] and not s1["normalize"]["cached"]
+    assert (s1["normalize"]["summary"]["written"], s1["normalize"]["summary"]["skipped"]) == (28, 0)
+    assert s1["validate"]["summary"]["accepted"] == 28
+
+    second = finetune(config)
+    s2 = _stages(second)
+    assert s2["validate"]["cached"] and s2["normalize"]["cached"]
+    assert s2["normalize"]["key"] == s1["normalize"]["key"] and s2["normalize"]["url"] == s1["normalize"]["url"]
+    compute = lambda stages: sum(s["seconds"] for s in stages.values())
+    assert compute(s1) >= 10 * compute(s2), (compute(s1), compute(s2))
+
+    # change the samples of one audio file: only that file is normalized again
+    clip = data / "alice" / "alice_001.wav"
+    audio, rate = soundfile.read(clip)
+    soundfile.write(clip, audio * 0.5, rate)
+    third = finetune(config)
+    s3 = _stages(third)
+    assert not s3["validate"]["cached"] and not s3["normalize"]["cached"]
+    assert (s3["normalize"]["summary"]["written"], s3["normalize"]["summary"]["skipped"]) == (1, 27)
+    assert s3["normalize"]["url"] != s1["normalize"]["url"]  # a new content-addressed artifact; the old one stays
+    store = Store(config.storage)
+    old, new = store.lookup("normalize", s1["normalize"]["key"]), store.lookup("normalize", s3["normalize"]["key"])
+    store.verify(old)
+    store.verify(new)
+    changed = {rel for rel in new.files if old.files.get(rel) != new.files[rel]}
+    assert changed == {"alice/alice_001.wav", "normalize-report.json"}
+
+    # manifest + report beside it, and the same report as a Prefect markdown artifact
+    manifest = storage.read_manifest(store, third["run_id"])
+    assert manifest["status"] == "completed" and manifest["parameters"]["data"] == str(data)
+    assert [s["key"] for s in manifest["stages"]] == [s3["validate"]["key"], s3["normalize"]["key"]]
+    report = Path(third["report"]).read_text()
+    assert "| alice | 10 | 0 |" in report and "| normalize | miss |" in report
+    assert "| normalize | hit |" in Path(second["report"]).read_text()
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts(limit=50)
+    ours = [a for a in artifact if a.key == "fishtune-cache-test-report"]
+    assert ours and ours[0].data == report
+
+
+@pytest.mark.slow
+def test_failed_stage_fails_the_flow_and_records_it(prefect_env, tmp_path):
+    from flows.finetune import finetune
+
+    data = tmp_path / "data" / "spk"
+    data.mkdir(parents=True)
+    (data / "a.wav").write_bytes(b"not audio")
+    (data / "a.lab").write_text("hello")
+    config = FinetuneConfig(data=str(tmp_path / "data"), storage=str(tmp_path / "store"), project="fail-test")
+    state = finetune(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="no accepted audio"):
+        state.result()
+    runs = list((tmp_path / "store" / "runs").iterdir())
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and [s["stage"] for s in manifest["stages"]] == ["validate"]
+    assert "unreadable-audio | 1" in (runs[0] / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_s3_storage_and_data_end_to_end(prefect_env, s3_bucket, tmp_path):
+    import fsspec
+
+    from flows.finetune import finetune
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(DEMO), f"{s3_bucket}/raw", recursive=True)
+    config = FinetuneConfig(
+        data=f"{s3_bucket}/raw", speaker="bruno", storage=f"{s3_bucket}/store", work_dir=str(tmp_path / "work"),
+        project="s3-test",
+    )
+    first = finetune(config)
+    s1 = _stages(first)
+    assert not s1["normalize"]["cached"] and s1["normalize"]["summary"]["written"] == 10
+    assert set(s1["validate"]["summary"]["speakers"]) == {"bruno"}
+    key = s1["normalize"]["key"]
+    objects = {p.split(f"store/normalize/{key}/", 1)[1] for p in fs.find(f"{s3_bucket}/store/normalize/{key}")}
+    assert objects == {MARKER, "normalize-report.json"} | {f"bruno/{p.name}" for p in (DEMO / "bruno").iterdir()}
+    assert fs.find(f"{s3_bucket}/store/prefect-results")  # cache records on the same root
+    assert fs.exists(f"{s3_bucket}/store/runs/{first['run_id']}/manifest.json")
+    Store(config.storage).verify(Store(config.storage).lookup("normalize", key))
+
+    second = finetune(config)
+    s2 = _stages(second)
+    assert s2["validate"]["cached"] and s2["normalize"]["cached"] and s2["normalize"]["key"] == key

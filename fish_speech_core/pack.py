@@ -29,7 +29,9 @@ CODES_SUFFIX = ".npy"
 MAX_CODE = 2**32 - 1  # Semantics.values is uint32
 _SHARD_FILE = re.compile(r"\d{8}\.protos")
 _SENTENCE_FIELD = 4  # TextData.sentences
-_ITEMS_PER_TASK = 16  # amortises inter-process overhead; order does not depend on it
+# Items per worker task: big enough to amortise inter-process overhead, small enough to keep
+# every worker busy to the end (about 4 tasks per worker). The output never depends on it.
+_MIN_ITEMS_PER_TASK, _MAX_ITEMS_PER_TASK = 16, 256
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,8 @@ def pack(
             groups.extend(discover_folder(root, text_extension))
 
     items = [item for group in groups for item in group.items]
-    chunks = _chunks(items, _ITEMS_PER_TASK)
+    per_task = -(-len(items) // (4 * num_workers))
+    chunks = _chunks(items, min(max(per_task, _MIN_ITEMS_PER_TASK), _MAX_ITEMS_PER_TASK))
     results: Iterable[list[tuple[bytes, int] | Reject]]
     executor = ProcessPoolExecutor(num_workers) if num_workers > 1 and len(chunks) > 1 else None
     try:

@@ -103,15 +103,20 @@ def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tupl
             rejects.append(Reject(label, "malformed line: expected audio_path|speaker|language|text"))
             continue
         audio, speaker, _language, text = fields
+        audio = audio.strip()
+        # The codes sit beside the audio as listed (not beside a symlink's target); both the
+        # audio path and the codes file must stay inside root, symlinks followed.
+        codes = (Path(root) / audio).with_suffix(CODES_SUFFIX)
         try:
-            audio_path = resolve_inside(root, audio.strip())
+            resolve_inside(root, audio)
+            resolve_inside(root, codes)
         except PathEscapeError as err:
             rejects.append(Reject(label, f"path escapes the input folder: {err}"))
             continue
-        item = PackItem(codes=audio_path.with_suffix(CODES_SUFFIX), text=text, label=f"{label} ({audio.strip()})")
+        item = PackItem(codes=codes, text=text, label=f"{label} ({audio})")
         by_speaker.setdefault(speaker.strip(), []).append(item)
     groups = [
-        SpeakerGroup(name=speaker, items=tuple(sorted(items, key=lambda i: str(i.codes))), source="filelist")
+        SpeakerGroup(name=speaker, items=tuple(sorted(items, key=lambda i: os.path.abspath(i.codes))), source="filelist")
         for speaker, items in sorted(by_speaker.items())
     ]
     return groups, rejects

@@ -144,3 +144,19 @@ def test_cli_help_documents_every_option():
     assert result.exit_code == 0
     for option in ("--input", "--output", "--text-extension", "--num-workers", "--shard-size", "--filelist"):
         assert option in result.output
+
+
+def test_filelist_refuses_a_symlink_that_leaves_the_folder(reference, tmp_path):
+    data = tmp_path / "data"
+    (data / "spk").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    np.save(outside / "secret.npy", np.zeros((8, 4), dtype=np.int64))
+    (data / "spk" / "link.npy").symlink_to(outside / "secret.npy")
+    (data / "spk" / "link.wav").write_bytes(b"")
+    np.save(data / "spk" / "ok.npy", np.ones((8, 4), dtype=np.int64))
+    filelist = tmp_path / "list.txt"
+    filelist.write_text("spk/link.wav|s|en|leak\nspk/ok.wav|s|en|fine\n", encoding="utf-8")
+    summary = pack([data], tmp_path / "out", filelist=filelist)
+    assert [r.reason.split(":")[0] for r in summary.rejects] == ["path escapes the input folder"]
+    assert summary.sentences == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
-from fish_speech_core.formats.protos import LENGTH_PREFIX, ShardWriter
+from fish_speech_core.formats.protos import ShardWriter, frame_record
 from fish_speech_core.formats.text import clean_pack_transcript
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
 
@@ -241,7 +241,7 @@ def pack(
                 if not parts:
                     continue  # a TextData without sentences is unreadable: skip the speaker
                 header = TextData(source=group.source, name=group.name).SerializeToString()
-                writer.write(_record(header + b"".join(parts)))
+                writer.write(frame_record(header + b"".join(parts)))
                 speakers += 1
                 sentences += len(parts)
     finally:
@@ -258,10 +258,6 @@ def pack(
         rejects=rejects,
         removed_stale=removed,
     )
-
-
-def _record(payload: bytes) -> bytes:
-    return LENGTH_PREFIX.pack(len(payload)) + payload
 
 
 def _flatten(results, on_progress):

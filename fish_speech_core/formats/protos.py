@@ -24,6 +24,7 @@ LENGTH_PREFIX = struct.Struct("<I")
 PROTO_SUFFIXES = (".proto", ".protos")
 SHARD_NAME = "{index:08d}.protos"
 BYTES_PER_MB = 1024 * 1024
+MAX_RECORD_BYTES = 2**32 - 1
 
 
 class ProtoStreamError(ValueError):
@@ -32,7 +33,16 @@ class ProtoStreamError(ValueError):
 
 def encode_record(message: TextData) -> bytes:
     """One stream record: the little-endian length prefix, then the serialized message."""
-    payload = message.SerializeToString()
+    return frame_record(message.SerializeToString())
+
+
+def frame_record(payload: bytes) -> bytes:
+    """Prefix an already serialized TextData with its length."""
+    if len(payload) > MAX_RECORD_BYTES:
+        raise ValueError(
+            f"a record of {len(payload)} bytes does not fit the 4-byte length prefix; "
+            "split the speaker into several folders"
+        )
     return LENGTH_PREFIX.pack(len(payload)) + payload
 
 

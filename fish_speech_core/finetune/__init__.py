@@ -1,0 +1,1 @@
+"""Finetuning parts: training samples (data), and later the trainer."""

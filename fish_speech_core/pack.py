@@ -1,0 +1,277 @@
+"""Pack transcripts + semantic codes into ``.protos`` shards, byte-identical to Fish Speech 1.4.
+
+One ``TextData`` record per speaker (source "folder", name = folder name) with one ``Sentence``
+per item: ``texts = [clean_pack_transcript(transcript)]`` and one ``Semantics`` per codebook row
+of ``<stem>.npy``. Groups and items are sorted, so the output depends only on the input files.
+Items that cannot be packed are rejected with a reason, never fatal.
+
+Work is split per item across processes; the parent writes records in input order, so any
+``num_workers`` gives the same bytes as one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
+from fish_speech_core.formats.protos import ShardWriter, frame_record
+from fish_speech_core.formats.text import clean_pack_transcript
+from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
+
+CODES_SUFFIX = ".npy"
+MAX_CODE = 2**32 - 1  # Semantics.values is uint32
+_SHARD_FILE = re.compile(r"\d{8}\.protos")
+_SENTENCE_FIELD = 4  # TextData.sentences
+# Items per worker task: big enough to amortise inter-process overhead, small enough to keep
+# every worker busy to the end (about 4 tasks per worker). The output never depends on it.
+_MIN_ITEMS_PER_TASK, _MAX_ITEMS_PER_TASK = 16, 256
+
+
+@dataclass(frozen=True)
+class PackItem:
+    """One utterance to pack: its codes file plus either a transcript file or the text itself."""
+
+    codes: Path
+    transcript: Path | None = None
+    text: str | None = None
+    label: str = ""  # how reports name the item (transcript path or "filelist:LINE")
+
+
+@dataclass(frozen=True)
+class SpeakerGroup:
+    name: str
+    items: tuple[PackItem, ...]
+    source: str = "folder"
+
+
+@dataclass(frozen=True)
+class Reject:
+    item: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    shards: list[Path]
+    speakers: int
+    sentences: int
+    frames: int
+    bytes_written: int
+    rejects: list[Reject] = field(default_factory=list)
+    removed_stale: list[Path] = field(default_factory=list)
+
+
+def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> list[SpeakerGroup]:
+    """Every transcript under ``root`` (recursively), grouped by parent folder, all sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    by_folder: dict[Path, list[PackItem]] = {}
+    for path in sorted(root.rglob(f"*{text_extension}")):
+        if path.is_file() and not is_temporary(path):
+            item = PackItem(codes=path.with_suffix(CODES_SUFFIX), transcript=path, label=str(path))
+            by_folder.setdefault(path.parent, []).append(item)
+    return [SpeakerGroup(name=folder.name, items=tuple(items)) for folder, items in sorted(by_folder.items())]
+
+
+def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tuple[list[SpeakerGroup], list[Reject]]:
+    """Groups from a VITS-style filelist ``audio_path|speaker|language|text``.
+
+    Audio paths are relative to ``root`` (or absolute inside it); the codes are
+    ``<audio stem>.npy`` beside the audio. Malformed lines and paths escaping ``root`` are
+    rejected. Kept in one function so the dataset module's parser can replace it.
+    """
+    by_speaker: dict[str, list[PackItem]] = {}
+    rejects: list[Reject] = []
+    try:
+        lines = Path(filelist).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{filelist} is not UTF-8 text ({err})") from None
+    for number, line in enumerate(lines, start=1):
+        label = f"{filelist}:{number}"
+        if not line.strip():
+            continue
+        fields = line.split("|", 3)
+        if len(fields) != 4 or not fields[0].strip() or not fields[1].strip():
+            rejects.append(Reject(label, "malformed line: expected audio_path|speaker|language|text"))
+            continue
+        audio, speaker, _language, text = fields
+        audio = audio.strip()
+        # The codes sit beside the audio as listed (not beside a symlink's target); both the
+        # audio path and the codes file must stay inside root, symlinks followed.
+        codes = (Path(root) / audio).with_suffix(CODES_SUFFIX)
+        try:
+            resolve_inside(root, audio)
+            resolve_inside(root, codes)
+        except PathEscapeError as err:
+            rejects.append(Reject(label, f"path escapes the input folder: {err}"))
+            continue
+        item = PackItem(codes=codes, text=text, label=f"{label} ({audio})")
+        by_speaker.setdefault(speaker.strip(), []).append(item)
+    groups = [
+        SpeakerGroup(name=speaker, items=tuple(sorted(items, key=lambda i: os.path.abspath(i.codes))), source="filelist")
+        for speaker, items in sorted(by_speaker.items())
+    ]
+    return groups, rejects
+
+
+def load_codes(path: Path) -> np.ndarray:
+    """A (num_codebooks, frames) integer array from ``path``; ValueError says what is wrong."""
+    codes = np.load(path, allow_pickle=False)
+    if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
+        raise ValueError(f"codes have shape {codes.shape}, expected (num_codebooks, frames) with both > 0")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes have dtype {codes.dtype}, expected integers")
+    if codes.min() < 0 or codes.max() > MAX_CODE:
+        raise ValueError(f"codes outside [0, {MAX_CODE}]")
+    return codes
+
+
+def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
+    """The item as an encoded ``TextData.sentences`` field plus its frame count, or a Reject."""
+    if not item.codes.is_file():
+        return Reject(item.label, f"no codes file {item.codes.name} (run `fishtune extract` first)")
+    if item.transcript is not None:
+        try:
+            text = item.transcript.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return Reject(item.label, "transcript is not UTF-8")
+        except OSError as err:
+            return Reject(item.label, f"transcript unreadable: {err}")
+    else:
+        text = item.text or ""
+    try:
+        codes = load_codes(item.codes)
+    except Exception as err:  # np.load raises many types for damaged files
+        return Reject(item.label, f"unreadable codes {item.codes.name}: {err}")
+    sentence = Sentence(
+        texts=[clean_pack_transcript(text)],
+        semantics=[Semantics(values=row.tolist()) for row in codes],
+    )
+    # Serialized TextData = its scalar fields followed by each sentence as a length-delimited
+    # field 4, so encoding sentences separately and concatenating gives the same bytes.
+    payload = sentence.SerializeToString()
+    return _field_header(_SENTENCE_FIELD, len(payload)) + payload, int(codes.shape[1])
+
+
+def _encode_chunk(items: Sequence[PackItem]) -> list[tuple[bytes, int] | Reject]:
+    return [encode_item(item) for item in items]
+
+
+def _field_header(number: int, length: int) -> bytes:
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _chunks(items: Sequence[PackItem], size: int) -> list[Sequence[PackItem]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def pack(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    text_extension: str = ".lab",
+    num_workers: int = 1,
+    shard_size_mb: float = 10.0,
+    filelist: str | os.PathLike | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> PackSummary:
+    """Pack every speaker of ``inputs`` into shards in ``output``.
+
+    Args:
+        inputs: data folders (speaker sub-folders with ``<stem>{text_extension}`` + ``<stem>.npy``).
+        output: shard folder; stale ``NNNNNNNN.protos`` left from an earlier, bigger pack are removed.
+        filelist: read items from this filelist instead of scanning; needs exactly one input.
+        on_progress: called with the number of items just finished.
+
+    Raises:
+        ValueError / FileNotFoundError: bad arguments (the CLI turns them into messages).
+    """
+    if not inputs:
+        raise ValueError("give at least one input folder")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    groups: list[SpeakerGroup] = []
+    rejects: list[Reject] = []
+    if filelist is not None:
+        if len(inputs) != 1:
+            raise ValueError("--filelist needs exactly one --input: the folder its paths are relative to")
+        if not Path(inputs[0]).is_dir():
+            raise FileNotFoundError(f"{inputs[0]} is not a folder")
+        groups, rejects = parse_filelist(filelist, inputs[0])
+    else:
+        for root in inputs:
+            groups.extend(discover_folder(root, text_extension))
+
+    items = [item for group in groups for item in group.items]
+    per_task = -(-len(items) // (4 * num_workers))
+    chunks = _chunks(items, min(max(per_task, _MIN_ITEMS_PER_TASK), _MAX_ITEMS_PER_TASK))
+    results: Iterable[list[tuple[bytes, int] | Reject]]
+    executor = ProcessPoolExecutor(num_workers) if num_workers > 1 and len(chunks) > 1 else None
+    try:
+        results = executor.map(_encode_chunk, chunks) if executor else map(_encode_chunk, chunks)
+        encoded = _flatten(results, on_progress)
+        sentences = frames = speakers = 0
+        with ShardWriter(output, shard_size_mb) as writer:
+            for group in groups:
+                parts = []
+                for _ in group.items:
+                    result = next(encoded)
+                    if isinstance(result, Reject):
+                        rejects.append(result)
+                    else:
+                        parts.append(result[0])
+                        frames += result[1]
+                if not parts:
+                    continue  # a TextData without sentences is unreadable: skip the speaker
+                header = TextData(source=group.source, name=group.name).SerializeToString()
+                writer.write(frame_record(header + b"".join(parts)))
+                speakers += 1
+                sentences += len(parts)
+    finally:
+        if executor:
+            executor.shutdown(cancel_futures=True)
+    # Nothing written (everything rejected): leave an earlier pack in place.
+    removed = _remove_stale_shards(Path(output), keep=writer.paths) if writer.paths else []
+    return PackSummary(
+        shards=writer.paths,
+        speakers=speakers,
+        sentences=sentences,
+        frames=frames,
+        bytes_written=writer.bytes_written,
+        rejects=rejects,
+        removed_stale=removed,
+    )
+
+
+def _flatten(results, on_progress):
+    for chunk in results:
+        if on_progress:
+            on_progress(len(chunk))
+        yield from chunk
+
+
+def _remove_stale_shards(output: Path, keep: list[Path]) -> list[Path]:
+    if not output.is_dir():
+        return []
+    keep_names = {p.name for p in keep}
+    stale = [p for p in sorted(output.iterdir()) if _SHARD_FILE.fullmatch(p.name) and p.name not in keep_names]
+    for path in stale:
+        path.unlink()
+    return stale

@@ -1,0 +1,143 @@
+"""Orchestrated commands: ``fishtune finetune`` (runs the Prefect flow) and ``fishtune deploy``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from flows.config import AudioFormat, FinetuneConfig, NormalizeOptions, Preset
+
+_F = FinetuneConfig.model_fields
+_N = NormalizeOptions.model_fields
+REPO = Path(__file__).resolve().parents[2]
+FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag to fix
+    "project": "--project", "data": "--data", "speaker": "--speaker", "storage": "--storage",
+    "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
+    "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
+    "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
+    "max_steps": "--max-steps", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+}
+
+
+def _prefect_defaults() -> None:
+    # Entry point only: quiet, offline-safe Prefect unless the user chose otherwise.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def build_config(**values) -> FinetuneConfig:
+    """The flow's config from CLI values; every invalid value is reported at once, by flag."""
+    from pydantic import ValidationError
+
+    normalize = {k: values.pop(k) for k in ("loudness", "peak", "format")}
+    try:
+        return FinetuneConfig(**values, normalize=normalize)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            path = ".".join(str(p) for p in error["loc"])
+            problems.append(f"{FLAGS.get(path, path)}: {error['msg']}")
+        raise typer.BadParameter("; ".join(problems)) from None
+
+
+def finetune_command(
+    data: str = typer.Option(..., "--data", help=_F["data"].description),
+    project: str = typer.Option(_F["project"].default, "--project", help=_F["project"].description),
+    speaker: str | None = typer.Option(None, "--speaker", help=_F["speaker"].description),
+    storage: str = typer.Option(_F["storage"].default, "--storage", help=_F["storage"].description),
+    work_dir: str | None = typer.Option(None, "--work-dir", help=_F["work_dir"].description),
+    base: str | None = typer.Option(None, "--base", help=_F["base"].description),
+    codec: str | None = typer.Option(None, "--codec", help=_F["codec"].description),
+    preset: Preset = typer.Option(_F["preset"].default.value, "--preset", help=_F["preset"].description),
+    max_steps: int = typer.Option(_F["max_steps"].default, "--max-steps", help=_F["max_steps"].description),
+    warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
+    gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
+    loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
+    peak: float = typer.Option(_N["peak"].default, "--peak", help=_N["peak"].description),
+    format: AudioFormat = typer.Option(_N["format"].default.value, "--format", help=_N["format"].description),
+    max_seconds: float = typer.Option(_F["max_seconds"].default, "--max-seconds", help=_F["max_seconds"].description),
+    text_extension: str = typer.Option(_F["text_extension"].default, "--text-extension", help=_F["text_extension"].description),
+    num_workers: int = typer.Option(_F["num_workers"].default, "--num-workers", help=_F["num_workers"].description),
+) -> None:
+    """Run the finetune flow (validate -> normalize -> ...) with caching; prints the report location."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    config = build_config(
+        data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
+        preset=preset, max_steps=max_steps, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
+        peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
+    )
+    _prefect_defaults()
+    from fish_speech_core.storage import redact
+    from flows.finetune import finetune
+
+    state = finetune(config, return_state=True)
+    if not state.is_completed():
+        console.print(f"[red]finetune failed:[/red] {state.message}")
+        console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume from cache.")
+        raise typer.Exit(1)
+    result = state.result()
+    table = Table(title=f"finetune {config.project}: run {result['run_id']}")
+    for column in ("stage", "cache", "seconds", "artifact"):
+        table.add_column(column)
+    for stage in result["stages"]:
+        table.add_row(stage["stage"], "hit" if stage["cached"] else "miss", f"{stage['seconds']:.2f}", redact(stage["url"]))
+    console.print(table)
+    console.print(f"Report:   {redact(result['report'])}")
+    console.print(f"Manifest: {redact(result['manifest'])}")
+
+
+def _deployable(prefect_file: Path, source: Path) -> tuple[list[str], list[str]]:
+    """Deployment names whose entrypoint exists in ``source``, and those skipped."""
+    import yaml
+
+    spec = yaml.safe_load(prefect_file.read_text())
+    ready, missing = [], []
+    for deployment in spec.get("deployments", []):
+        path = deployment["entrypoint"].split(":", 1)[0]
+        (ready if (source / path).is_file() else missing).append(deployment["name"])
+    return ready, missing
+
+
+def deploy_command(
+    data: str = typer.Option(..., "--data", help="Data prefix the watch flow scans and finetune reads (FISHTUNE_DATA)."),
+    storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs (FISHTUNE_STORAGE); use a location every worker can reach."),
+    source: Path = typer.Option(REPO, "--source", help="Folder with the flow code as the workers see it (FISHTUNE_SOURCE); /opt/fishtune in the Docker images."),
+    prefect_file: Path = typer.Option(REPO / "deployments" / "prefect.yaml", "--prefect-file", exists=True, dir_okay=False, help="The deployments file."),
+    create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the cpu and cuda process work pools when missing."),
+) -> None:
+    """Create the work pools and deployments (finetune, extract, train, watch) on the Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise typer.BadParameter(
+            "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
+        )
+    prefect = [sys.executable, "-m", "prefect"]
+    env = {**os.environ, "FISHTUNE_SOURCE": str(source), "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
+    if create_pools:
+        for pool in ("cpu", "cuda"):
+            exists = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
+            if not exists:
+                subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+    ready, missing = _deployable(prefect_file, source)
+    for name in missing:
+        typer.echo(f"skipped deployment {name!r}: its flow has not landed in {source} yet", err=True)
+    names = [arg for name in ready for arg in ("--name", name)]
+    done = subprocess.run(
+        [*prefect, "--no-prompt", "deploy", "--prefect-file", str(prefect_file.resolve()), *names], env=env, cwd=source
+    )
+    if done.returncode:
+        typer.echo("prefect deploy failed (see above)", err=True)
+        raise typer.Exit(done.returncode)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(finetune_command)
+    app.command("deploy")(deploy_command)

@@ -1,0 +1,60 @@
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fishtune.cli import app
+from fishtune.cli.flows import FLAGS, REPO, _deployable
+from flows.config import FinetuneConfig
+
+DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
+runner = CliRunner()
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_finetune_help_mirrors_the_config_model():
+    result = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    help_text = _plain(result.output)
+    for flag in FLAGS.values():
+        assert flag in help_text, flag
+    # every config field (nested ones included) has a flag
+    fields = set(FinetuneConfig.model_fields) - {"normalize"} | {"normalize.loudness", "normalize.peak", "normalize.format"}
+    assert fields == set(FLAGS)
+
+
+def test_finetune_reports_every_bad_value_by_flag(tmp_path):
+    result = runner.invoke(
+        app, ["finetune", "--data", str(tmp_path), "--project", "Bad Name", "--num-workers", "0", "--max-steps", "0"],
+        env={"COLUMNS": "300", "NO_COLOR": "1"},
+    )
+    assert result.exit_code == 2
+    text = " ".join(_plain(result.output).split())
+    for flag in ("--project", "--num-workers", "--max-steps"):
+        assert flag in text
+
+
+def test_deploy_skips_flows_that_have_not_landed(tmp_path):
+    ready, missing = _deployable(REPO / "deployments" / "prefect.yaml", REPO)
+    assert set(ready) >= {"finetune", "watch"}
+    assert set(ready) | set(missing) == {"finetune", "extract", "train", "watch"}
+    for name in missing:
+        assert not (REPO / "flows" / f"{name}.py").exists()
+
+
+@pytest.mark.slow
+def test_finetune_command_runs_the_flow(prefect_env, tmp_path):
+    result = runner.invoke(
+        app, ["finetune", "--data", str(DEMO), "--speaker", "carmen", "--storage", str(tmp_path / "store"), "--project", "cli-test"],
+        env={"COLUMNS": "200", "NO_COLOR": "1"},
+    )
+    assert result.exit_code == 0, result.output
+    text = _plain(result.output)
+    assert "validate" in text and "normalize" in text and "Report:" in text
+    reports = list((tmp_path / "store" / "runs").glob("*/report.md"))
+    assert len(reports) == 1 and "| carmen | 8 | 0 |" in reports[0].read_text()

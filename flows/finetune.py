@@ -74,7 +74,7 @@ def _artifact_key(project: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", f"fishtune-{project}-report".lower())
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune", log_prints=True, persist_result=True)
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Finetune Fish Speech 1.4 on a dataset: validate, normalize (then extract, pack, train, merge)."""
     logger = get_run_logger()

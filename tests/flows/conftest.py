@@ -119,3 +119,73 @@ def prefect_env(prefect_harness, tmp_path):
 
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
         yield
+
+
+def _sigint_default() -> None:
+    # A child of a background shell job inherits SIGINT as *ignored*; Prefect's SIGTERM handler
+    # re-sends SIGINT, so such a worker would ignore SIGTERM. Reset it so terminate() works.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class PrefectServer:
+    """``prefect server start`` on 127.0.0.1 plus process workers, all stoppable with SIGTERM."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        repo = str(Path(__file__).parents[2])
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(root / "home"),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"),  # parent and children read the same results
+            "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),  # this checkout, not the installed copy
+        }
+
+    def spawn(self, *args: str, log: str) -> subprocess.Popen:
+        with open(self.root / log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=_sigint_default,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        self.spawn("server", "start", "--host", "127.0.0.1", "--port", str(self.port), log="server.log")
+        wait_http(self.api + "/health", timeout=120)
+
+    def prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "prefect", *args], env=self.env, capture_output=True, text=True, check=check)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 (SQLite in a temp folder), stopped at session end."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

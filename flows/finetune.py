@@ -105,7 +105,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         # TODO(extract, branch codec): tokens = _run_stage(manifest, extract, {"normalize": normalized["key"]}, ...)
         #   in-process by default; with config.gpu_pool, a cached task calling run_deployment("extract_flow/...")
         #   that checks the child's final state and reads its outputs from the store.
-        # TODO(pack, branch dataformat): shards = _run_stage(manifest, pack, {"extract": tokens["key"]}, ...)
+        # TODO(pack): wire tasks.data.pack_task (ready, tested) on the extract output folder once extract lands:
+        #   shards = _run_stage(manifest, pack, {"extract": tokens["key"]}, codes_dir=tokens["local_dir"], ...)
         # TODO(train): lora = train_flow(...) or run_deployment on config.gpu_pool; resume, never blind retries.
         # TODO(merge): merged = _run_stage(manifest, merge, {"train": lora["key"]}, ...) -> new versioned location.
         # TODO(evaluate): metrics on the merged model.

@@ -119,3 +119,31 @@ def normalize_task(
         files["normalize-report.json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         artifact = store.publish("normalize", key, files, metadata={"data_sha256": data_sha, "params": params})
     return {"stage": "normalize", "key": key, "url": artifact.url, "data_sha256": data_sha, "summary": small}
+
+
+@task(name="pack", cache_policy=content_policy(["codes_dir"], ignore=["num_workers"]), persist_result=True)
+def pack_task(codes_dir: str, store_root: str, text_extension: str = ".lab", shard_size_mb: float = 10.0, num_workers: int = 1) -> dict:
+    """Pack transcripts + semantic codes (speaker folders of ``.lab`` + ``.npy``) into shards; publish them."""
+    from fish_speech_core.pack import pack
+
+    store = Store(store_root)
+    codes_sha = storage.hash_tree(codes_dir)
+    params = {"text_extension": text_extension, "shard_size_mb": shard_size_mb}
+    key = storage.artifact_key("pack", {"codes": codes_sha}, params, storage.code_version())
+    artifact = store.lookup("pack", key)
+    if artifact is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = pack([codes_dir], Path(tmp) / "shards", text_extension=text_extension,
+                           num_workers=num_workers, shard_size_mb=shard_size_mb)
+            if not summary.shards:
+                raise ValueError(f"nothing could be packed from {codes_dir}: {summary.rejects[:3]}")
+            info = {"speakers": summary.speakers, "sentences": summary.sentences, "frames": summary.frames,
+                    "bytes": summary.bytes_written, "rejects": [{"item": r.item, "reason": r.reason} for r in summary.rejects]}
+            (Path(tmp) / "shards" / "pack-summary.json").write_text(json.dumps(info, indent=2))
+            artifact = store.publish("pack", key, Path(tmp) / "shards", metadata={"codes_sha256": codes_sha, "params": params})
+    else:
+        info = json.loads(store.read_bytes(f"pack/{key}/pack-summary.json"))
+    shards = sorted(rel for rel in artifact.files if rel.endswith(".protos"))
+    small = {k: info[k] for k in ("speakers", "sentences", "frames", "bytes")} | {"rejects": len(info["rejects"])}
+    return {"stage": "pack", "key": key, "url": artifact.url, "codes_sha256": codes_sha,
+            "shards": [artifact.file_url(rel) for rel in shards], "summary": small}

@@ -1,4 +1,4 @@
-"""Deployments, workers, a child run and the data-landed trigger against a real Prefect server."""
+"""Deployments, workers, the data-landed trigger, child runs and the UI against a real Prefect server."""
 
 import json
 import shutil
@@ -6,77 +6,130 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from tests.flows.conftest import free_port
+
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 REPO = Path(__file__).parents[2]
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-def _wait_runs(client, deployment_id, count: int, timeout: float = 120.0):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
-        final = [r for r in runs if r.state and r.state.is_final()]
-        if len(final) >= count or time.monotonic() > deadline:
-            return runs
-        time.sleep(1)
-
-
-@pytest.mark.slow
-def test_deploy_trigger_and_child_runs_on_a_real_server(prefect_server, tmp_path):
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory):
+    """``fishtune deploy`` on the server, the watch schedule paused, cpu and cuda workers running."""
     from prefect.client.orchestration import get_client
-    from prefect.events import emit_event
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
-    from tasks.remote import ChildRunFailed, run_child
-
-    data, store = tmp_path / "data", tmp_path / "store"
+    root = tmp_path_factory.mktemp("deployed")
+    data, store = root / "data", root / "store"
     shutil.copytree(DEMO, data)
     result = subprocess.run(
         [sys.executable, "-m", "fishtune", "deploy", "--data", str(data), "--storage", str(store), "--source", str(REPO)],
         env=prefect_server.env, capture_output=True, text=True, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    pools = prefect_server.prefect("work-pool", "ls").stdout
-    assert "cpu" in pools and "cuda" in pools
     with temporary_settings({PREFECT_API_URL: prefect_server.api,
                              PREFECT_RESULTS_LOCAL_STORAGE_PATH: Path(prefect_server.env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])}):
         with get_client(sync_client=True) as client:
             finetune = client.read_deployment_by_name("finetune/finetune")
             watch = client.read_deployment_by_name("watch/watch")
-            assert finetune.work_pool_name == "cpu" and watch.work_pool_name == "cpu"
-            assert watch.schedules and watch.schedules[0].schedule.cron == "*/15 * * * *"
-            schema = finetune.parameter_openapi_schema
-            assert schema["required"] == ["config"]
-            assert schema["definitions"]["AudioFormat"]["enum"] == ["keep", "flac", "wav"]
-            assert finetune.parameters["config"]["data"] == str(data)  # FISHTUNE_DATA filled in at deploy time
-            # no cron-started watch runs (and the events they emit) while this test counts runs
+            # no cron-started watch runs (and the events they emit) while these tests count runs
             client.pause_deployment(watch.id)
-            prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log")
-            prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "1", log="worker-cuda.log")
+        prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log")
+        prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "1", log="worker-cuda.log")
+        yield SimpleNamespace(data=data, store=store, finetune=finetune, watch=watch, server=prefect_server)
 
-            # The data-landed event starts finetune for that speaker (the trigger renders the parameters).
-            emit_event(
-                event="fishtune.speaker.data.landed",
-                resource={"prefect.resource.id": "fishtune.speaker.bruno", "fishtune.speaker": "bruno"},
-                payload={"data": str(data), "speaker": "bruno", "project": "triggered"},
-            )
-            runs = _wait_runs(client, finetune.id, 1)
-            assert len(runs) == 1, [r.state for r in runs]
-            run = runs[0]
-            assert run.state.is_completed(), (run.state, (prefect_server.root / "worker-cpu.log").read_text()[-3000:])
-            assert run.parameters["config"]["speaker"] == "bruno" and run.parameters["config"]["project"] == "triggered"
-            manifest = json.loads(next((store / "runs").glob(f"{run.id}/manifest.json")).read_text())
-            assert manifest["parameters"]["speaker"] == "bruno" and manifest["status"] == "completed"
-            assert list(manifest["stages"][0]["summary"]["speakers"]) == ["bruno"]
 
-        # A child run through run_deployment: its result comes back; a failed child raises with its name.
-        ok = run_child("finetune/finetune", {"config": {"data": str(data), "storage": str(store), "speaker": "alice",
-                                                        "project": "child"}}, timeout=180, poll_interval=1)
-        assert ok["status"] == "completed" and [s["stage"] for s in ok["stages"]] == ["validate", "normalize"]
-        with pytest.raises(ChildRunFailed, match=r"child run '.+' of deployment finetune/finetune ended Failed"):
-            run_child("finetune/finetune", {"config": {"data": str(tmp_path / "missing"), "storage": str(store)}},
-                      timeout=180, poll_interval=1)
+def _wait_run(client, deployment_id, project: str, timeout: float = 120.0):
+    """The finished run of ``deployment_id`` whose config has ``project`` (waits for it)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        mine = [r for r in runs if r.parameters.get("config", {}).get("project") == project]
+        if mine and all(r.state and r.state.is_final() for r in mine) or time.monotonic() > deadline:
+            return mine
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from tasks.remote import ChildRunFailed, run_child
+
+    data, store = deployed.data, deployed.store
+    pools = deployed.server.prefect("work-pool", "ls").stdout
+    assert "cpu" in pools and "cuda" in pools
+    with get_client(sync_client=True) as client:
+        finetune, watch = deployed.finetune, deployed.watch
+        assert finetune.work_pool_name == "cpu" and watch.work_pool_name == "cpu"
+        assert watch.schedules and watch.schedules[0].schedule.cron == "*/15 * * * *"
+        schema = finetune.parameter_openapi_schema
+        assert schema["required"] == ["config"]
+        assert schema["definitions"]["AudioFormat"]["enum"] == ["keep", "flac", "wav"]
+        assert finetune.parameters["config"]["data"] == str(data)  # FISHTUNE_DATA filled in at deploy time
+
+        # The data-landed event starts finetune for that speaker (the trigger renders the parameters).
+        # Emitted from a separate process: this process's events worker may already be bound to
+        # the session harness's server (it is created once per process).
+        deployed.server.prefect(
+            "event", "emit", "fishtune.speaker.data.landed",
+            "--resource", json.dumps({"prefect.resource.id": "fishtune.speaker.bruno", "fishtune.speaker": "bruno"}),
+            "--payload", json.dumps({"data": str(data), "speaker": "bruno", "project": "triggered"}),
+        )
+        runs = _wait_run(client, finetune.id, "triggered")
+        assert len(runs) == 1, runs
+        run = runs[0]
+        log = (deployed.server.root / "worker-cpu.log").read_text()[-3000:]
+        assert run.state.is_completed(), (run.state, log)
+        assert run.parameters["config"]["speaker"] == "bruno"
+        manifest = json.loads((store / "runs" / str(run.id) / "manifest.json").read_text())
+        assert manifest["parameters"]["speaker"] == "bruno" and manifest["status"] == "completed"
+        assert list(manifest["stages"][0]["summary"]["speakers"]) == ["bruno"]
+
+    # A child run through run_deployment: its result comes back; a failed child raises with its name.
+    ok = run_child("finetune/finetune", {"config": {"data": str(data), "storage": str(store), "speaker": "alice",
+                                                    "project": "child"}}, timeout=180, poll_interval=1)
+    assert ok["status"] == "completed" and [s["stage"] for s in ok["stages"]] == ["validate", "normalize"]
+    with pytest.raises(ChildRunFailed, match=r"child run '.+' of deployment finetune/finetune ended Failed"):
+        run_child("finetune/finetune", {"config": {"data": str(tmp_path / "missing"), "storage": str(store)}},
+                  timeout=180, poll_interval=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs Debian chromium + chromium-driver")
+def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
+    from prefect.client.orchestration import get_client
+
+    from tests.flows.webdriver import Chrome
+
+    browser = Chrome(free_port(), str(CHROMIUM), str(CHROMEDRIVER))
+    try:
+        browser.get(f"{deployed.server.url}/v2/deployments/deployment/{deployed.finetune.id}/run")
+        browser.wait_for("body", text="Everything a finetune run needs")  # the model docstring rendered as help
+        assert "Integrated loudness target in LUFS" in browser.text(browser.wait_for("body"))
+        project = browser.wait_for("textarea")  # the first field of the form: Project
+        browser.clear(project)
+        browser.type(project, "ui-form")
+        steps = browser.wait_for('input[type="number"][max="1000000"]')  # Max Steps, bounded by le=1_000_000
+        browser.clear(steps)
+        browser.type(steps, "7")
+        browser.click(browser.wait_for("button", text="Submit"))
+        deadline = time.monotonic() + 30
+        while "/run" in browser.url() and time.monotonic() < deadline:
+            time.sleep(0.3)  # the UI leaves the form once the run is created
+    finally:
+        browser.quit()
+    with get_client(sync_client=True) as client:
+        runs = _wait_run(client, deployed.finetune.id, "ui-form")
+    assert len(runs) == 1
+    assert runs[0].state.is_completed(), runs[0].state
+    config = runs[0].parameters["config"]
+    assert (config["project"], config["max_steps"], config["data"]) == ("ui-form", 7, str(deployed.data))
+    report = (deployed.store / "runs" / str(runs[0].id) / "report.md").read_text()
+    assert "# fishtune finetune `ui-form`" in report

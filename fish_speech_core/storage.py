@@ -46,6 +46,17 @@ class ArtifactError(RuntimeError):
 
 # Transient I/O failures worth retrying. Not ValueError/KeyError: those are our bugs or bad data.
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+# Network errors of the S3 stack that are not OSError subclasses, matched by class name so this
+# module needs neither botocore nor aiohttp installed.
+TRANSIENT_NAMES = frozenset(
+    {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError"}
+)
+
+
+def is_transient(exc: BaseException, retry_on: tuple[type[BaseException], ...] = RETRYABLE) -> bool:
+    if isinstance(exc, FileNotFoundError):
+        return False  # a missing object does not appear by waiting
+    return isinstance(exc, retry_on) or any(cls.__name__ in TRANSIENT_NAMES for cls in type(exc).__mro__)
 
 
 def retry_io(
@@ -63,10 +74,8 @@ def retry_io(
     for attempt in range(attempts):
         try:
             return fn()
-        except FileNotFoundError:
-            raise
-        except retry_on:
-            if attempt == attempts - 1:
+        except Exception as exc:
+            if not is_transient(exc, retry_on) or attempt == attempts - 1:
                 raise
             sleep(backoff * 2**attempt * (1 + 0.25 * random.random()))
     raise AssertionError("unreachable")
@@ -210,6 +219,7 @@ class Store:
     """One storage root. Holds only the URL: never credentials (they stay in the environment)."""
 
     root: str = DEFAULT_ROOT
+    io_attempts: int = 4  # per storage call; s3fs retries each call a few times on its own as well
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", normalize_url(self.root))
@@ -236,7 +246,7 @@ class Store:
         url = self.artifact_url(stage, key)
         fs, path = filesystem(join(url, MARKER))
         try:
-            raw = retry_io(lambda: fs.cat_file(path))
+            raw = retry_io(lambda: fs.cat_file(path), self.io_attempts)
         except FileNotFoundError:
             return None
         marker = json.loads(raw)
@@ -318,10 +328,10 @@ class Store:
             fs, _ = filesystem(url)
             for rel, p in files.items():
                 _, remote = filesystem(join(url, rel))
-                retry_io(lambda p=p, remote=remote: fs.put_file(str(p), remote))
+                retry_io(lambda p=p, remote=remote: fs.put_file(str(p), remote), self.io_attempts)
             _, marker_path = filesystem(join(url, MARKER))
             body = json.dumps(marker, indent=2).encode()
-            retry_io(lambda: fs.pipe_file(marker_path, body))
+            retry_io(lambda: fs.pipe_file(marker_path, body), self.io_attempts)
         return Artifact(stage, key, url, hashes)
 
     def write_bytes(self, rel: str, data: bytes) -> str:
@@ -332,12 +342,12 @@ class Store:
                 handle.write(data)
         else:
             fs, path = filesystem(url)
-            retry_io(lambda: fs.pipe_file(path, data))
+            retry_io(lambda: fs.pipe_file(path, data), self.io_attempts)
         return url
 
     def read_bytes(self, rel: str) -> bytes:
         fs, path = filesystem(self.url(rel))
-        return retry_io(lambda: fs.cat_file(path))
+        return retry_io(lambda: fs.cat_file(path), self.io_attempts)
 
 
 def _sha256_local(path: Path) -> str:

@@ -173,3 +173,21 @@ def test_run_manifest_json_parquet_and_report(remote, request, tmp_path):
     assert table.column("stage").to_pylist() == ["validate", "normalize"]
     assert table.column("cached").to_pylist() == [False, True]
     assert store.read_bytes("runs/run-1/report.md") == b"# report\n"
+
+
+@pytest.mark.slow
+def test_s3_down_is_a_clear_transient_error(moto_s3, s3_bucket):
+    """A stopped S3 endpoint: the endpoint error (retried as transient); after a restart it works again."""
+    store = Store(f"{s3_bucket}/store", io_attempts=1)  # s3fs still retries the call internally
+    moto_s3.stop()
+    try:
+        with pytest.raises(Exception, match=r"Could not connect to the endpoint URL: .*127\.0\.0\.1") as info:
+            store.lookup("stage", "k")
+        assert storage.is_transient(info.value)  # retry_io retries it (and s3fs did already)
+        assert "testing-secret-never-logged" not in str(info.value)
+    finally:
+        moto_s3.start()  # moto keeps buckets in memory: the restarted server is empty
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_s3.endpoint).create_bucket(Bucket=s3_bucket[5:])
+    assert store.lookup("stage", "k") is None

@@ -39,7 +39,7 @@ def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) ->
         cached=state.name == "Cached",
         seconds=round(seconds, 3),
         inputs=inputs,
-        outputs={k: v for k, v in result.items() if isinstance(v, str) and "://" in v or k == "url"},
+        outputs={k: result[k] for k in ("url", "manifest", "shards") if k in result},
         summary=result.get("summary", {}),
     )
     manifest.stages.append(record)
@@ -81,7 +81,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     store = Store(config.storage)
     work_dir = Path(config.work_dir) if config.work_dir else default_work_dir(store)
     run_id = flow_run.get_id() or uuid.uuid4().hex
-    manifest = RunManifest(str(run_id), "finetune", config.model_dump(mode="json"), versions=storage.versions())
+    parameters = config.model_dump(mode="json")
+    for name in ("data", "storage", "base", "codec"):  # URLs are recorded without any user info
+        if parameters.get(name):
+            parameters[name] = storage.redact(parameters[name])
+    manifest = RunManifest(str(run_id), "finetune", parameters, versions=storage.versions())
     logger.info("storage %s, work folder %s", store, work_dir)
 
     fetch = data_tasks.fetch_data  # I/O only: retries, no cache (the mirror is itself incremental)

@@ -180,9 +180,12 @@ class PrefectServer:
                 proc.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """A real Prefect server on 127.0.0.1 (SQLite in a temp folder), stopped at session end."""
+    """A real Prefect server on 127.0.0.1 (SQLite in a temp folder) and the workers its tests start.
+
+    Module-scoped: the polling workers must not load the machine during the rest of the suite.
+    """
     server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
     server.start()
     try:

@@ -101,6 +101,13 @@ def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tmp_path):
                   timeout=180, poll_interval=1)
 
 
+def _wait_until(check, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs Debian chromium + chromium-driver")
 def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
@@ -109,20 +116,28 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     from tests.flows.webdriver import Chrome
 
     browser = Chrome(free_port(), str(CHROMIUM), str(CHROMEDRIVER))
+    value = lambda element: browser.script("return arguments[0].value", element)
     try:
         browser.get(f"{deployed.server.url}/v2/deployments/deployment/{deployed.finetune.id}/run")
         browser.wait_for("body", text="Everything a finetune run needs")  # the model docstring rendered as help
         assert "Integrated loudness target in LUFS" in browser.text(browser.wait_for("body"))
         project = browser.wait_for("textarea")  # the first field of the form: Project
+        _wait_until(lambda: value(project) == "demo", "the form's defaults to load")
         browser.clear(project)
         browser.type(project, "ui-form")
         steps = browser.wait_for('input[type="number"][max="1000000"]')  # Max Steps, bounded by le=1_000_000
         browser.clear(steps)
         browser.type(steps, "7")
+        _wait_until(lambda: (value(project), value(steps)) == ("ui-form", "7"), "the typed values to stick")
         browser.click(browser.wait_for("button", text="Submit"))
-        deadline = time.monotonic() + 30
-        while "/run" in browser.url() and time.monotonic() < deadline:
-            time.sleep(0.3)  # the UI leaves the form once the run is created
+        try:
+            _wait_until(lambda: "/run" not in browser.url(), "the UI to leave the form after creating the run", 60)
+        except AssertionError:
+            (deployed.server.root / "ui-submit.png").write_bytes(browser.screenshot())
+            requests = browser.script(
+                "return performance.getEntriesByType('resource').map(e => e.name + ' ' + e.responseStatus)"
+            )
+            raise AssertionError(f"form not submitted; API calls: {[r for r in requests if '/api/' in r][-8:]}") from None
     finally:
         browser.quit()
     with get_client(sync_client=True) as client:

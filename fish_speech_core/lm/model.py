@@ -264,14 +264,17 @@ class DualARTransformer(nn.Module):
 
         # Not in the state dict: rebuilt from the config (slow: max_seq_len, fast: one
         # position per codebook).
-        self.register_buffer(
-            "rope", precompute_rope(c.max_seq_len, c.head_dim, c.rope_base), persistent=False
-        )
-        self.register_buffer(
-            "fast_rope",
-            precompute_rope(c.num_codebooks, c.fast_head_dim, c.rope_base),
-            persistent=False,
-        )
+        self.register_buffer("rope", torch.empty(0), persistent=False)
+        self.register_buffer("fast_rope", torch.empty(0), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the rotary tables, e.g. after building the model on the meta device."""
+        c = self.config
+        device = self.embeddings.weight.device if device is None else device
+        with torch.device(device):
+            self.rope = precompute_rope(c.max_seq_len, c.head_dim, c.rope_base)
+            self.fast_rope = precompute_rope(c.num_codebooks, c.fast_head_dim, c.rope_base)
 
     # -- checkpoint I/O lives in fish_speech_core.lm.checkpoint; these are the familiar names.
 
@@ -281,6 +284,7 @@ class DualARTransformer(nn.Module):
         path: str | os.PathLike,
         lora_config: object | None = None,
         attention_impl: AttentionImpl = "sdpa",
+        dtype: torch.dtype | None = None,
     ) -> "DualARTransformer":
         """Load a checkpoint folder (config.json, model.pth, tokenizer); see ``load_pretrained``.
 
@@ -288,7 +292,8 @@ class DualARTransformer(nn.Module):
         """
         from fish_speech_core.lm.checkpoint import load_pretrained
 
-        return load_pretrained(path, lora_config=lora_config, attention_impl=attention_impl).model
+        loaded = load_pretrained(path, lora_config, attention_impl=attention_impl, dtype=dtype)
+        return loaded.model
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write config.json, model.pth and the tokenizer files into ``path``."""

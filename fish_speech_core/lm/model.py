@@ -355,7 +355,19 @@ class DualARTransformer(nn.Module):
             key_padding_mask: (B, T) bool, True = padding; None = no padding.
         """
         c = self.config
-        b, _, t = inputs.shape
+        b, rows, t = inputs.shape
+        if rows != 1 + c.num_codebooks:
+            raise ValueError(
+                f"inputs must be (B, {1 + c.num_codebooks}, T): one text row and "
+                f"{c.num_codebooks} codebook rows, got {tuple(inputs.shape)}"
+            )
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, t)
+        ):
+            raise ValueError(
+                f"key_padding_mask must be bool (B, T) = ({b}, {t}) with True = padding, got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
         hidden = self.slow_hidden(inputs, key_padding_mask)
         token_logits = self.token_logits(hidden)
 

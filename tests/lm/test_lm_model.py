@@ -89,3 +89,24 @@ def test_real_size_preset_matches_reference_shapes(reference):
 def test_semantic_token_id_must_be_in_vocab():
     with pytest.raises(ValueError, match="semantic_token_id 904"):
         DualARTransformer(PRESETS["tiny"], semantic_token_id=904)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+def test_no_mask_means_causal_without_padding(reference, batch, impl):
+    model = load_tiny(reference, impl)
+    inputs = batch["inputs"][1:]  # sample 1 has no padding
+    with torch.no_grad():
+        masked = model(inputs, torch.zeros(1, 70, dtype=torch.bool))
+        unmasked = model(inputs)
+        prefix = model(inputs[..., :40])  # causal: the future cannot change the past
+    torch.testing.assert_close(unmasked.token_logits, masked.token_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(unmasked.codebook_logits, masked.codebook_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prefix.token_logits, masked.token_logits[:, :40], atol=1e-6, rtol=0)
+
+
+def test_bad_input_shapes_are_clear_errors(reference, batch):
+    model = load_tiny(reference)
+    with pytest.raises(ValueError, match=r"inputs must be \(B, 9, T\)"):
+        model(batch["inputs"][:, :5])
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        model(batch["inputs"], batch["attention_masks"].long())

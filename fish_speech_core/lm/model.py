@@ -12,6 +12,10 @@ and peft targets them by name: ``embeddings``, ``codebook_embeddings``, ``wqkv``
 
 Tensor layout: ``inputs`` is (B, 1 + num_codebooks, T); row 0 holds text ids, rows 1.. hold
 ``code + 1`` with 0 meaning "no code". Masks are named for what True means.
+
+Generation (a later issue) reuses the parts: :meth:`DualARTransformer.embed`, the slow layers
+with a KV cache, :meth:`token_logits` on the pre-final-norm hidden state (what the reference's
+``forward_generate`` returns) and :meth:`fast_logits` one codebook position at a time.
 """
 
 from __future__ import annotations

@@ -71,25 +71,25 @@ class DualARConfig:
                 "(the Fish Speech 1.4 text2semantic model); check that this is a fish-speech-1.4 "
                 "checkpoint folder"
             )
-        # Derived fields, in the reference's order: head_dim always follows dim / n_head.
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        # Derived fields, in the reference's order (head_dim always follows dim / n_head).
+        derived = {"head_dim": self.dim // self.n_head}
         if self.n_local_heads == -1:
-            set_("n_local_heads", self.n_head)
+            derived["n_local_heads"] = self.n_head
         if self.intermediate_size is None:
-            set_("intermediate_size", find_multiple(int(2 * (4 * self.dim) / 3), 256))
-        set_("head_dim", self.dim // self.n_head)
-        if self.fast_dim is None:
-            set_("fast_dim", self.dim)
-        if self.fast_n_head is None:
-            set_("fast_n_head", self.n_head)
-        if self.fast_n_local_heads is None:
-            set_("fast_n_local_heads", self.n_local_heads)
-        if self.fast_head_dim is None:
-            set_("fast_head_dim", self.head_dim)
-        if self.fast_intermediate_size is None:
-            set_("fast_intermediate_size", self.intermediate_size)
-        if self.fast_attention_qkv_bias is None:
-            set_("fast_attention_qkv_bias", self.attention_qkv_bias)
+            derived["intermediate_size"] = find_multiple(int(2 * (4 * self.dim) / 3), 256)
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: resolve once, here
+        fast_defaults = {
+            "fast_dim": self.dim,
+            "fast_n_head": self.n_head,
+            "fast_n_local_heads": self.n_local_heads,
+            "fast_head_dim": self.head_dim,
+            "fast_intermediate_size": self.intermediate_size,
+            "fast_attention_qkv_bias": self.attention_qkv_bias,
+        }
+        for name, value in fast_defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         problems = []
         if self.dim % self.n_head:
             problems.append(f"dim {self.dim} is not divisible by n_head {self.n_head}")

@@ -110,3 +110,13 @@ def test_bad_input_shapes_are_clear_errors(reference, batch):
         model(batch["inputs"][:, :5])
     with pytest.raises(ValueError, match="key_padding_mask must be bool"):
         model(batch["inputs"], batch["attention_masks"].long())
+
+
+def test_tied_word_embeddings_reuse_the_embedding_table(reference, batch):
+    tied = DualARConfig.from_dict({**PRESETS["tiny"].to_dict(), "tie_word_embeddings": True})
+    model = DualARTransformer(tied, semantic_token_id=5).eval()
+    assert "output.weight" not in model.state_dict()
+    with torch.no_grad():
+        out = model(batch["inputs"], batch["attention_masks"])
+        expected = model.norm(out.hidden_states) @ model.embeddings.weight.T
+    torch.testing.assert_close(out.token_logits, expected)

@@ -120,3 +120,34 @@ def test_tied_word_embeddings_reuse_the_embedding_table(reference, batch):
         out = model(batch["inputs"], batch["attention_masks"])
         expected = model.norm(out.hidden_states) @ model.embeddings.weight.T
     torch.testing.assert_close(out.token_logits, expected)
+
+
+def test_merged_lora_checkpoint_matches_its_reference_forward(reference, batch):
+    # README 5: loading lora/merged/ gives the logits of lora-forward.pt exactly.
+    expected = torch.load(reference / "lora" / "lora-forward.pt", weights_only=True)
+    model = DualARTransformer.from_pretrained(reference / "lora" / "merged").eval()
+    with torch.no_grad():
+        out = model(batch["inputs"], batch["attention_masks"])
+    torch.testing.assert_close(out.token_logits, expected["token_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.codebook_logits, expected["codebook_logits"], atol=ATOL, rtol=0)
+    losses = lm_losses(out.token_logits, out.codebook_logits, batch["labels"])
+    for name in ("base_loss", "semantic_loss", "loss", "top_5_accuracy"):
+        torch.testing.assert_close(getattr(losses, name), expected[name], atol=ATOL, rtol=0)
+
+
+def test_teacher_forced_forward_matches_the_generation_steps(reference):
+    # README generate/teacher-forced.pt: a full non-cached forward over prompt + continuation
+    # reproduces the per-step slow logits, pre-norm hidden states and fast logits.
+    steps = torch.load(reference / "generate" / "teacher-forced.pt", weights_only=True)
+    model = load_tiny(reference)
+    inputs = torch.cat([steps["prompt"], steps["continuation"]], dim=1).long()[None]  # (1, 9, 53)
+    with torch.no_grad():
+        out = model(inputs, torch.zeros(1, 53, dtype=torch.bool))
+    last = steps["prompt_length"] - 1
+    torch.testing.assert_close(out.token_logits[0, last], steps["prefill_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden_states[0, last], steps["prefill_hidden_states"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.token_logits[0, last + 1 :], steps["step_slow_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden_states[0, last + 1 :], steps["step_hidden_states"], atol=ATOL, rtol=0)
+    # Step i's fast transformer sees hidden(last + i) and the codes of continuation column i.
+    torch.testing.assert_close(out.codebook_logits[0, last : last + 11], steps["step_fast_logits"][:11], atol=ATOL, rtol=0)
+    assert torch.equal(out.codebook_logits[0, last + 11], torch.zeros(8, 1024))  # all codes 0: skipped

@@ -1,0 +1,226 @@
+"""Checkpoint folders of the dual-AR model: the one place that reads and writes them.
+
+A folder holds ``config.json`` (:class:`DualARConfig`, sorted keys, 4-space indent),
+``model.pth`` (a flat ``torch.save``d state dict) and the tokenizer files
+(``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``), the layout
+Fish Speech 1.4 reads and writes.
+
+Reading accepts what Fish Speech and Lightning produce: a ``{"state_dict": ...}`` wrapper,
+keys prefixed ``model.``, and separate ``wq``/``wk``/``wv`` projections (fused into ``wqkv``).
+Loading is strict: missing keys, unexpected keys and wrong shapes are reported together, by
+name. Pickles are read with ``weights_only=True``, so arbitrary objects are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fish_speech_core.files import atomic_path, atomic_write
+from fish_speech_core.lm.config import DualARConfig
+from fish_speech_core.lm.model import AttentionImpl, DualARTransformer
+from fish_speech_core.tokenizer import FishTokenizer
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.pth"
+LIGHTNING_PREFIX = "model."
+# Separate projections some checkpoints carry, fused in this order into ``wqkv``.
+UNFUSED_QKV = ("wq", "wk", "wv")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or weights file that cannot be loaded as it is; the message says why."""
+
+
+@dataclass
+class Pretrained:
+    """What :func:`load_pretrained` returns: the model, its tokenizer and the folder they came from.
+
+    ``model.tokenizer`` is the same tokenizer object, so ``model.save_pretrained`` can write it.
+    """
+
+    model: DualARTransformer
+    tokenizer: FishTokenizer
+    path: Path
+
+
+def read_weights(file: str | os.PathLike) -> dict[str, Tensor]:
+    """``torch.load`` a weights file with ``weights_only=True`` (memory-mapped when possible).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or holds anything but tensors and
+            plain containers (a pickle with arbitrary objects is refused, never executed).
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found")
+    try:
+        try:
+            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # Legacy (non-zip) torch.save format cannot be memory-mapped; read it whole.
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {file}: it contains objects other than tensors, which could run "
+            f"code when unpickled. Re-save it as a plain state dict of tensors. ({err})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any other failure means "not a checkpoint"
+        raise CheckpointError(f"could not read {file} as a torch checkpoint: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a state dict")
+    return data
+
+
+def normalize_state_dict(data: dict) -> dict[str, Tensor]:
+    """Unwrap ``{"state_dict": ...}``, strip the ``model.`` prefix and fuse wq/wk/wv into wqkv."""
+    if isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    not_tensors = sorted(k for k, v in data.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise CheckpointError(f"state dict entries {not_tensors} are not tensors")
+    state = {
+        (k[len(LIGHTNING_PREFIX):] if k.startswith(LIGHTNING_PREFIX) else k): v
+        for k, v in data.items()
+    }
+    for key in [k for k in state if k.endswith(".attention.wq.weight")]:
+        prefix = key[: -len("wq.weight")]
+        for suffix in ("weight", "bias"):
+            parts = [f"{prefix}{name}.{suffix}" for name in UNFUSED_QKV]
+            present = [p for p in parts if p in state]
+            if not present:
+                continue
+            if len(present) != 3:
+                missing = sorted(set(parts) - set(present))
+                raise CheckpointError(f"cannot fuse {present} into wqkv: missing {missing}")
+            state[f"{prefix}wqkv.{suffix}"] = torch.cat([state.pop(p) for p in parts], dim=0)
+    return state
+
+
+def load_state_dict(
+    model: DualARTransformer, state: dict[str, Tensor], dtype: torch.dtype | None = None
+) -> None:
+    """Strictly load ``state`` into ``model`` by assignment (no copy; works on a meta model).
+
+    Args:
+        dtype: cast every tensor to this dtype; None keeps the checkpoint's dtypes.
+
+    Raises:
+        CheckpointError: naming every missing key, unexpected key and wrong shape at once.
+    """
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            problems.append(
+                f"{key} has shape {tuple(tensor.shape)}, the config needs "
+                f"{tuple(expected[key].shape)}"
+            )
+        elif key in expected and not tensor.is_floating_point():
+            problems.append(f"{key} has dtype {tensor.dtype}, expected a floating point tensor")
+    if problems:
+        raise CheckpointError(
+            "weights do not match the model config: " + "; ".join(problems)
+            + ". Check that config.json belongs to this model.pth."
+        )
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    lora_config: object | None = None,
+    attention_impl: AttentionImpl = "sdpa",
+    dtype: torch.dtype | None = None,
+) -> Pretrained:
+    """Load a checkpoint folder: config.json, model.pth and the tokenizer.
+
+    Args:
+        path: the folder.
+        lora_config: reserved for LoRA adapters (not supported yet; must be None).
+        attention_impl: "sdpa" or "explicit", see :class:`DualARTransformer`.
+        dtype: cast the weights (e.g. ``torch.float32`` for training); None keeps the file's
+            dtypes, so load -> save -> load is lossless.
+
+    Raises:
+        CheckpointError / ConfigError / TokenizerError: naming the file and what to do.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder} is not a folder; pass a checkpoint folder holding {CONFIG_FILE}, "
+            f"{MODEL_FILE} and tokenizer.json (see `fishtune download` / `fishtune init-base`)"
+        )
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(
+                f"{folder / name} not found: a checkpoint folder needs {CONFIG_FILE}, "
+                f"{MODEL_FILE} and tokenizer.json"
+            )
+    config = DualARConfig.from_file(folder / CONFIG_FILE)
+    tokenizer = FishTokenizer.from_dir(folder)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {folder} has {len(tokenizer)} tokens but vocab_size is "
+            f"{config.vocab_size}; config.json and tokenizer.json do not belong together"
+        )
+    state = normalize_state_dict(read_weights(folder / MODEL_FILE))
+    # Build without allocating or initialising weights: they are assigned from the file.
+    with torch.device("meta"):
+        model = DualARTransformer(config, tokenizer.semantic_id, attention_impl)
+    try:
+        load_state_dict(model, state, dtype)
+    except CheckpointError as err:
+        raise CheckpointError(f"{folder / MODEL_FILE}: {err}") from None
+    model.reset_buffers("cpu")
+    model.tokenizer = tokenizer
+    if lora_config is not None:
+        # The LoRA issue plugs in here: model = add_lora(model, lora_config).
+        raise NotImplementedError("LoRA adapters are not supported yet; pass lora_config=None")
+    return Pretrained(model=model, tokenizer=tokenizer, path=folder)
+
+
+def save_pretrained(
+    model: DualARTransformer, path: str | os.PathLike, tokenizer: FishTokenizer | None = None
+) -> None:
+    """Write config.json, model.pth and the tokenizer files into ``path``, each atomically.
+
+    Args:
+        tokenizer: defaults to ``model.tokenizer`` (set by :func:`load_pretrained`).
+
+    Raises:
+        CheckpointError: no tokenizer given or attached.
+    """
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise CheckpointError(
+            "no tokenizer to save with the model: pass tokenizer= or set model.tokenizer"
+        )
+    if tokenizer.semantic_id != model.semantic_token_id:
+        raise CheckpointError(
+            f"the tokenizer's <|semantic|> id {tokenizer.semantic_id} differs from the model's "
+            f"semantic_token_id {model.semantic_token_id}"
+        )
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(folder)
+    with atomic_write(folder / CONFIG_FILE, "w") as handle:
+        handle.write(model.config.to_json())
+    # model.pth last: a folder that has it is complete.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        torch.save(state, tmp)

@@ -1,0 +1,153 @@
+import json
+
+import pytest
+import torch
+
+from fish_speech_core.lm import PRESETS, DualARTransformer, lm_losses
+from fish_speech_core.lm.config import DualARConfig
+
+ATOL = 1e-5  # README "Determinism and observed tolerances": fp32 logits and losses
+
+
+@pytest.fixture(scope="module")
+def batch(reference):
+    return torch.load(reference / "tiny-llama-forward.pt", weights_only=True)
+
+
+def load_tiny(reference, impl="sdpa"):
+    model = DualARTransformer.from_pretrained(reference / "tiny-llama", attention_impl=impl)
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+def test_forward_matches_reference_logits(reference, batch, impl):
+    model = load_tiny(reference, impl)
+    with torch.no_grad():
+        out = model(batch["inputs"], batch["attention_masks"])
+    assert out.token_logits.shape == (2, 70, 904)
+    assert out.codebook_logits.shape == (2, 70, 8, 1024)
+    torch.testing.assert_close(out.token_logits, batch["token_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.codebook_logits, batch["codebook_logits"], atol=ATOL, rtol=0)
+
+
+def test_skipped_rows_have_exactly_zero_codebook_logits(reference, batch):
+    model = load_tiny(reference)
+    with torch.no_grad():
+        out = model(batch["inputs"], batch["attention_masks"])
+    zero = (out.codebook_logits == 0).all(dim=-1).all(dim=-1)  # (B, T)
+    assert torch.equal(zero, (batch["codebook_logits"] == 0).all(dim=-1).all(dim=-1))
+    # README section 3: skipped b0: 0-26 and 36-69, b1: 0-43 and 69.
+    expected = torch.ones(2, 70, dtype=torch.bool)
+    expected[0, 27:36] = False
+    expected[1, 44:69] = False
+    assert torch.equal(zero, expected)
+
+
+def test_losses_match_reference(reference, batch):
+    model = load_tiny(reference)
+    with torch.no_grad():
+        out = model(batch["inputs"], batch["attention_masks"])
+    losses = lm_losses(out.token_logits, out.codebook_logits, batch["labels"])
+    for name in ("base_loss", "semantic_loss", "loss", "top_5_accuracy"):
+        torch.testing.assert_close(getattr(losses, name), batch[name], atol=ATOL, rtol=0)
+
+
+def test_gradient_checkpointing_changes_nothing(reference, batch):
+    plain = load_tiny(reference).train()
+    ckpt_config = DualARConfig.from_dict({**plain.config.to_dict(), "use_gradient_checkpointing": True})
+    checkpointed = DualARTransformer(ckpt_config, plain.semantic_token_id)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.train()
+    grads = []
+    for model in (plain, checkpointed):
+        out = model(batch["inputs"], batch["attention_masks"])
+        lm_losses(out.token_logits, out.codebook_logits, batch["labels"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_every_parameter_gets_a_gradient(reference, batch):
+    model = load_tiny(reference).train()
+    out = model(batch["inputs"], batch["attention_masks"])
+    lm_losses(out.token_logits, out.codebook_logits, batch["labels"]).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+def test_real_size_preset_matches_reference_shapes(reference):
+    shape = json.loads((reference / "llama-real-shape.json").read_text())
+    with torch.device("meta"):
+        model = DualARTransformer(PRESETS["fish-speech-1.4"], semantic_token_id=5)
+    state = model.state_dict()
+    assert len(state) == shape["num_state_dict_keys"] == 203
+    assert {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in state.items()} == shape["state_dict"]
+    assert list(state) == list(shape["state_dict"])  # same key order as the reference file
+    assert sum(p.numel() for p in model.parameters()) == shape["total_parameters"] == 494_462_976
+
+
+def test_semantic_token_id_must_be_in_vocab():
+    with pytest.raises(ValueError, match="semantic_token_id 904"):
+        DualARTransformer(PRESETS["tiny"], semantic_token_id=904)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+def test_no_mask_means_causal_without_padding(reference, batch, impl):
+    model = load_tiny(reference, impl)
+    inputs = batch["inputs"][1:]  # sample 1 has no padding
+    with torch.no_grad():
+        masked = model(inputs, torch.zeros(1, 70, dtype=torch.bool))
+        unmasked = model(inputs)
+        prefix = model(inputs[..., :40])  # causal: the future cannot change the past
+    torch.testing.assert_close(unmasked.token_logits, masked.token_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(unmasked.codebook_logits, masked.codebook_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prefix.token_logits, masked.token_logits[:, :40], atol=1e-6, rtol=0)
+
+
+def test_bad_input_shapes_are_clear_errors(reference, batch):
+    model = load_tiny(reference)
+    with pytest.raises(ValueError, match=r"inputs must be \(B, 9, T\)"):
+        model(batch["inputs"][:, :5])
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        model(batch["inputs"], batch["attention_masks"].long())
+
+
+def test_tied_word_embeddings_reuse_the_embedding_table(reference, batch):
+    tied = DualARConfig.from_dict({**PRESETS["tiny"].to_dict(), "tie_word_embeddings": True})
+    model = DualARTransformer(tied, semantic_token_id=5).eval()
+    assert "output.weight" not in model.state_dict()
+    with torch.no_grad():
+        out = model(batch["inputs"], batch["attention_masks"])
+        expected = model.norm(out.hidden_states) @ model.embeddings.weight.T
+    torch.testing.assert_close(out.token_logits, expected)
+
+
+def test_merged_lora_checkpoint_matches_its_reference_forward(reference, batch):
+    # README 5: loading lora/merged/ gives the logits of lora-forward.pt exactly.
+    expected = torch.load(reference / "lora" / "lora-forward.pt", weights_only=True)
+    model = DualARTransformer.from_pretrained(reference / "lora" / "merged").eval()
+    with torch.no_grad():
+        out = model(batch["inputs"], batch["attention_masks"])
+    torch.testing.assert_close(out.token_logits, expected["token_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.codebook_logits, expected["codebook_logits"], atol=ATOL, rtol=0)
+    losses = lm_losses(out.token_logits, out.codebook_logits, batch["labels"])
+    for name in ("base_loss", "semantic_loss", "loss", "top_5_accuracy"):
+        torch.testing.assert_close(getattr(losses, name), expected[name], atol=ATOL, rtol=0)
+
+
+def test_teacher_forced_forward_matches_the_generation_steps(reference):
+    # README generate/teacher-forced.pt: a full non-cached forward over prompt + continuation
+    # reproduces the per-step slow logits, pre-norm hidden states and fast logits.
+    steps = torch.load(reference / "generate" / "teacher-forced.pt", weights_only=True)
+    model = load_tiny(reference)
+    inputs = torch.cat([steps["prompt"], steps["continuation"]], dim=1).long()[None]  # (1, 9, 53)
+    with torch.no_grad():
+        out = model(inputs, torch.zeros(1, 53, dtype=torch.bool))
+    last = steps["prompt_length"] - 1
+    torch.testing.assert_close(out.token_logits[0, last], steps["prefill_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden_states[0, last], steps["prefill_hidden_states"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.token_logits[0, last + 1 :], steps["step_slow_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden_states[0, last + 1 :], steps["step_hidden_states"], atol=ATOL, rtol=0)
+    # Step i's fast transformer sees hidden(last + i) and the codes of continuation column i.
+    torch.testing.assert_close(out.codebook_logits[0, last : last + 11], steps["step_fast_logits"][:11], atol=ATOL, rtol=0)
+    assert torch.equal(out.codebook_logits[0, last + 11], torch.zeros(8, 1024))  # all codes 0: skipped

@@ -457,6 +457,7 @@ class RunManifest:
     finished: str = ""
     status: str = "running"
     versions: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # run inputs (data, base model) -> content sha256
     stages: list[StageRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -94,10 +94,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     try:
         data_dir = fetch(config.data, str(work_dir), [config.speaker] if config.speaker else None)
         data_input = {"data": storage.redact(config.data)}
+        if config.base:  # lineage: the merged model will point back to these exact base weights
+            manifest.inputs["base"] = storage.hash_any(config.base)
         validated = _run_stage(
             manifest, validate, data_input, data_dir=data_dir, store_root=store.root,
             max_seconds=config.max_seconds, text_extension=config.text_extension, num_workers=config.num_workers,
         )
+        manifest.inputs["data"] = validated["data_sha256"]
         if not validated["summary"]["accepted"]:
             raise ValueError(f"no accepted audio in {storage.redact(config.data)}: see {validated['url']}/report.md")
         n = config.normalize

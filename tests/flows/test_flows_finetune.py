@@ -58,7 +58,11 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
 
     data = tmp_path / "data"
     shutil.copytree(DEMO, data)
-    config = FinetuneConfig(data=str(data), storage=str(tmp_path / "store"), project="cache-test")
+    base = tmp_path / "base"  # only hashed for the manifest until the train stage lands
+    base.mkdir()
+    (base / "config.json").write_text('{"dim": 8}')
+    (base / "model.pth").write_bytes(b"weights")
+    config = FinetuneConfig(data=str(data), storage=str(tmp_path / "store"), project="cache-test", base=str(base))
 
     first = finetune(config)
     s1 = _stages(first)
@@ -93,6 +97,7 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
     # manifest + report beside it, and the same report as a Prefect markdown artifact
     manifest = storage.read_manifest(store, third["run_id"])
     assert manifest["status"] == "completed" and manifest["parameters"]["data"] == str(data)
+    assert manifest["inputs"] == {"base": storage.hash_tree(str(base)), "data": storage.hash_tree(str(data))}
     assert [s["key"] for s in manifest["stages"]] == [s3["validate"]["key"], s3["normalize"]["key"]]
     report = Path(third["report"]).read_text()
     assert "| alice | 10 | 0 |" in report and "| normalize | miss |" in report

@@ -153,3 +153,25 @@ def test_s3_storage_and_data_end_to_end(prefect_env, s3_bucket, tmp_path):
     second = finetune(config)
     s2 = _stages(second)
     assert s2["validate"]["cached"] and s2["normalize"]["cached"] and s2["normalize"]["key"] == key
+
+
+@pytest.mark.slow
+def test_concurrent_runs_of_one_key_compute_once(prefect_env, tmp_path):
+    """SERIALIZABLE isolation + file lock: the second caller waits and reads the first one's result."""
+    from prefect import flow
+
+    from tasks.data import validate_task
+    from tasks.runtime import bind
+
+    data = tmp_path / "data"
+    shutil.copytree(DEMO / "alice", data / "alice")
+    store = Store(str(tmp_path / "store"))
+    validate = bind(validate_task, store, tmp_path / "work")
+
+    @flow
+    def twice() -> list[str]:
+        futures = [validate.submit(str(data), store.root) for _ in range(2)]
+        return [f.wait() or f.state.name for f in futures]
+
+    assert sorted(twice()) == ["Cached", "Completed"]
+    assert len(list((tmp_path / "store" / "validate").iterdir())) == 1

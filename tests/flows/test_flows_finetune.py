@@ -154,6 +154,16 @@ def test_s3_storage_and_data_end_to_end(prefect_env, s3_bucket, tmp_path):
     s2 = _stages(second)
     assert s2["validate"]["cached"] and s2["normalize"]["cached"] and s2["normalize"]["key"] == key
 
+    # The result-storage block holds only the base URL; no secret reaches the block, manifest or report.
+    from prefect.filesystems import RemoteFileSystem
+
+    from tasks.runtime import result_storage
+
+    block = RemoteFileSystem.load(result_storage(Store(config.storage)).split("/", 1)[1])
+    assert block.basepath == f"{s3_bucket}/store/prefect-results" and block.settings == {}
+    for path in fs.find(f"{s3_bucket}/store/runs") + fs.find(f"{s3_bucket}/store/validate"):
+        assert b"testing-secret-never-logged" not in fs.cat_file(path)
+
 
 @pytest.mark.slow
 def test_concurrent_runs_of_one_key_compute_once(prefect_env, tmp_path):

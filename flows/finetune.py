@@ -124,9 +124,15 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     finally:
         manifest.finished = datetime.now(timezone.utc).isoformat()
         markdown = report_markdown(config, manifest)
-        written = storage.write_manifest(store, manifest, markdown)
         create_markdown_artifact(markdown, key=_artifact_key(config.project), description=f"finetune run {run_id}")
-        logger.info("run manifest %s, report %s", storage.redact(written["manifest"]), storage.redact(written["report"]))
+        try:
+            written = storage.write_manifest(store, manifest, markdown)
+        except Exception as exc:
+            if manifest.status != "failed":
+                raise
+            logger.error("could not write the run manifest either: %s", exc)  # keep the stage's error
+        else:
+            logger.info("run manifest %s, report %s", storage.redact(written["manifest"]), storage.redact(written["report"]))
     return {
         "run_id": manifest.run_id,
         "status": manifest.status,

@@ -397,13 +397,16 @@ class FireflyCodec(nn.Module):
         """(B, n_mels, T) -> int32 codes (B, G * R, ceil(T / 4)); frame t sees mels < 4 (t+1)."""
         return self.quantizer.encode(self.backbone(mels))
 
-    def encode(self, audios: Sequence[Tensor]) -> list[Tensor]:
+    def encode(
+        self, audios: Sequence[Tensor], autocast_dtype: torch.dtype | None = None
+    ) -> list[Tensor]:
         """Encode clips of any lengths (1-D float at ``sample_rate``) to int32 (G * R, frames).
 
         Batch-invariant by construction: each clip's log-mel is computed at its own length
         (so its last frames see its own reflect padding), then zero-padded; the encoder and
         downsampling are causal, so a clip's kept frames never see the padding. ``frames =
-        (len // hop) // 4``, exactly what the reference writes.
+        (len // hop) // 4``, exactly what the reference writes. ``autocast_dtype`` (e.g.
+        bfloat16) runs the encoder under autocast; the log-mel and FSQ rounding stay float32.
         """
         if not audios:
             return []
@@ -416,7 +419,8 @@ class FireflyCodec(nn.Module):
         mels = [self.spec_transform(audio) for audio in audios]  # (n_mels, len // hop) each
         longest = max(m.shape[-1] for m in mels)
         batch = torch.stack([F.pad(m, (0, longest - m.shape[-1])) for m in mels])
-        codes = self.encode_mels(batch)
+        with torch.autocast(batch.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            codes = self.encode_mels(batch)
         return [
             codes[i, :, : self.config.num_code_frames(audio.shape[-1])]
             for i, audio in enumerate(audios)

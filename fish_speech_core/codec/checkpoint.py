@@ -29,6 +29,11 @@ WN_V = ".parametrizations.weight.original1"  # weight-norm direction v, the conv
 ENCODER_PARTS = ("backbone.", "quantizer.")  # everything needed to turn audio into codes
 
 
+def _listing(keys: list[str], limit: int = 50) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 class CodecCheckpointError(ValueError):
     """A checkpoint that cannot give a working encoder; the message lists the keys."""
 
@@ -124,9 +129,9 @@ def load_codec(
     ]
     problems = []
     if missing_encoder:
-        problems.append(f"{len(missing_encoder)} encoder/quantizer keys missing: {missing_encoder}")
+        problems.append(f"{len(missing_encoder)} encoder/quantizer keys missing: {_listing(missing_encoder)}")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {mismatched}")
+        problems.append(f"{len(mismatched)} shape mismatches: {_listing(mismatched, 10)}")
     if problems:
         raise CodecCheckpointError(
             f"{path} does not fit this codec config ({'; '.join(problems)}). "
@@ -134,14 +139,15 @@ def load_codec(
         )
     if unexpected:
         warnings.warn(
-            f"{path}: ignoring {len(unexpected)} unexpected keys: {unexpected}",
+            f"{path}: ignoring {len(unexpected)} unexpected keys: {_listing(unexpected)}",
             CodecCheckpointWarning,
             stacklevel=2,
         )
     head_missing = [k for k in missing if not k.startswith(ENCODER_PARTS)]
     if head_missing:
         warnings.warn(
-            f"{path}: {len(head_missing)} decoder keys missing, decode() will not work: {head_missing}",
+            f"{path}: {len(head_missing)} decoder keys missing, decode() will not work: "
+            f"{_listing(head_missing)}",
             CodecCheckpointWarning,
             stacklevel=2,
         )

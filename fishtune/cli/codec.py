@@ -65,7 +65,7 @@ def init_codec_command(
     """Write a randomly initialised Firefly codec checkpoint, for offline demos, tests and benchmarks.
 
     Its codes mean nothing; use the real firefly-gan-vq-fsq-8x1024-21hz-generator.pth for training.
-    """
+    """  # noqa: E501
     if preset not in PRESET_NAMES:
         raise typer.BadParameter(f"choose one of {', '.join(PRESET_NAMES)}", param_hint="--preset")
     from fish_speech_core.codec import FireflyConfig, init_codec, save_codec
@@ -117,9 +117,8 @@ def extract_command(
 ) -> None:
     """Extract Fish Speech semantic tokens: every audio file under DATA -> <stem>.npy (int32, 8 x frames).
 
-    Incremental: a file is skipped only if its .npy was made from the same audio bytes with
-    the same codec weights and dtype (recorded in <stem>.npy.json); anything else is redone.
-    """
+    Incremental: a file is skipped only if its .npy was made from the same audio bytes with the same codec weights and dtype (recorded in <stem>.npy.json); anything else is redone.
+    """  # noqa: E501  (typer keeps line breaks in help text)
     problems = []
     if preset is not None and config is not None:
         problems.append("give --preset or --config, not both")
@@ -195,10 +194,10 @@ def extract_command(
             console.print(f"[yellow]{result.status}[/yellow] {rel}: {result.reason}")
     hours = summary.extracted_seconds / 3600
     speed = summary.speed
+    pace = f" ({speed:.1f}x real time, RTF {1 / speed:.4f})" if speed else ""
     typer.echo(
         f"Extracted {summary.count('extracted')} files ({hours:.3f} h audio) in "
-        f"{summary.wall_seconds:.1f} s on {device} "
-        f"({speed:.1f}x real time, RTF {1 / speed if speed else 0:.4f}); "
+        f"{summary.wall_seconds:.1f} s on {device}{pace}; "
         f"skipped {summary.count('skipped')} up to date; rejected {summary.count('rejected')}; "
         f"failed {summary.count('failed')}."
     )

@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
         model.encode([torch.zeros(44100)])
     settings = ExtractSettings(
         batch_size=args.batch_size, num_workers=args.num_workers, bucket=args.order == "bucketed",
-        max_seconds=60,
+        max_seconds=60, max_batch_seconds=args.max_batch_seconds or None,
     )
     start = time.perf_counter()
     codes = extract_codes(model, paths, settings)
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None, help="sweeps over all configurations (default 2, quick 1)")
+    parser.add_argument("--max-batch-seconds", type=float, default=60.0,
+                        help="cap on padded audio per batch, both orders (0: none; CLI default on CPU: 60)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     # internal: one configuration in a subprocess
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -105,7 +107,7 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-          f"--num-workers {args.num_workers}, device cpu")
+          f"--num-workers {args.num_workers}, --max-batch-seconds {args.max_batch_seconds:g}, device cpu")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +129,8 @@ def main() -> None:
                 out = folder / f"codes-{batch_size}-{order}.npz"
                 command = [sys.executable, __file__, "--worker", "--data", str(folder), "--out", str(out),
                            "--batch-size", str(batch_size), "--order", order,
-                           "--num-workers", str(args.num_workers), "--threads", str(args.threads)]
+                           "--num-workers", str(args.num_workers), "--threads", str(args.threads),
+                           "--max-batch-seconds", str(args.max_batch_seconds)]
                 line = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
                 stats = json.loads(line.strip().splitlines()[-1])
                 stats["speed"] = stats["audio_seconds"] / stats["wall"]

@@ -214,3 +214,10 @@ def test_make_batches_buckets_by_length():
     assert make_batches(jobs, 4, bucket=False) == [[0, 1, 2, 3], [4, 5]]
     with pytest.raises(ValueError, match="batch_size"):
         ExtractSettings(batch_size=0)
+
+
+def test_make_batches_caps_padded_samples():
+    jobs = [Job(Path(f"{n}.wav"), Path(f"{n}.npy"), n / 44100, n) for n in (5, 50, 7, 40, 6, 60)]
+    # sorted 60, 50, 40, 7, 6, 5: padded size of a batch = longest * count <= 100
+    assert make_batches(jobs, 4, bucket=True, max_batch_samples=100) == [[5], [1, 3], [2, 4, 0]]
+    assert make_batches(jobs, 4, bucket=False, max_batch_samples=100) == [[0, 1], [2, 3], [4], [5]]

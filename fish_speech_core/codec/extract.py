@@ -44,6 +44,8 @@ class ExtractSettings:
     dtype: str = "fp32"  # "fp32" (reference parity) or "bf16" (autocast on the encoder)
     overwrite: bool = False
     bucket: bool = True  # length-bucketed batches; False = file order (for comparisons)
+    # Padded audio per batch; on CPU big batches run slower per second of audio (memory-bound).
+    max_batch_seconds: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -51,6 +53,8 @@ class ExtractSettings:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_batch_seconds is not None and not self.max_batch_seconds > 0:
+            problems.append(f"max_batch_seconds must be > 0, got {self.max_batch_seconds}")
         if not self.max_seconds > 0:
             problems.append(f"max_seconds must be > 0, got {self.max_seconds}")
         if self.dtype not in DTYPES:
@@ -202,16 +206,35 @@ def plan_extraction(
 # --------------------------------------------------------------------------- batching
 
 
-def make_batches(jobs: Sequence[Job], batch_size: int, bucket: bool = True) -> list[list[int]]:
+def make_batches(
+    jobs: Sequence[Job], batch_size: int, bucket: bool = True, max_batch_samples: int | None = None
+) -> list[list[int]]:
     """Indices of ``jobs`` grouped into batches.
 
     Bucketed: sorted by length, longest batch first (an OOM shows at once, the ETA errs long),
     so each batch pads little. Otherwise file order, padding to the longest in each batch.
+    Either way a batch holds at most ``batch_size`` files and, when ``max_batch_samples`` is
+    set, at most that many samples once padded (a single longer file still gets its batch).
     """
     order = list(range(len(jobs)))
     if bucket:
         order.sort(key=lambda i: jobs[i].num_samples, reverse=True)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        length = max(longest, jobs[index].num_samples)
+        full = len(current) >= batch_size or (
+            max_batch_samples is not None and current and length * (len(current) + 1) > max_batch_samples
+        )
+        if full:
+            batches.append(current)
+            current, length = [], jobs[index].num_samples
+        current.append(index)
+        longest = length
+    if current:
+        batches.append(current)
+    return batches
 
 
 @dataclass
@@ -284,7 +307,10 @@ def encode_batches(
     device = next(model.parameters()).device
     autocast_dtype = DTYPES[settings.dtype]
     min_samples = model.config.samples_per_code
-    batches = make_batches(jobs, settings.batch_size, settings.bucket)
+    cap = settings.max_batch_seconds
+    batches = make_batches(
+        jobs, settings.batch_size, settings.bucket, None if cap is None else int(cap * model.sample_rate)
+    )
     with torch.inference_mode():
         for loaded in _loaded_batches(jobs, batches, model.sample_rate, settings):
             good = []

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 PRESET_NAMES = ("tiny", "fish-speech-1.4")
+CPU_BATCH_SECONDS = 60.0  # bench/extract.py: per audio-second, CPU encoding slows past ~1 min/batch
 
 
 def find_audio_files(data: Path, filelist: Path | None = None) -> list[Path]:
@@ -104,6 +105,10 @@ def extract_command(
         None, "--filelist", help="Only the files named in this path|speaker|language|text list "
         "(paths relative to DATA).", exists=True, dir_okay=False,
     ),
+    max_batch_seconds: float = typer.Option(
+        0.0, "--max-batch-seconds", min=0.0, help="Cap on padded audio seconds per batch "
+        f"(0: auto, {CPU_BATCH_SECONDS:g} on CPU where big batches are slower, none on CUDA).",
+    ),
     max_seconds: float = typer.Option(
         30.0, "--max-seconds", min=0.001, help="Reject longer files (reported, not loaded)."
     ),
@@ -152,9 +157,11 @@ def extract_command(
         typer.echo(f"Cannot load codec: {error}", err=True)
         raise typer.Exit(2) from None
 
+    if max_batch_seconds == 0:
+        max_batch_seconds = CPU_BATCH_SECONDS if device == "cpu" else None
     settings = ExtractSettings(
         batch_size=batch_size, num_workers=num_workers, max_seconds=max_seconds,
-        dtype=dtype, overwrite=overwrite,
+        dtype=dtype, overwrite=overwrite, max_batch_seconds=max_batch_seconds,
     )
     model_hash = codec_hash(model)
     typer.echo(f"Checking {len(paths)} audio files under {data} ...")

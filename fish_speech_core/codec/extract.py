@@ -311,23 +311,42 @@ def encode_batches(
     batches = make_batches(
         jobs, settings.batch_size, settings.bucket, None if cap is None else int(cap * model.sample_rate)
     )
-    with torch.inference_mode():
-        for loaded in _loaded_batches(jobs, batches, model.sample_rate, settings):
-            good = []
-            for item in loaded:
-                if item.audio is not None and item.audio.shape[-1] < min_samples:
-                    item.error = f"decoded to {item.audio.shape[-1]} samples, shorter than one code frame"
-                    item.audio = None
-                if item.audio is None:
-                    yield jobs[item.index], None, item.audio_sha256, item.error
-                else:
-                    good.append(item)
-            if not good:
-                continue
-            codes = model.encode([item.audio.to(device) for item in good], autocast_dtype=autocast_dtype)
-            for item, item_codes in zip(good, codes, strict=True):
-                array = item_codes.to("cpu", torch.int32).numpy()
+    for loaded in _loaded_batches(jobs, batches, model.sample_rate, settings):
+        good = []
+        for item in loaded:
+            if item.audio is not None and item.audio.shape[-1] < min_samples:
+                item.error = f"decoded to {item.audio.shape[-1]} samples, shorter than one code frame"
+                item.audio = None
+            if item.audio is None:
+                yield jobs[item.index], None, item.audio_sha256, item.error
+            else:
+                good.append(item)
+        if not good:
+            continue
+        try:
+            arrays = _encode(model, [item.audio for item in good], device, autocast_dtype)
+        except RuntimeError:  # e.g. out of memory: retry one by one so only the culprit fails
+            if len(good) == 1:
+                raise
+            arrays = []
+            for item in good:
+                try:
+                    arrays.append(_encode(model, [item.audio], device, autocast_dtype)[0])
+                except RuntimeError as error:
+                    arrays.append(f"encoding failed: {type(error).__name__}: {error}")
+        for item, array in zip(good, arrays, strict=True):
+            if isinstance(array, str):
+                yield jobs[item.index], None, item.audio_sha256, array
+            else:
                 yield jobs[item.index], array, item.audio_sha256, ""
+
+
+def _encode(
+    model: FireflyCodec, audios: list[torch.Tensor], device: torch.device, autocast_dtype
+) -> list[np.ndarray]:
+    with torch.inference_mode():
+        codes = model.encode([audio.to(device) for audio in audios], autocast_dtype=autocast_dtype)
+        return [c.to("cpu", torch.int32).numpy() for c in codes]
 
 
 def extract_codes(

@@ -27,6 +27,20 @@ def test_init_codec_writes_a_loadable_seeded_checkpoint(tmp_path):
     assert bad.exit_code != 0 and "choose one of" in bad.output
 
 
+def test_offline_demo_init_codec_then_extract(tmp_path, reference):
+    """No --preset/--config: extract takes the shape stored by init-codec."""
+    checkpoint = tmp_path / "codec.pth"
+    assert runner.invoke(app, ["init-codec", str(checkpoint), "--preset", "tiny"]).exit_code == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(reference / "firefly" / "c.wav", data / "c.wav")
+    result = runner.invoke(app, ["extract", str(data), "--checkpoint-path", str(checkpoint), "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    codes = np.load(data / "c.npy")
+    assert codes.dtype == np.int32 and codes.shape == (8, 66150 // 512 // 4)
+    assert codes.min() >= 0 and codes.max() < 1000 and len(np.unique(codes)) > 1
+
+
 def test_extract_cli_matches_reference_and_is_incremental(tmp_path, reference):
     firefly = reference / "firefly"
     data = tmp_path / "data"

@@ -116,3 +116,10 @@ def test_codec_hash_ignores_the_head():
     with torch.no_grad():
         model.backbone.norm.bias.add_(1e-3)
     assert codec_hash(model) != before
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "not-a-checkpoint.pth"
+    path.write_bytes(b"hello")
+    with pytest.raises(CodecCheckpointError, match="cannot read .* as a torch checkpoint"):
+        load_codec(path, "tiny")

@@ -44,11 +44,14 @@ class CodecCheckpointWarning(UserWarning):
 
 def _read(path: str | os.PathLike) -> Mapping:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a checkpoint, truncated, or objects weights_only refuses
+        raise CodecCheckpointError(f"cannot read {path} as a torch checkpoint: {error}") from error
 
 
 def _unwrap(obj: Mapping) -> tuple[dict[str, Tensor], dict | None]:

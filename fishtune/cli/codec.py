@@ -185,13 +185,13 @@ def extract_command(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("extract", total=max(total_hours, 1e-9), files=0)
+        task = progress.add_task("extract", total=max(total_hours, 1e-9), files=f"0/{len(plan.todo)}")
         done = 0
 
         def on_result(result) -> None:
             nonlocal done
             done += 1
-            progress.update(task, advance=result.seconds / 3600, files=done)
+            progress.update(task, advance=result.seconds / 3600, files=f"{done}/{len(plan.todo)}")
 
         summary = run_extraction(model, plan, settings, model_hash, on_result)
 

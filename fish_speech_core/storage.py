@@ -382,12 +382,15 @@ def upload(src: str | os.PathLike, url: str) -> str:
     return url
 
 
-def sync_tree(url: str, dest: str | os.PathLike, only: Iterable[str] | None = None) -> dict[str, str]:
+def sync_tree(
+    url: str, dest: str | os.PathLike, only: Iterable[str] | None = None, keep_suffixes: tuple[str, ...] = ()
+) -> dict[str, str]:
     """Mirror the files under ``url`` (optionally only the top-level folders ``only``) into ``dest``.
 
     Each file is streamed once: hashed while copied, and written only when its content differs
     from the local copy, so unchanged files keep their bytes and times. Local files that are no
-    longer in the source are removed. Returns relative path -> sha256.
+    longer in the source are removed, except those ending in ``keep_suffixes`` (files derived
+    locally, e.g. extracted codes). Returns relative path -> sha256.
     """
     dest = Path(dest)
     wanted = set(only) if only is not None else None
@@ -419,7 +422,7 @@ def sync_tree(url: str, dest: str | os.PathLike, only: Iterable[str] | None = No
     if dest.exists():
         for p in sorted(dest.rglob("*"), reverse=True):
             rel = p.relative_to(dest).as_posix()
-            if p.is_file() and rel not in hashes and not rel.startswith("."):
+            if p.is_file() and rel not in hashes and not rel.startswith(".") and not rel.endswith(keep_suffixes or ("\0",)):
                 p.unlink()
     return hashes
 

@@ -22,7 +22,9 @@ from prefect.runtime import flow_run
 from fish_speech_core import storage
 from fish_speech_core.storage import RunManifest, StageRecord, Store
 from flows.config import FinetuneConfig
+from flows.extract import extract_on_pool
 from tasks import data as data_tasks
+from tasks.codec import extract_task
 from tasks.runtime import bind, default_work_dir
 
 
@@ -109,11 +111,23 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             work_dir=str(work_dir), peak=n.peak, loudness=n.loudness, format=n.format.value,
             max_seconds=config.max_seconds, text_extension=config.text_extension, num_workers=config.num_workers,
         )
-        # TODO(extract, branch codec): tokens = _run_stage(manifest, extract, {"normalize": normalized["key"]}, ...)
-        #   in-process by default; with config.gpu_pool, a cached task calling run_deployment("extract_flow/...")
-        #   that checks the child's final state and reads its outputs from the store.
-        # TODO(pack): wire tasks.data.pack_task (ready, tested) on the extract output folder once extract lands:
-        #   shards = _run_stage(manifest, pack, {"extract": tokens["key"]}, codes_dir=tokens["local_dir"], ...)
+        if config.codec:
+            place = storage.digest_listing({"data": storage.normalize_url(config.data), "speaker": config.speaker or "",
+                                            "normalize": storage.canonical_json(n.model_dump(mode="json"))})[:16]
+            extract_args = dict(
+                normalized_url=normalized["url"], codec=config.codec, store_root=store.root,
+                work_dir=str(work_dir / "extract" / place), text_extension=config.text_extension,
+                max_seconds=config.max_seconds, num_workers=config.num_workers,
+            )
+            # GPU step: in this process by default, or as a child run on the GPU pool (cached here,
+            # so a rerun with the same inputs launches nothing).
+            extract = bind(extract_on_pool if config.gpu_pool else extract_task, store, work_dir)
+            tokens = _run_stage(manifest, extract, {"normalize": normalized["key"]}, **extract_args)
+            pack = bind(data_tasks.pack_task, store, work_dir)
+            _run_stage(manifest, pack, {"extract": tokens["key"]}, codes_dir=tokens["url"], store_root=store.root,
+                       text_extension=config.text_extension, num_workers=config.num_workers)
+        else:
+            logger.warning("no --codec given: stopping after normalize (extract, pack and train need it)")
         # TODO(train): lora = train_flow(...) or run_deployment on config.gpu_pool; resume, never blind retries.
         # TODO(merge): merged = _run_stage(manifest, merge, {"train": lora["key"]}, ...) -> new versioned location.
         # TODO(evaluate): metrics on the merged model.

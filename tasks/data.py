@@ -133,7 +133,11 @@ def pack_task(codes_dir: str, store_root: str, text_extension: str = ".lab", sha
     artifact = store.lookup("pack", key)
     if artifact is None:
         with tempfile.TemporaryDirectory() as tmp:
-            summary = pack([codes_dir], Path(tmp) / "shards", text_extension=text_extension,
+            source = codes_dir
+            if not storage.is_local(codes_dir):  # pack reads local folders
+                source = str(Path(tmp) / "codes")
+                storage.sync_tree(codes_dir, source)
+            summary = pack([source], Path(tmp) / "shards", text_extension=text_extension,
                            num_workers=num_workers, shard_size_mb=shard_size_mb)
             if not summary.shards:
                 raise ValueError(f"nothing could be packed from {codes_dir}: {summary.rejects[:3]}")

@@ -1,6 +1,7 @@
 """Deployments, workers, the data-landed trigger, child runs and the UI against a real Prefect server."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,41 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     assert (config["project"], config["max_steps"], config["data"]) == ("ui-form", 7, str(deployed.data))
     report = (deployed.store / "runs" / str(runs[0].id) / "report.md").read_text()
     assert "# fishtune finetune `ui-form`" in report
+
+
+@pytest.mark.slow
+def test_parent_on_cpu_runs_extract_as_a_child_on_the_cuda_pool(deployed, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from fish_speech_core.codec import init_codec, save_codec
+    from fish_speech_core.codec.config import FireflyConfig
+    from tasks.remote import ChildRunFailed, run_child
+
+    codec = tmp_path / "codec-tiny.pth"
+    save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
+    config = {"data": str(deployed.data), "storage": str(deployed.store), "speaker": "carmen", "project": "gpu-child",
+              "codec": str(codec), "gpu_pool": "cuda"}
+    result = run_child("finetune/finetune", {"config": config}, timeout=300, poll_interval=1)
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert list(stages) == ["validate", "normalize", "extract", "pack"]
+    assert stages["extract"]["summary"]["extracted"] == 8 and stages["pack"]["summary"]["sentences"] == 8
+    with get_client(sync_client=True) as client:
+        extract = client.read_deployment_by_name("extract/extract")
+        assert extract.work_pool_name == "cuda" and extract.global_concurrency_limit.limit == 1
+        children = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[extract.id])))
+    assert [(c.state.name, c.work_pool_name) for c in children] == [("Completed", "cuda")]
+    assert children[0].parameters["codec"] == str(codec)
+
+    # A failing child fails the parent, with the child's name and state in the message.
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ChildRunFailed) as info:
+        run_child("finetune/finetune", {"config": {**config, "codec": str(broken), "project": "gpu-child-fails"}},
+                  timeout=300, poll_interval=1)
+    assert "ended Failed" in str(info.value)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed.finetune.id])))
+    failed = [r for r in runs if r.parameters["config"].get("project") == "gpu-child-fails"]
+    assert len(failed) == 1 and failed[0].state.is_failed()
+    assert re.search(r"child run '.+' of deployment extract/extract ended Failed", failed[0].state.message), failed[0].state.message

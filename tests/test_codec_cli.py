@@ -76,6 +76,8 @@ def test_extract_cli_filelist_and_argument_errors(tmp_path, reference):
     data.mkdir()
     shutil.copy(firefly / "a.wav", data / "a.wav")
     shutil.copy(firefly / "c.wav", data / "c.wav")
+    (data / "a.lab").write_text("first")
+    (data / "c.lab").write_text("third")
     checkpoint = firefly / "small-model.pth"
     base = ["extract", str(data), "--checkpoint-path", str(checkpoint), "--num-workers", "0"]
 

@@ -146,8 +146,8 @@ class PrefectServer:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # fast pickup, without keeping SQLite busy
+            "PREFECT_WORKER_PREFETCH_SECONDS": "2",
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"),  # parent and children read the same results
             "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),  # this checkout, not the installed copy
         }

@@ -166,9 +166,13 @@ def _cached_attention(
     keys = keys.repeat_interleave(repeats, dim=1)
     values = values.repeat_interleave(repeats, dim=1)
     q = q.transpose(1, 2)  # (B, H, T, head_dim)
-    # (T, end) bool, True = may attend: query at position start + i sees keys <= start + i.
-    mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    if t == 1:  # one new query sees every cached key: no mask (SDPA's masked path is slow)
+        y = F.scaled_dot_product_attention(q, keys, values)
+    elif start == 0:  # prefill
+        y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+    else:  # (T, end) bool, True = may attend: query start + i sees keys <= start + i
+        mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     return attn.wo(y.transpose(1, 2).reshape(b, t, q_size))
 
 

@@ -270,7 +270,7 @@ def decode_one_token(
     """
     c = model.config
     logits, hidden = slow_step(model, inputs, start, slow_cache)
-    token_logits = logits[0]
+    token_logits = logits[0].float()  # sampling in fp32 (a no-op view for fp32 models)
     recorded = [] if on_logits is not None else None
     if recorded is not None:
         recorded_token = token_logits.clone()
@@ -279,7 +279,7 @@ def decode_one_token(
     fast_cache.clear()  # numerically irrelevant (causal mask), but as the reference does
     x = model.fast_project_in(hidden)[:, None]  # (1, 1, fast_dim)
     for k in range(c.num_codebooks):
-        fast = fast_step(model, x, k, fast_cache)[0]
+        fast = fast_step(model, x, k, fast_cache)[0].float()
         if recorded is not None:
             recorded.append(fast.clone())
         window = None if previous_tokens is None else previous_tokens[k + 1]

@@ -168,3 +168,12 @@ def test_seeded_sampling_is_reproducible(reference, gen_dir):
     first = run(3)
     assert torch.equal(first, run(3))
     assert not torch.equal(first, run(4))
+
+
+def test_bf16_model_generates_with_fp32_sampling(reference, gen_dir):
+    # The CUDA path runs the model in bf16; sampling still sees fp32 logits.
+    data = torch.load(gen_dir / "greedy-edited-model.pt", weights_only=True)
+    model = load_tiny(reference, data["state_dict_overrides"]).to(torch.bfloat16)
+    result = generate(model, data["prompt"], 4, 8, SamplingSettings(), torch.Generator().manual_seed(0))
+    assert result.sequence.dtype == torch.int32 and result.new_tokens == 8
+    assert torch.equal(result.sequence[:, :41], data["prompt"])

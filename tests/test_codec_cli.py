@@ -34,6 +34,7 @@ def test_offline_demo_init_codec_then_extract(tmp_path, reference):
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(reference / "firefly" / "c.wav", data / "c.wav")
+    (data / "c.lab").write_text("hello")
     result = runner.invoke(app, ["extract", str(data), "--checkpoint-path", str(checkpoint), "--num-workers", "0"])
     assert result.exit_code == 0, result.output
     codes = np.load(data / "c.npy")
@@ -48,6 +49,9 @@ def test_extract_cli_matches_reference_and_is_incremental(tmp_path, reference):
     shutil.copy(firefly / "a.wav", data / "a.wav")
     shutil.copy(firefly / "b.flac", data / "spk" / "B.FLAC")  # suffixes match in any case
     (data / "broken.wav").write_bytes(b"RIFF....")
+    (data / "orphan.wav").write_bytes(b"RIFF....")  # no transcript: refused before any decoding
+    for lab in ("a.lab", "spk/B.lab", "broken.lab"):
+        (data / lab).write_text("some words")
     state = torch.load(firefly / "small-model.pth", weights_only=True)
     checkpoint = tmp_path / "small-generator.pth"
     torch.save({f"generator.{k}": v for k, v in state.items()}, checkpoint)
@@ -58,6 +62,7 @@ def test_extract_cli_matches_reference_and_is_incremental(tmp_path, reference):
     assert result.exit_code == 0, result.output
     assert "Extracted 2 files" in result.output and "rejected 1" in result.output
     assert "broken.wav" in result.output
+    assert "orphan.wav: missing-transcript" in result.output and not (data / "orphan.npy").exists()
     assert (data / "a.npy").read_bytes() == (firefly / "expected-codes-alone" / "a.npy").read_bytes()
     np.testing.assert_array_equal(np.load(data / "spk" / "B.npy"), np.load(firefly / "expected-codes-alone" / "b.npy"))
 
@@ -71,6 +76,8 @@ def test_extract_cli_filelist_and_argument_errors(tmp_path, reference):
     data.mkdir()
     shutil.copy(firefly / "a.wav", data / "a.wav")
     shutil.copy(firefly / "c.wav", data / "c.wav")
+    (data / "a.lab").write_text("first")
+    (data / "c.lab").write_text("third")
     checkpoint = firefly / "small-model.pth"
     base = ["extract", str(data), "--checkpoint-path", str(checkpoint), "--num-workers", "0"]
 
@@ -82,7 +89,7 @@ def test_extract_cli_filelist_and_argument_errors(tmp_path, reference):
 
     filelist.write_text("../outside.wav|SPK|en|hi\n", encoding="utf-8")
     escaped = runner.invoke(app, [*base, "--preset", "tiny", "--filelist", str(filelist)])
-    assert escaped.exit_code == 2 and "outside" in escaped.output
+    assert escaped.exit_code == 1 and "path-escapes-root" in escaped.output  # reported, nothing else to do
 
     both = runner.invoke(app, [*base, "--preset", "tiny", "--config", str(firefly / "small-config.json")])
     assert both.exit_code == 2 and "not both" in both.output

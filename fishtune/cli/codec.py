@@ -10,50 +10,18 @@ PRESET_NAMES = ("tiny", "fish-speech-1.4")
 CPU_BATCH_SECONDS = 60.0  # bench/extract.py: per audio-second, CPU encoding slows past ~1 min/batch
 
 
-def find_audio_files(data: Path, filelist: Path | None = None) -> list[Path]:
-    """The audio files to extract under ``data``, sorted.
+def find_audio_files(data: Path, filelist: Path | None = None, text_extension: str = ".lab") -> list[Path]:
+    """The audio files of the dataset's items, sorted, found as ``fishtune validate`` finds them.
 
-    Without a filelist: every audio file below ``data`` (suffixes from ``AUDIO_EXTENSIONS``,
-    any case), leaving out hidden files and atomic-write leftovers. With a filelist of
-    ``path|speaker|language|text`` lines: those paths, relative to ``data`` and never
-    escaping it. (One function so dataset discovery can replace it.)
-
-    Raises:
-        typer.BadParameter: a filelist line is malformed, escapes ``data`` or names no file.
+    Files discovery refuses (no transcript, a path leaving DATA, ...) are printed with their
+    reason and left out; audio-level problems are the extractor's to report.
     """
-    from fish_speech_core.audio import AUDIO_EXTENSIONS
-    from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
+    from fish_speech_core.validate import collect_items
 
-    if filelist is None:
-        return sorted(
-            path
-            for path in data.rglob("*")
-            if path.suffix.lower() in AUDIO_EXTENSIONS
-            and path.is_file()
-            and not path.name.startswith(".")
-            and not is_temporary(path)
-        )
-    paths: list[Path] = []
-    problems: list[str] = []
-    for number, line in enumerate(filelist.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("|")
-        if len(fields) < 4:
-            problems.append(f"line {number}: expected path|speaker|language|text")
-            continue
-        try:
-            path = resolve_inside(data, fields[0].strip())
-        except PathEscapeError as error:
-            problems.append(f"line {number}: {error}")
-            continue
-        if not path.is_file():
-            problems.append(f"line {number}: {fields[0].strip()} does not exist")
-            continue
-        paths.append(path)
-    if problems:
-        raise typer.BadParameter("; ".join(problems[:20]), param_hint="--filelist")
-    return list(dict.fromkeys(paths))  # keep first occurrence, drop repeats
+    items, rejections = collect_items(data, filelist, text_extension)
+    for rejection in rejections:
+        typer.echo(f"rejected {rejection.describe()}", err=True)
+    return sorted({item.audio_path for item in items})
 
 
 def init_codec_command(
@@ -105,6 +73,7 @@ def extract_command(
         None, "--filelist", help="Only the files named in this path|speaker|language|text list "
         "(paths relative to DATA).", exists=True, dir_okay=False,
     ),
+    text_extension: str = typer.Option(".lab", "--text-extension", help="Transcript extension: only audio with a transcript is extracted."),
     max_batch_seconds: float = typer.Option(
         0.0, "--max-batch-seconds", min=0.0, help="Cap on padded audio seconds per batch "
         f"(0: auto, {CPU_BATCH_SECONDS:g} on CPU where big batches are slower, none on CUDA).",
@@ -147,7 +116,7 @@ def extract_command(
     elif device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("CUDA is not available here; use --device cpu", param_hint="--device")
 
-    paths = find_audio_files(data, filelist)
+    paths = find_audio_files(data, filelist, text_extension)
     if not paths:
         typer.echo(f"No audio files found under {data}.", err=True)
         raise typer.Exit(1)

@@ -206,8 +206,8 @@ def synthesize(
     codebook_size = _codec_codebook_size(synth.codec)
     for index, chunk in enumerate(chunks):
         prompt = build_prompt(tokenizer, chunk, reference + previous, k)
-        if prompt.size(1) + 1 > model.config.max_seq_len and previous:
-            previous = []  # drop the carried-over chunk before giving up on context
+        if prompt.size(1) + max_new_tokens > model.config.max_seq_len and previous:
+            previous = []  # keep room to generate: drop the carried-over chunk first
             prompt = build_prompt(tokenizer, chunk, reference, k)
         result = generate(
             model, prompt, tokenizer.im_end_id, max_new_tokens, settings, generator,

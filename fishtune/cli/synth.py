@@ -100,7 +100,10 @@ def synthesize_command(
         typer.echo(f"Error: {error}", err=True)
         raise typer.Exit(2) from None
     loaded = time.perf_counter() - started
-    prompt_codes = encode_reference(synth, prompt_audio) if prompt_audio is not None else None
+    try:
+        prompt_codes = encode_reference(synth, prompt_audio) if prompt_audio is not None else None
+    except ValueError as error:  # e.g. a clip shorter than one code frame
+        raise typer.BadParameter(str(error), param_hint="--prompt-audio") from None
     chunks = split_text(text, chunk_chars)
     settings = SamplingSettings(temperature, top_p, repetition_penalty)
     with Progress(
@@ -118,10 +121,14 @@ def synthesize_command(
                 info=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s",
             )
 
-        result = synthesize(
-            synth, text, prompt_codes, prompt_text, settings, max_new_tokens, seed,
-            chunk_chars, on_chunk=on_chunk, on_step=on_step,
-        )
+        try:
+            result = synthesize(
+                synth, text, prompt_codes, prompt_text, settings, max_new_tokens, seed,
+                chunk_chars, on_chunk=on_chunk, on_step=on_step,
+            )
+        except ValueError as error:  # e.g. the prompt leaves no room within max_seq_len
+            typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(2) from None
     write_wav(output, result.audio, result.sample_rate)
     seconds = result.audio.numel() / result.sample_rate
     typer.echo(

@@ -177,3 +177,32 @@ def test_bf16_model_generates_with_fp32_sampling(reference, gen_dir):
     result = generate(model, data["prompt"], 4, 8, SamplingSettings(), torch.Generator().manual_seed(0))
     assert result.sequence.dtype == torch.int32 and result.new_tokens == 8
     assert torch.equal(result.sequence[:, :41], data["prompt"])
+
+
+def test_cached_steps_work_on_a_peft_lora_model(reference, gen_dir):
+    # LoRA applied on the fly (peft layers inside the model) must flow through the cached path:
+    # cached per-step logits equal the same model's full teacher-forced forward.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    steps = torch.load(gen_dir / "teacher-forced.pt", weights_only=True)
+    model = load_tiny(reference)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["wqkv", "wo", "w1", "w2", "w3", "output", "fast_output"])
+    model = inject_adapter_in_model(config, model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    model.eval()
+    inputs = torch.cat([steps["prompt"], steps["continuation"]], dim=1).long()[None]
+    with torch.no_grad():
+        full = model(inputs, torch.zeros(1, inputs.size(2), dtype=torch.bool))
+        base = load_tiny(reference)(inputs, torch.zeros(1, inputs.size(2), dtype=torch.bool))
+    assert (full.token_logits - base.token_logits).abs().max() > 1e-3  # the adapter matters
+    t = steps["prompt_length"]
+    cache = new_slow_cache(model, 64)
+    with torch.inference_mode():
+        logits, _ = slow_step(model, steps["prompt"][None], 0, cache)
+        torch.testing.assert_close(logits[0], full.token_logits[0, t - 1], atol=ATOL_LOGITS, rtol=0)
+        for i in range(steps["continuation"].size(1)):
+            logits, _ = slow_step(model, steps["continuation"][:, i].view(1, 9, 1), t + i, cache)
+            torch.testing.assert_close(logits[0], full.token_logits[0, t + i], atol=ATOL_LOGITS, rtol=0)

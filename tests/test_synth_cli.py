@@ -65,12 +65,13 @@ def test_synthesize_same_seed_gives_identical_wav_bytes(models, tmp_path):
     prompt = espeak(tmp_path / "prompt.wav", "This is my voice.")
     base = ["synthesize", "--model", str(lm), "--codec", str(codec), "--max-new-tokens", "48",
             "--text", "Hello there. This is a test of the synthesizer.", "--device", "cpu",
+            "--chunk-chars", "20",  # 3 chunks, each with the previous one as context
             "--prompt-audio", str(prompt), "--prompt-text", "This is my voice."]
     outs = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         result = runner.invoke(app, [*base, "--seed", seed, "--output", str(tmp_path / f"{name}.wav")])
         assert result.exit_code == 0, result.output
-        assert "tokens/s" in result.output
+        assert "tokens/s" in result.output and "from 3 chunk(s)" in result.output
         outs.append((tmp_path / f"{name}.wav").read_bytes())
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]

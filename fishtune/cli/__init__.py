@@ -7,7 +7,7 @@ needs them: ``fishtune --help`` stays fast.
 
 import typer
 
-from fishtune.cli import codec, data, flows, lm, pack
+from fishtune.cli import codec, data, flows, lm, pack, synth
 
 app = typer.Typer(
     name="fishtune",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (data, codec, pack, lm, flows):
+for module in (data, codec, pack, lm, synth, flows):
     module.register(app)
 
 

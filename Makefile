@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Test audio is spoken by espeak-ng and converted by sox (Debian packages).
+# Test audio is spoken by espeak-ng and converted by sox; the Prefect UI test drives Debian's
+# headless Chromium through chromedriver. All Debian packages, installed only when missing.
 system-deps:
-	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null; }
+	@command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromium >/dev/null \
+	  && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox chromium chromium-driver >/dev/null; }
 
 demo: $(STAMP)
 	$(VENV)/bin/fishtune demo

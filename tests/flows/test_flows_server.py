@@ -110,8 +110,9 @@ def _wait_until(check, what: str, timeout: float = 30.0) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs Debian chromium + chromium-driver")
 def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
+    # `make test` installs them (system-deps); missing browsers are a setup error, never a skip.
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "install Debian's chromium and chromium-driver (make system-deps)"
     from prefect.client.orchestration import get_client
 
     from tests.flows.webdriver import Chrome

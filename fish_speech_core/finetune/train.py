@@ -161,7 +161,7 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     model = build_model(config)
     try:
         data = FinetuneData(config, model.tokenizer, model.config.num_codebooks)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # empty or missing shards, damaged records
         raise TrainError(f"--data: {err}") from None
     notes += data.notes
     meta = LoraMetadata(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,

@@ -168,3 +168,18 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, setup):
     with pytest.raises(TrainError, match="--resume nope.ckpt: no such checkpoint"):
         train(TrainConfig(project="x", base=str(base), data=(str(protos),), results_dir=str(tmp_path)),
               resume="nope.ckpt", show_progress=False)
+
+
+def test_resumed_stream_continues_where_the_run_stopped(setup):
+    from itertools import islice
+
+    from fish_speech_core.finetune.data import SamplingConfig, TextSemanticDataset
+    from fish_speech_core.finetune.module import SkippingDataset
+    from fish_speech_core.tokenizer import FishTokenizer
+
+    base, protos = setup
+    dataset = TextSemanticDataset(protos, FishTokenizer.from_dir(base), SamplingConfig(max_length=128), seed=3)
+    whole = list(islice(iter(dataset), 10))
+    resumed = list(islice(iter(SkippingDataset(dataset, batch_size=2, skip_batches=3)), 4))
+    for a, b in zip(whole[6:], resumed, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])

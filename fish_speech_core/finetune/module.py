@@ -69,6 +69,7 @@ class TrainConfig:
 
     # Fields a resumed run may change; every other field must equal the checkpoint's.
     RESUMABLE_CHANGES = (
+        "base",  # the folder may move; base_sha256 must still match
         "max_steps", "devices", "precision", "process_group_backend", "save_top_k",
         "results_dir", "num_workers", "val_check_interval", "val_batch_size",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -278,6 +279,7 @@ class StepProgress(_pl.Callback):
         self.show = show
         self.bar = None
         self.last_step = -1
+        self.start: tuple[float, int] | None = None  # (time, step) when training (re)started
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.show and trainer.is_global_zero:
@@ -285,6 +287,7 @@ class StepProgress(_pl.Callback):
 
             self.bar = tqdm(total=self.max_steps, initial=trainer.global_step, desc="train", unit="step")
         self.last_step = trainer.global_step
+        self.start = (time.perf_counter(), trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -304,7 +307,9 @@ class StepProgress(_pl.Callback):
 
     def _info(self, trainer, pl_module) -> dict[str, Any]:
         step = trainer.global_step
-        rate = self.bar.format_dict.get("rate") if self.bar is not None else None
+        rate = None
+        if self.start is not None and step > self.start[1]:
+            rate = (step - self.start[1]) / max(time.perf_counter() - self.start[0], 1e-9)
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         return {
             "step": step, "max_steps": self.max_steps,

@@ -183,3 +183,24 @@ def test_resumed_stream_continues_where_the_run_stopped(setup):
     resumed = list(islice(iter(SkippingDataset(dataset, batch_size=2, skip_batches=3)), 4))
     for a, b in zip(whole[6:], resumed, strict=True):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_full_disk_during_training_is_a_clear_error(setup, tmp_path):
+    base, protos = setup
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # Room for the first tiny-preset checkpoint (~1.6 MB) and the logs, not for a second one.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    try:
+        out = run_cli("train", "--project", "full", "--base", base, "--data", protos, "--max-steps", "6",
+                      "--val-check-interval", "2", "--results-dir", mount, *FAST)
+        assert out.exit_code == 1, out.output
+        assert "no space left" in out.output and "--resume auto" in out.output
+        assert "Traceback" not in out.output
+        kept = steps_of(mount / "full")
+        assert kept and kept[0] == 2
+        assert read_checkpoint(mount / "full" / "checkpoints" / "step_000000002.ckpt")["global_step"] == 2
+        assert not [p for p in (mount / "full" / "checkpoints").iterdir() if ".tmp" in p.name]
+    finally:
+        subprocess.run(["umount", str(mount)])

@@ -185,6 +185,7 @@ def test_resumed_stream_continues_where_the_run_stopped(setup):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_is_a_clear_error(setup, tmp_path):
     base, protos = setup
     mount = tmp_path / "small"

@@ -32,6 +32,9 @@ from fish_speech_core.finetune.lora import (
 from fish_speech_core.lm import DualARTransformer, lm_losses
 
 
+PRECISIONS = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-true")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run; saved as ``config.json`` beside the checkpoints."""
@@ -119,6 +122,8 @@ class TrainConfig:
             p.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.val_fraction < 1:
             p.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.precision not in PRECISIONS:
+            p.append(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not self.project or "/" in self.project or self.project.startswith("."):
             p.append(f"--project must be a plain folder name, got {self.project!r}")
         return p

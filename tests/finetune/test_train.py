@@ -84,6 +84,9 @@ def test_train_30_steps_lowers_val_loss_then_merge(setup, tmp_path):
     again = run_cli("train", "--project", "e2e", "--base", base, "--data", protos, "--max-steps", "30",
                     "--val-check-interval", "10", "--results-dir", tmp_path, *FAST[:-2], "--lr", "5e-4")
     assert again.exit_code == 1 and "lr: checkpoint has 0.001, now 0.0005" in again.output
+    never = run_cli("train", "--project", "e2e", "--base", base, "--data", protos, "--resume", "never",
+                    "--results-dir", tmp_path, *FAST)
+    assert never.exit_code == 1 and "already holds checkpoints" in never.output
 
     # --init-lora starts a new run from these adapters; a merged folder can be a --base.
     cfg = TrainConfig(project="next", base=str(merged), data=(str(protos),), max_steps=2,
@@ -163,8 +166,9 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, setup):
                   "--results-dir", tmp_path)
     assert out.exit_code == 1 and "is not a Fish Speech 1.4 checkpoint folder" in out.output
     out = run_cli("train", "--project", "x", "--base", base, "--data", protos, "--max-steps", "0",
-                  "--lr", "-1", "--results-dir", tmp_path)
+                  "--lr", "-1", "--precision", "fp8", "--results-dir", tmp_path)
     assert out.exit_code == 1 and "--max-steps must be >= 1" in out.output and "--lr must be > 0" in out.output
+    assert "--precision must be one of" in out.output
     with pytest.raises(TrainError, match="--resume nope.ckpt: no such checkpoint"):
         train(TrainConfig(project="x", base=str(base), data=(str(protos),), results_dir=str(tmp_path)),
               resume="nope.ckpt", show_progress=False)

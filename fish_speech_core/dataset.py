@@ -164,11 +164,13 @@ def discover(root: str | os.PathLike, text_extension: str = ".lab") -> tuple[lis
 
 
 def read_filelist(
-    filelist: str | os.PathLike, root: str | os.PathLike
+    filelist: str | os.PathLike, root: str | os.PathLike, require_audio: bool = True
 ) -> tuple[list[Item], list[Rejection]]:
     """Parse ``path|speaker|language|text`` lines; audio paths are relative to ``root``.
 
     The text after the third ``|`` is the transcript (it may itself contain ``|``).
+    ``require_audio=False`` is for stages that only need files derived from the audio
+    (pack reads ``<stem>.npy``): a listed audio file that no longer exists is then kept.
     """
     root = Path(root).absolute()
     items: list[Item] = []
@@ -200,7 +202,7 @@ def read_filelist(
         # keep the un-resolved location so a symlink inside the root stays addressable by its name
         absolute = candidate if candidate.is_absolute() else root / candidate
         rel = _rel(root, absolute)
-        if not resolved.is_file():
+        if require_audio and not resolved.is_file():
             rejections.append(Rejection(rel, MISSING_AUDIO, f"line {number}", speaker))
             continue
         if rel in seen:

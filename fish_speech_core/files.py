@@ -50,6 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other
     try:
         yield tmp
         with open(tmp, "rb+") as handle:  # make the bytes durable before the rename publishes them

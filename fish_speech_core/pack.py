@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
 from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
 from fish_speech_core.formats.protos import ShardWriter, frame_record
 from fish_speech_core.formats.text import clean_pack_transcript
@@ -84,37 +85,21 @@ def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> li
 def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tuple[list[SpeakerGroup], list[Reject]]:
     """Groups from a VITS-style filelist ``audio_path|speaker|language|text``.
 
-    Audio paths are relative to ``root`` (or absolute inside it); the codes are
-    ``<audio stem>.npy`` beside the audio. Malformed lines and paths escaping ``root`` are
-    rejected. Kept in one function so the dataset module's parser can replace it.
+    Parsing and path safety are the dataset module's (one filelist parser for every stage);
+    the codes are ``<audio stem>.npy`` beside the audio as listed, and must stay inside
+    ``root`` too (a symlinked ``.npy`` may point elsewhere).
     """
+    items, rejections = read_filelist(filelist, root, require_audio=False)
+    rejects = [Reject(r.rel_path, f"{r.reason}: {r.detail}" if r.detail else r.reason) for r in rejections]
     by_speaker: dict[str, list[PackItem]] = {}
-    rejects: list[Reject] = []
-    try:
-        lines = Path(filelist).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{filelist} is not UTF-8 text ({err})") from None
-    for number, line in enumerate(lines, start=1):
-        label = f"{filelist}:{number}"
-        if not line.strip():
-            continue
-        fields = line.split("|", 3)
-        if len(fields) != 4 or not fields[0].strip() or not fields[1].strip():
-            rejects.append(Reject(label, "malformed line: expected audio_path|speaker|language|text"))
-            continue
-        audio, speaker, _language, text = fields
-        audio = audio.strip()
-        # The codes sit beside the audio as listed (not beside a symlink's target); both the
-        # audio path and the codes file must stay inside root, symlinks followed.
-        codes = (Path(root) / audio).with_suffix(CODES_SUFFIX)
+    for item in items:
+        codes = item.audio_path.with_suffix(CODES_SUFFIX)
         try:
-            resolve_inside(root, audio)
             resolve_inside(root, codes)
         except PathEscapeError as err:
-            rejects.append(Reject(label, f"path escapes the input folder: {err}"))
+            rejects.append(Reject(item.rel_path, f"{PATH_ESCAPES}: {err}"))
             continue
-        item = PackItem(codes=codes, text=text, label=f"{label} ({audio})")
-        by_speaker.setdefault(speaker.strip(), []).append(item)
+        by_speaker.setdefault(item.speaker, []).append(PackItem(codes=codes, text=item.text, label=item.rel_path))
     groups = [
         SpeakerGroup(name=speaker, items=tuple(sorted(items, key=lambda i: os.path.abspath(i.codes))), source="filelist")
         for speaker, items in sorted(by_speaker.items())

@@ -112,8 +112,8 @@ def test_filelist_input(reference, tmp_path):
     codes = [list(s.values) for s in records[1].sentences[0].semantics]
     np.testing.assert_array_equal(codes, np.load(data / "SPK2" / "12.00-15.35.npy"))
     reasons = sorted(r.reason.split(":")[0] for r in summary.rejects)
-    assert reasons == ["malformed line", "no codes file missing.npy (run `fishtune extract` first)",
-                       "path escapes the input folder"]
+    assert reasons == ["malformed-filelist-line", "no codes file missing.npy (run `fishtune extract` first)",
+                       "path-escapes-root"]
 
 
 def test_repacking_removes_stale_shards_of_a_bigger_pack(tmp_path):
@@ -158,5 +158,5 @@ def test_filelist_refuses_a_symlink_that_leaves_the_folder(reference, tmp_path):
     filelist = tmp_path / "list.txt"
     filelist.write_text("spk/link.wav|s|en|leak\nspk/ok.wav|s|en|fine\n", encoding="utf-8")
     summary = pack([data], tmp_path / "out", filelist=filelist)
-    assert [r.reason.split(":")[0] for r in summary.rejects] == ["path escapes the input folder"]
+    assert [r.reason.split(":")[0] for r in summary.rejects] == ["path-escapes-root"]
     assert summary.sentences == 1

@@ -1,0 +1,448 @@
+"""Semantic-token extraction: audio files -> ``<stem>.npy`` int32 codes (groups, frames).
+
+Pipeline: :func:`plan_extraction` reads headers only (lengths, rejections) and decides what is
+already done; :func:`run_extraction` decodes/resamples in DataLoader worker processes while
+the main process encodes length-bucketed batches under ``torch.inference_mode``.
+
+Incremental by content: each ``x.npy`` gets a sidecar ``x.npy.json`` recording the sha256 of
+the audio bytes, the codec hash (:func:`~fish_speech_core.codec.checkpoint.codec_hash`), the
+settings that change codes, and the npy's own sha256. A file is skipped only when all four
+still match, so changed audio, another codec, or a damaged npy is redone. The npy is written
+first and the sidecar second, both atomically: a kill in between leaves no sidecar and the
+rerun redoes that file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fish_speech_core.audio import audio_info, read_audio, resample, to_mono
+from fish_speech_core.codec.checkpoint import codec_hash
+from fish_speech_core.codec.model import FireflyCodec
+from fish_speech_core.files import atomic_path, atomic_write, sha256_bytes, sha256_file
+
+SIDECAR_SUFFIX = ".json"  # x.npy -> x.npy.json
+SIDECAR_FORMAT = "fishtune-codes/1"
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Knobs of one extraction run. Only ``dtype`` changes the codes (it is in the sidecar)."""
+
+    batch_size: int = 16
+    num_workers: int = 1
+    max_seconds: float = 30.0
+    dtype: str = "fp32"  # "fp32" (reference parity) or "bf16" (autocast on the encoder)
+    overwrite: bool = False
+    bucket: bool = True  # length-bucketed batches; False = file order (for comparisons)
+    # Padded audio per batch; on CPU big batches run slower per second of audio (memory-bound).
+    max_batch_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_batch_seconds is not None and not self.max_batch_seconds > 0:
+            problems.append(f"max_batch_seconds must be > 0, got {self.max_batch_seconds}")
+        if not self.max_seconds > 0:
+            problems.append(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def code_settings(self) -> dict[str, str]:
+        """The settings recorded in sidecars: a change here means the codes may differ."""
+        return {"dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One audio file to encode."""
+
+    audio_path: Path
+    npy_path: Path
+    seconds: float  # from the header
+    num_samples: int  # estimated length at the codec rate, for bucketing
+
+
+@dataclass(frozen=True)
+class FileResult:
+    audio_path: Path
+    status: str  # "extracted" | "skipped" | "rejected" | "failed"
+    reason: str = ""
+    seconds: float = 0.0
+    npy_path: Path | None = None
+
+
+@dataclass
+class ExtractPlan:
+    todo: list[Job] = field(default_factory=list)
+    skipped: list[FileResult] = field(default_factory=list)  # up to date
+    rejected: list[FileResult] = field(default_factory=list)  # too long/short, unreadable header
+
+    @property
+    def todo_seconds(self) -> float:
+        return sum(job.seconds for job in self.todo)
+
+
+@dataclass
+class ExtractSummary:
+    results: list[FileResult]
+    wall_seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def extracted_seconds(self) -> float:
+        return sum(r.seconds for r in self.results if r.status == "extracted")
+
+    @property
+    def speed(self) -> float:
+        """Audio seconds encoded per wall second (the inverse real-time factor)."""
+        return self.extracted_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+def npy_path_for(audio_path: Path) -> Path:
+    return audio_path.with_suffix(".npy")
+
+
+def sidecar_path_for(npy_path: Path) -> Path:
+    return npy_path.with_name(npy_path.name + SIDECAR_SUFFIX)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _is_up_to_date(audio_path: Path, npy_path: Path, model_hash: str, settings: dict) -> bool:
+    """True when the sidecar proves the npy came from these audio bytes, codec and settings."""
+    sidecar = sidecar_path_for(npy_path)
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (
+        isinstance(record, dict)
+        and record.get("format") == SIDECAR_FORMAT
+        and record.get("codec_hash") == model_hash
+        and record.get("settings") == settings
+        and npy_path.is_file()
+    ):
+        return False
+    return (
+        sha256_file(npy_path) == record.get("npy_sha256")
+        and sha256_file(audio_path) == record.get("audio_sha256")
+    )
+
+
+def plan_extraction(
+    audio_paths: Sequence[Path],
+    model: FireflyCodec,
+    settings: ExtractSettings,
+    model_hash: str | None = None,
+) -> ExtractPlan:
+    """Read headers, reject what cannot be encoded, and skip what is already up to date."""
+    model_hash = model_hash or codec_hash(model)
+    code_settings = settings.code_settings()
+    rate = model.sample_rate
+    min_samples = model.config.samples_per_code
+    plan = ExtractPlan()
+    owners: dict[Path, Path] = {}
+    for audio_path in audio_paths:
+        audio_path = Path(audio_path)
+        npy_path = npy_path_for(audio_path)
+        if npy_path in owners:
+            plan.rejected.append(
+                FileResult(audio_path, "rejected", f"{owners[npy_path].name} already writes {npy_path.name}")
+            )
+            continue
+        owners[npy_path] = audio_path
+        try:
+            info = audio_info(audio_path)
+        except Exception as error:  # libsndfile raises RuntimeError subclasses; be broad
+            plan.rejected.append(FileResult(audio_path, "rejected", f"unreadable audio: {error}"))
+            continue
+        seconds = info.duration
+        num_samples = math.ceil(info.frames * rate / info.sample_rate) if info.sample_rate else 0
+        if seconds > settings.max_seconds:
+            plan.rejected.append(
+                FileResult(
+                    audio_path, "rejected",
+                    f"{seconds:.1f} s is longer than --max-seconds {settings.max_seconds:g}; "
+                    "split it or raise the limit",
+                    seconds,
+                )
+            )
+            continue
+        if num_samples < min_samples:
+            plan.rejected.append(
+                FileResult(
+                    audio_path, "rejected",
+                    f"{seconds * 1000:.0f} ms is shorter than one code frame "
+                    f"({min_samples / rate * 1000:.0f} ms)",
+                    seconds,
+                )
+            )
+            continue
+        if not settings.overwrite and _is_up_to_date(audio_path, npy_path, model_hash, code_settings):
+            plan.skipped.append(FileResult(audio_path, "skipped", "up to date", seconds, npy_path))
+            continue
+        plan.todo.append(Job(audio_path, npy_path, seconds, num_samples))
+    return plan
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def make_batches(
+    jobs: Sequence[Job], batch_size: int, bucket: bool = True, max_batch_samples: int | None = None
+) -> list[list[int]]:
+    """Indices of ``jobs`` grouped into batches.
+
+    Bucketed: sorted by length, longest batch first (an OOM shows at once, the ETA errs long),
+    so each batch pads little. Otherwise file order, padding to the longest in each batch.
+    Either way a batch holds at most ``batch_size`` files and, when ``max_batch_samples`` is
+    set, at most that many samples once padded (a single longer file still gets its batch).
+    """
+    order = list(range(len(jobs)))
+    if bucket:
+        order.sort(key=lambda i: jobs[i].num_samples, reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        length = max(longest, jobs[index].num_samples)
+        full = len(current) >= batch_size or (
+            max_batch_samples is not None and current and length * (len(current) + 1) > max_batch_samples
+        )
+        if full:
+            batches.append(current)
+            current, length = [], jobs[index].num_samples
+        current.append(index)
+        longest = length
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class _Loaded:
+    index: int
+    audio: torch.Tensor | None  # (T,) float32 at the codec rate
+    audio_sha256: str = ""
+    error: str = ""
+
+
+class _AudioDataset(torch.utils.data.Dataset):
+    """Reads, hashes, downmixes and resamples one file; runs in DataLoader workers."""
+
+    def __init__(self, jobs: Sequence[Job], sample_rate: int, max_seconds: float) -> None:
+        self.jobs = list(jobs)
+        self.sample_rate = sample_rate
+        self.max_seconds = max_seconds
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> _Loaded:
+        job = self.jobs[index]
+        try:
+            digest = sha256_bytes(job.audio_path.read_bytes())  # recorded in the sidecar
+            audio, rate = read_audio(job.audio_path)  # by path: libsndfile sniffs the format
+            if audio.shape[-1] > self.max_seconds * rate:  # header lied (e.g. some mp3s)
+                return _Loaded(index, None, digest, f"decoded length {audio.shape[-1] / rate:.1f} s "
+                               f"exceeds --max-seconds {self.max_seconds:g}")
+            mono = torch.from_numpy(to_mono(audio))
+            return _Loaded(index, resample(mono, rate, self.sample_rate), digest)
+        except Exception as error:  # corrupt or unsupported: reported, never fatal
+            return _Loaded(index, None, "", f"{type(error).__name__}: {error}")
+
+
+def _collate(items: list[_Loaded]) -> list[_Loaded]:
+    return items
+
+
+def _loaded_batches(
+    jobs: Sequence[Job], batches: list[list[int]], sample_rate: int, settings: ExtractSettings
+) -> Iterator[list[_Loaded]]:
+    dataset = _AudioDataset(jobs, sample_rate, settings.max_seconds)
+    if settings.num_workers == 0:
+        for batch in batches:
+            yield [dataset[i] for i in batch]
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=settings.num_workers,
+        collate_fn=_collate,
+        prefetch_factor=2,
+    )
+    yield from loader
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_batches(
+    model: FireflyCodec,
+    jobs: Sequence[Job],
+    settings: ExtractSettings,
+) -> Iterator[tuple[Job, np.ndarray | None, str, str]]:
+    """Yield ``(job, codes int32 (groups, frames) or None, audio sha256, error)`` per job.
+
+    The library entry for in-memory use: nothing is written.
+    """
+    device = next(model.parameters()).device
+    autocast_dtype = DTYPES[settings.dtype]
+    min_samples = model.config.samples_per_code
+    cap = settings.max_batch_seconds
+    batches = make_batches(
+        jobs, settings.batch_size, settings.bucket, None if cap is None else int(cap * model.sample_rate)
+    )
+    for loaded in _loaded_batches(jobs, batches, model.sample_rate, settings):
+        good = []
+        for item in loaded:
+            if item.audio is not None and item.audio.shape[-1] < min_samples:
+                item.error = f"decoded to {item.audio.shape[-1]} samples, shorter than one code frame"
+                item.audio = None
+            if item.audio is None:
+                yield jobs[item.index], None, item.audio_sha256, item.error
+            else:
+                good.append(item)
+        if not good:
+            continue
+        try:
+            arrays = _encode(model, [item.audio for item in good], device, autocast_dtype)
+        except RuntimeError:  # e.g. out of memory: retry one by one so only the culprit fails
+            if len(good) == 1:
+                raise
+            arrays = []
+            for item in good:
+                try:
+                    arrays.append(_encode(model, [item.audio], device, autocast_dtype)[0])
+                except RuntimeError as error:
+                    arrays.append(f"encoding failed: {type(error).__name__}: {error}")
+        for item, array in zip(good, arrays, strict=True):
+            if isinstance(array, str):
+                yield jobs[item.index], None, item.audio_sha256, array
+            else:
+                yield jobs[item.index], array, item.audio_sha256, ""
+
+
+def _encode(
+    model: FireflyCodec, audios: list[torch.Tensor], device: torch.device, autocast_dtype
+) -> list[np.ndarray]:
+    with torch.inference_mode():
+        codes = model.encode([audio.to(device) for audio in audios], autocast_dtype=autocast_dtype)
+        return [c.to("cpu", torch.int32).numpy() for c in codes]
+
+
+def extract_codes(
+    model: FireflyCodec, audio_paths: Sequence[Path], settings: ExtractSettings | None = None
+) -> dict[Path, np.ndarray]:
+    """Encode files to codes in memory (no files written, nothing skipped).
+
+    Raises:
+        ValueError: listing every file that could not be encoded.
+    """
+    settings = settings or ExtractSettings(num_workers=0)
+    plan = plan_extraction(audio_paths, model, replace(settings, overwrite=True))
+    out: dict[Path, np.ndarray] = {}
+    errors = [f"{r.audio_path}: {r.reason}" for r in plan.rejected]
+    for job, codes, _, error in encode_batches(model, plan.todo, settings):
+        if codes is None:
+            errors.append(f"{job.audio_path}: {error}")
+        else:
+            out[job.audio_path] = codes
+    if errors:
+        raise ValueError("could not encode: " + "; ".join(errors))
+    return {Path(p): out[Path(p)] for p in audio_paths}
+
+
+def write_codes(job: Job, codes: np.ndarray, audio_sha256: str, model_hash: str, settings: dict) -> None:
+    """Atomically write ``x.npy`` then its sidecar (the sidecar is what marks it done)."""
+    with atomic_path(job.npy_path) as tmp:
+        np.save(tmp, codes)
+    record = {
+        "format": SIDECAR_FORMAT,
+        "audio": job.audio_path.name,
+        "audio_sha256": audio_sha256,
+        "codec_hash": model_hash,
+        "settings": settings,
+        "npy_sha256": sha256_file(job.npy_path),
+        "shape": list(codes.shape),
+    }
+    with atomic_write(sidecar_path_for(job.npy_path), "w") as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+
+
+def run_extraction(
+    model: FireflyCodec,
+    plan: ExtractPlan,
+    settings: ExtractSettings,
+    model_hash: str | None = None,
+    on_result: Callable[[FileResult], None] | None = None,
+) -> ExtractSummary:
+    """Encode ``plan.todo`` and write each ``<stem>.npy`` with its sidecar.
+
+    ``on_result`` is called once per finished file (for progress bars); the summary holds
+    every result of the plan, skipped and rejected included.
+    """
+    model_hash = model_hash or codec_hash(model)
+    code_settings = settings.code_settings()
+    results: list[FileResult] = [*plan.skipped, *plan.rejected]
+    start = time.perf_counter()
+    for job, codes, digest, error in encode_batches(model, plan.todo, settings):
+        if codes is None:
+            result = FileResult(job.audio_path, "failed", error, job.seconds)
+        else:
+            write_codes(job, codes, digest, model_hash, code_settings)
+            result = FileResult(job.audio_path, "extracted", "", job.seconds, job.npy_path)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return ExtractSummary(results, time.perf_counter() - start)
+
+
+def extract(
+    model: FireflyCodec,
+    audio_paths: Sequence[Path],
+    settings: ExtractSettings | None = None,
+    on_result: Callable[[FileResult], None] | None = None,
+) -> ExtractSummary:
+    """Plan and run: the whole incremental extraction of ``audio_paths``."""
+    settings = settings or ExtractSettings()
+    model_hash = codec_hash(model)
+    plan = plan_extraction(audio_paths, model, settings, model_hash)
+    return run_extraction(model, plan, settings, model_hash, on_result)
+
+
+__all__ = [
+    "ExtractPlan",
+    "ExtractSettings",
+    "ExtractSummary",
+    "FileResult",
+    "Job",
+    "encode_batches",
+    "extract",
+    "extract_codes",
+    "make_batches",
+    "npy_path_for",
+    "plan_extraction",
+    "run_extraction",
+    "sidecar_path_for",
+    "write_codes",
+]

@@ -1,0 +1,207 @@
+"""Listening commands: ``synthesize`` (text -> wav with a base or finetuned model) and
+``decode`` (a codes ``.npy`` -> wav)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+CODEC_PRESETS = ("tiny", "fish-speech-1.4")
+
+
+def _codec_choice(preset: str | None, config: Path | None, flag: str) -> str | Path | None:
+    if preset is not None and config is not None:
+        raise typer.BadParameter(f"give {flag} or --codec-config/--config, not both", param_hint=flag)
+    if preset is not None and preset not in CODEC_PRESETS:
+        raise typer.BadParameter(f"choose one of {', '.join(CODEC_PRESETS)}", param_hint=flag)
+    return preset if preset is not None else config
+
+
+def synthesize_command(
+    model: Path = typer.Option(
+        ..., "--model", help="LM checkpoint folder (config.json, model.pth, tokenizer): a base "
+        "model, a merged finetune, or one from `fishtune init-base`.",
+        exists=True, file_okay=False,
+    ),
+    codec: Path = typer.Option(
+        ..., "--codec", help="Firefly codec checkpoint "
+        "(firefly-gan-vq-fsq-8x1024-21hz-generator.pth, or one from `fishtune init-codec`).",
+        exists=True, dir_okay=False,
+    ),
+    text: str = typer.Option(..., "--text", help="What to say. Long texts are split into "
+                             "sentences and generated chunk by chunk."),
+    output: Path = typer.Option(..., "--output", "-o", help="WAV file to write (44.1 kHz, 16-bit).",
+                                dir_okay=False),
+    codec_preset: str | None = typer.Option(
+        None, "--codec-preset", help=f"Codec shape: {' | '.join(CODEC_PRESETS)}. Default: the "
+        "config stored in the checkpoint, else fish-speech-1.4.",
+    ),
+    codec_config: Path | None = typer.Option(
+        None, "--codec-config", help="JSON of codec constructor arguments, for other shapes.",
+        exists=True, dir_okay=False,
+    ),
+    prompt_audio: Path | None = typer.Option(
+        None, "--prompt-audio", help="A clip of the voice to clone (needs --prompt-text).",
+        exists=True, dir_okay=False,
+    ),
+    prompt_text: str | None = typer.Option(
+        None, "--prompt-text", help="The exact transcript of --prompt-audio."
+    ),
+    lora: Path | None = typer.Option(
+        None, "--lora", help="LoRA adapter checkpoint applied to --model on the fly (no merge).",
+        exists=True,
+    ),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Sampling temperature."),
+    top_p: float = typer.Option(0.7, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    repetition_penalty: float = typer.Option(
+        1.2, "--repetition-penalty", min=0.01, help="Penalty on codes used in the last 16 steps."
+    ),
+    max_new_tokens: int = typer.Option(
+        1024, "--max-new-tokens", min=1, help="Most code frames per chunk (~21.5 per second)."
+    ),
+    chunk_chars: int = typer.Option(
+        150, "--chunk-chars", min=10, help="Longest chunk of text generated at once."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same audio."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (bf16 on CUDA)."),
+) -> None:
+    """Speak TEXT with a base or finetuned model, optionally in the voice of a reference clip."""
+    from fish_speech_core.lm.generate import SamplingSettings
+
+    problems = []
+    if (prompt_audio is None) != (prompt_text is None):
+        problems.append("--prompt-audio and --prompt-text go together (give both or neither)")
+    if not text.strip():
+        problems.append("--text is empty")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        problems.append("--device must be auto, cpu or cuda")
+    if problems:
+        raise typer.BadParameter("; ".join(problems))
+    codec_choice = _codec_choice(codec_preset, codec_config, "--codec-preset")
+
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fish_speech_core.synthesis import (
+        encode_reference,
+        load_synthesizer,
+        split_text,
+        synthesize,
+        write_wav,
+    )
+
+    torch.set_grad_enabled(False)
+    started = time.perf_counter()
+    try:
+        synth = load_synthesizer(model, codec, codec_choice, lora, device)
+    except (ValueError, NotImplementedError, OSError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    loaded = time.perf_counter() - started
+    try:
+        prompt_codes = encode_reference(synth, prompt_audio) if prompt_audio is not None else None
+    except ValueError as error:  # e.g. a clip shorter than one code frame
+        raise typer.BadParameter(str(error), param_hint="--prompt-audio") from None
+    chunks = split_text(text, chunk_chars)
+    settings = SamplingSettings(temperature, top_p, repetition_penalty)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ) as progress:
+        task = progress.add_task(f"chunk 1/{len(chunks)}", total=max_new_tokens, info="")
+
+        def on_step(n: int) -> None:
+            progress.update(task, completed=n, info=f"{n} tokens")
+
+        def on_chunk(i: int, total: int, result) -> None:
+            progress.update(
+                task, completed=0, description=f"chunk {min(i + 2, total)}/{total}",
+                info=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s",
+            )
+
+        try:
+            result = synthesize(
+                synth, text, prompt_codes, prompt_text, settings, max_new_tokens, seed,
+                chunk_chars, on_chunk=on_chunk, on_step=on_step,
+            )
+        except ValueError as error:  # e.g. the prompt leaves no room within max_seq_len
+            typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(2) from None
+    write_wav(output, result.audio, result.sample_rate)
+    seconds = result.audio.numel() / result.sample_rate
+    typer.echo(
+        f"Wrote {output}: {seconds:.2f} s of audio at {result.sample_rate} Hz from "
+        f"{len(result.chunks)} chunk(s), {result.new_tokens} tokens "
+        f"({result.codes.size(1)} code frames) at {result.tokens_per_second:.1f} tokens/s on "
+        f"{synth.device.type}; load {loaded:.1f} s, total {time.perf_counter() - started:.1f} s."
+    )
+    if result.codes.size(1) == 0:
+        typer.echo("Warning: the model produced no speech codes (an untrained model?); the "
+                   "file is empty.", err=True)
+
+
+def decode_command(
+    codes_file: Path = typer.Argument(..., help="Codes .npy, int (8, frames), as `fishtune "
+                                      "extract` writes.", exists=True, dir_okay=False),
+    checkpoint_path: Path = typer.Option(
+        ..., "--checkpoint-path", help="Firefly codec checkpoint.", exists=True, dir_okay=False
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="WAV file to write (16-bit).",
+                                dir_okay=False),
+    preset: str | None = typer.Option(
+        None, "--preset", help=f"Codec shape: {' | '.join(CODEC_PRESETS)}. Default: the config "
+        "stored in the checkpoint, else fish-speech-1.4.",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="JSON of codec constructor arguments. Excludes --preset.",
+        exists=True, dir_okay=False,
+    ),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """Turn semantic codes back into audio with the codec's decoder (44.1 kHz for Firefly 1.4)."""
+    import numpy as np
+    import torch
+
+    from fish_speech_core.codec import load_codec
+    from fish_speech_core.codec.decode import decode
+    from fish_speech_core.synthesis import pick_device, write_wav
+
+    choice = _codec_choice(preset, config, "--preset")
+    try:
+        codes = np.load(codes_file, allow_pickle=False)
+    except ValueError as error:
+        raise typer.BadParameter(f"cannot read {codes_file}: {error}") from None
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise typer.BadParameter(
+            f"{codes_file} holds {codes.dtype} {codes.shape}; expected integer (8, frames)"
+        )
+    started = time.perf_counter()
+    try:
+        codec = load_codec(checkpoint_path, choice, device=pick_device(device))
+    except ValueError as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+    size = 1
+    for level in codec.config.quantizer.levels:
+        size *= int(level)
+    if codes.shape[0] != codec.config.num_codebooks or codes.min() < 0 or codes.max() >= size:
+        raise typer.BadParameter(
+            f"{codes_file}: expected ({codec.config.num_codebooks}, frames) with values in "
+            f"[0, {size}), got {codes.shape} in [{codes.min()}, {codes.max()}]"
+        )
+    with torch.inference_mode():
+        audio, _ = decode(codec, torch.from_numpy(codes.astype(np.int64))[None])
+    write_wav(output, audio[0, 0], codec.sample_rate)
+    seconds = audio.size(-1) / codec.sample_rate
+    elapsed = time.perf_counter() - started
+    typer.echo(
+        f"Wrote {output}: {codes.shape[1]} frames -> {seconds:.2f} s at {codec.sample_rate} Hz "
+        f"in {elapsed:.1f} s (RTF {elapsed / max(seconds, 1e-9):.3f})."
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("synthesize")(synthesize_command)
+    app.command("decode")(decode_command)

@@ -151,7 +151,8 @@ def load_pretrained(
 
     Args:
         path: the folder.
-        lora_config: reserved for LoRA adapters (not supported yet; must be None).
+        lora_config: a ``LoraSettings`` or preset name (e.g. ``"r_8_alpha_16"``): wrap the
+            target modules with fresh LoRA adapters (B = 0) and freeze everything else.
         attention_impl: "sdpa" or "explicit", see :class:`DualARTransformer`.
         dtype: cast the weights (e.g. ``torch.float32`` for training); None keeps the file's
             dtypes, so load -> save -> load is lossless.
@@ -189,8 +190,15 @@ def load_pretrained(
     model.reset_buffers("cpu")
     model.tokenizer = tokenizer
     if lora_config is not None:
-        # The LoRA issue plugs in here: model = add_lora(model, lora_config).
-        raise NotImplementedError("LoRA adapters are not supported yet; pass lora_config=None")
+        from fish_speech_core.finetune.lora import LoraSettings, add_lora
+
+        if isinstance(lora_config, str):
+            lora_config = LoraSettings.from_name(lora_config)
+        if not isinstance(lora_config, LoraSettings):
+            raise TypeError(
+                f"lora_config must be a LoraSettings or a preset name, not {type(lora_config).__name__}"
+            )
+        model = add_lora(model, lora_config)
     return Pretrained(model=model, tokenizer=tokenizer, path=folder)
 
 

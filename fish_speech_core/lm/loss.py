@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-CODEBOOK_PAD_ID = 0  # "no code" in the code + 1 convention; not counted by the accuracy
+from fish_speech_core.formats.prompt import CODEBOOK_PAD_ID, IGNORE_INDEX  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

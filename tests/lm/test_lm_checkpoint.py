@@ -152,6 +152,6 @@ def test_save_without_tokenizer_is_refused(tmp_path):
         DualARTransformer(PRESETS["tiny"], 5).save_pretrained(tmp_path)
 
 
-def test_lora_config_is_not_supported_yet(reference):
-    with pytest.raises(NotImplementedError, match="LoRA"):
+def test_lora_config_of_the_wrong_type_is_refused(reference):
+    with pytest.raises(TypeError, match="LoraSettings"):
         DualARTransformer.from_pretrained(reference / "tiny-llama", lora_config=object())

@@ -1,0 +1,133 @@
+"""Training checkpoints on disk: atomic writes, finding the newest valid one, picking the best.
+
+A checkpoint is Lightning's dict with ``state_dict`` reduced to the LoRA tensors
+(``model.<module>.lora_A/B``, the reference layout), the optimizer/scheduler/loop state, and
+``fishtune_lora`` (adapter metadata) + ``fishtune_config`` (the resolved run config).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from fish_speech_core.files import atomic_write
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.ckpt$")
+REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states", "fishtune_config")
+WITHIN = 0.02  # recommend the earliest checkpoint within 2 % of the best val loss
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. disk full); earlier checkpoints are intact."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:09d}.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO that writes temp + fsync + rename and loads with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialise in memory first (LoRA checkpoints are small) so a full disk surfaces as an
+        # OSError with its errno from write(), not as torch's generic RuntimeError.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            with atomic_write(path) as handle:
+                handle.write(buffer.getbuffer())
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointWriteError(
+                    err.errno,
+                    f"no space left to write {path}: free some disk space or lower --save-top-k, "
+                    f"then rerun with --resume auto (earlier checkpoints are intact)",
+                ) from None
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step_*.ckpt`` in ``folder``, oldest first (temp files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint (weights_only) and check it has what resuming needs."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path} is not a fishtune training checkpoint: missing {missing}")
+    if not any("lora_" in k for k in data["state_dict"]):
+        raise ValueError(f"{path} holds no LoRA tensors")
+    return data
+
+
+def newest_valid_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that loads, and a note for every newer one that did not."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            read_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, and named
+            skipped.append(f"{path.name}: {err}")
+            continue
+        return path, skipped
+    return None, skipped
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The earliest checkpoint whose val loss is within 2 % of the best one."""
+
+    step: int
+    val_loss: float
+    best_step: int
+    best_val_loss: float
+    checkpoint: str | None  # None when that checkpoint was already rotated away
+    note: str
+
+
+def recommend(history: list[dict], folder: str | Path) -> Recommendation | None:
+    """Pick from ``history`` rows ``{"step", "val_loss", ...}`` (step 0 = before training)."""
+    rows = [r for r in history if r.get("val_loss") is not None and r["step"] > 0]
+    if not rows:
+        return None
+    best = min(rows, key=lambda r: (r["val_loss"], r["step"]))
+    limit = best["val_loss"] * (1 + WITHIN) if best["val_loss"] >= 0 else best["val_loss"] * (1 - WITHIN)
+    chosen = min((r for r in rows if r["val_loss"] <= limit), key=lambda r: r["step"])
+    present = {step: path for step, path in list_checkpoints(folder)}
+    path = present.get(chosen["step"])
+    note = f"earliest checkpoint within {WITHIN:.0%} of the best validation loss"
+    if path is None:
+        kept = [r for r in rows if r["val_loss"] <= limit and r["step"] in present]
+        if kept:
+            alt = min(kept, key=lambda r: r["step"])
+            note += (f"; step {chosen['step']} was rotated away (raise --save-top-k to keep it), "
+                     f"step {alt['step']} is the earliest kept one")
+            path = present[alt["step"]]
+        else:
+            note += f"; its checkpoint was rotated away (raise --save-top-k to keep it)"
+    return Recommendation(
+        step=chosen["step"], val_loss=chosen["val_loss"], best_step=best["step"],
+        best_val_loss=best["val_loss"], checkpoint=str(path) if path else None, note=note,
+    )

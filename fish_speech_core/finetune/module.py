@@ -1,0 +1,312 @@
+"""Lightning parts of LoRA finetuning: the run config, the LightningModule and the DataModule.
+
+The recipe defaults are Fish Speech 1.4's finetune config: AdamW (lr 1e-4, betas 0.9/0.95,
+eps 1e-5, weight decay 0, none on biases/norms/embeddings), constant LR after 10 warmup steps,
+gradient clipping 1.0 by norm, batch 8, interactive_prob 0.7, use_speaker off.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from fish_speech_core.finetune.data import (
+    Collator,
+    HeldOutDataset,
+    SamplingConfig,
+    TextSemanticDataset,
+    load_groups,
+)
+from fish_speech_core.finetune.lora import (
+    LoraMetadata,
+    LoraSettings,
+    lora_parameters,
+    lora_state_dict,
+)
+from fish_speech_core.lm import DualARTransformer, lm_losses
+
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-true")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; saved as ``config.json`` beside the checkpoints."""
+
+    project: str
+    base: str
+    data: tuple[str, ...]
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.01
+    max_steps: int = 1000
+    batch_size: int = 8
+    accumulate_grad_batches: int = 1
+    max_length: int = 4096
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    gradient_clip: float = 1.0
+    val_check_interval: int = 100
+    val_fraction: float = 0.05
+    val_batch_size: int = 8
+    interactive_prob: float = 0.7
+    use_speaker: bool = False
+    devices: str = "auto"
+    precision: str = "auto"
+    process_group_backend: str | None = None
+    seed: int = 42
+    save_top_k: int = 5
+    results_dir: str = "results"
+    init_lora: str | None = None
+    num_workers: int = 0
+    base_sha256: str | None = None
+
+    # Fields a resumed run may change; every other field must equal the checkpoint's.
+    RESUMABLE_CHANGES = (
+        "base",  # the folder may move; base_sha256 must still match
+        "max_steps", "devices", "precision", "process_group_backend", "save_top_k",
+        "results_dir", "num_workers", "val_check_interval", "val_batch_size",
+    )
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.project
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data"] = list(self.data)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in data.items() if k in known}
+        d["data"] = tuple(d["data"])
+        d["betas"] = tuple(d.get("betas", (0.9, 0.95)))
+        return cls(**d)
+
+    def validate(self) -> list[str]:
+        """Every problem with the values, naming the CLI flag."""
+        p = []
+        for flag, value, low in (
+            ("--max-steps", self.max_steps, 1), ("--batch-size", self.batch_size, 1),
+            ("--accumulate-grad-batches", self.accumulate_grad_batches, 1),
+            ("--val-check-interval", self.val_check_interval, 1), ("--save-top-k", self.save_top_k, 1),
+            ("--max-length", self.max_length, 20), ("--lora-r", self.lora_r, 1),
+        ):
+            if value < low:
+                p.append(f"{flag} must be >= {low}, got {value}")
+        if self.lr <= 0:
+            p.append(f"--lr must be > 0, got {self.lr}")
+        if self.lora_alpha <= 0:
+            p.append(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            p.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.val_fraction < 1:
+            p.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.precision not in PRECISIONS:
+            p.append(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if not self.project or "/" in self.project or self.project.startswith("."):
+            p.append(f"--project must be a plain folder name, got {self.project!r}")
+        return p
+
+    def mismatches(self, saved: "TrainConfig") -> list[str]:
+        """Fields that differ from a checkpoint's config and may not change on resume."""
+        out = []
+        for f in fields(self):
+            if f.name in self.RESUMABLE_CHANGES or f.name in ("init_lora",):
+                continue
+            mine, theirs = getattr(self, f.name), getattr(saved, f.name)
+            if mine != theirs:
+                out.append(f"{f.name}: checkpoint has {theirs!r}, now {mine!r}")
+        return out
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+class SkippingDataset(IterableDataset):
+    """The training stream with its first ``skip`` batches (per worker) drawn and dropped, so a
+    resumed run sees the samples the interrupted one would have seen next."""
+
+    def __init__(self, dataset: TextSemanticDataset, batch_size: int, skip_batches: int) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.skip_batches = skip_batches
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader takes whole batches from the workers in turn.
+        mine = self.skip_batches // workers + (worker < self.skip_batches % workers)
+        stream = iter(self.dataset)
+        for _ in range(mine * self.batch_size):
+            next(stream)
+        yield from stream
+
+
+class FinetuneData(pl.LightningDataModule):
+    """Training stream and held-out split from ``.protos`` shards."""
+
+    def __init__(self, config: TrainConfig, tokenizer, num_codebooks: int) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.num_codebooks = num_codebooks
+        self.collator = Collator.from_tokenizer(tokenizer, config.max_length)
+        self.notes: list[str] = []
+        self.val_fraction = config.val_fraction
+        self.num_truncated = 0
+        groups = load_groups(config.data)
+        self.num_sentences = sum(len(g.items) for g in groups)
+        if self.num_sentences == 0:
+            raise ValueError(f"no sentences in {list(config.data)}: pack some data with `fishtune pack`")
+        val = HeldOutDataset(config.data, tokenizer, config.val_fraction, num_codebooks)
+        self.train_uses_all = len(val) == 0 or len(val) == self.num_sentences
+        if self.train_uses_all:
+            # Too little data to hold any out (e.g. one sentence): validate on the training data.
+            self.notes.append(
+                f"only {self.num_sentences} sentence(s): no held-out split possible, validation "
+                f"uses the training sentences"
+            )
+            val.items = [item for g in groups for item in g.items]
+        self.val_dataset = val
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_length=self.config.max_length, interactive_prob=self.config.interactive_prob,
+            use_speaker=self.config.use_speaker, num_codebooks=self.num_codebooks,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        dataset = TextSemanticDataset(
+            self.config.data, self.tokenizer, self.sampling(), seed=self.config.seed,
+            rank=rank, world_size=world,
+            val_fraction=0.0 if self.train_uses_all else self.config.val_fraction,
+        )
+        # The loop state is restored before the dataloaders are built, so global_step is the
+        # resumed step here: skip what was already trained on.
+        consumed = (trainer.global_step if trainer else 0) * self.config.accumulate_grad_batches
+        return DataLoader(
+            SkippingDataset(dataset, self.config.batch_size, consumed),
+            batch_size=self.config.batch_size, collate_fn=self.collator,
+            num_workers=self.config.num_workers, persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset, batch_size=self.config.val_batch_size, shuffle=False,
+            collate_fn=self.collator, num_workers=0,
+        )
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def no_decay(name: str) -> bool:
+    """Biases, norms and embeddings get no weight decay (the reference's rule)."""
+    return name.endswith(".bias") or "norm" in name or "embedding" in name
+
+
+class LoraFinetune(pl.LightningModule):
+    """Dual-AR model with LoRA adapters; trains and checkpoints only the adapters."""
+
+    def __init__(self, model: DualARTransformer, config: TrainConfig, metadata: LoraMetadata) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.metadata = metadata
+        # Checkpoints hold only the adapters: the frozen base comes from --base on resume.
+        self.strict_loading = False
+        self.tokens_seen = 0
+        self.num_truncated = 0
+        self._t0: float | None = None
+        self.last_train: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+
+    def _losses(self, batch):
+        out = self.model(batch["inputs"], batch["attention_masks"])
+        return lm_losses(out.token_logits.float(), out.codebook_logits.float(), batch["labels"])
+
+    def training_step(self, batch, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        losses = self._losses(batch)
+        tokens = int((~batch["attention_masks"]).sum())
+        self.tokens_seen += tokens
+        self.num_truncated += int(batch["num_truncated"])
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        bs = batch["inputs"].shape[0]
+        self.log("train/loss", losses.loss, prog_bar=True, batch_size=bs)
+        self.log("train/base_loss", losses.base_loss, batch_size=bs)
+        self.log("train/semantic_loss", losses.semantic_loss, batch_size=bs)
+        self.log("train/top_5_accuracy", losses.top_5_accuracy, batch_size=bs)
+        self.log("train/tokens_per_s", self.tokens_seen / elapsed, batch_size=bs)
+        self.log("train/truncated", float(self.num_truncated), batch_size=bs)
+        self.last_train = {"loss": float(losses.loss.detach()), "tokens_per_s": self.tokens_seen / elapsed}
+        return losses.loss
+
+    def validation_step(self, batch, batch_idx):
+        losses = self._losses(batch)
+        bs = batch["inputs"].shape[0]
+        self.log("val/loss", losses.loss, sync_dist=True, batch_size=bs)
+        self.log("val/base_loss", losses.base_loss, sync_dist=True, batch_size=bs)
+        self.log("val/semantic_loss", losses.semantic_loss, sync_dist=True, batch_size=bs)
+        self.log("val/top_5_accuracy", losses.top_5_accuracy, sync_dist=True, batch_size=bs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called before Lightning clips: this is the raw norm.
+        grads = [p.grad.detach().float().norm() for _, p in lora_parameters(self.model) if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm())
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        c = self.config
+        params = lora_parameters(self.model)
+        groups = [
+            {"params": [p for n, p in params if not no_decay(n)], "weight_decay": c.weight_decay},
+            {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps)
+        warmup = c.warmup_steps
+
+        def factor(step: int) -> float:  # linear warmup, then constant
+            return min(1.0, step / warmup) if warmup > 0 else 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in lora_state_dict(self.model).items()}
+        checkpoint["fishtune_lora"] = self.metadata.to_dict()
+        checkpoint["fishtune_config"] = self.config.to_dict()
+        checkpoint.pop("hyper_parameters", None)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        from fish_speech_core.finetune.lora import load_lora_state_dict
+
+        load_lora_state_dict(self.model, state_dict)
+        return None

@@ -1,0 +1,322 @@
+"""The LoRA finetuning recipe: one readable function, :func:`train`.
+
+Layout of a run (``results/NAME/``): ``config.json`` (the resolved :class:`TrainConfig`),
+``checkpoints/step_000000100.ckpt`` … (LoRA tensors + optimizer/loop state, written
+atomically, latest ``save_top_k`` kept), ``lora.json`` (adapter metadata), ``history.json``
+(val loss per validation), ``summary.json`` (history + recommended checkpoint) and
+``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as _pl
+import torch
+
+from fish_speech_core.files import atomic_write, sha256_file
+from fish_speech_core.finetune.checkpoints import (
+    AtomicCheckpointIO,
+    Recommendation,
+    checkpoint_name,
+    list_checkpoints,
+    newest_valid_checkpoint,
+    read_checkpoint,
+    recommend,
+)
+from fish_speech_core.finetune.lora import (
+    LoraError,
+    LoraMetadata,
+    load_lora_state_dict,
+    read_adapter,
+    save_metadata,
+)
+from fish_speech_core.finetune.module import FinetuneData, LoraFinetune, TrainConfig
+
+ProgressHook = Callable[[dict[str, Any]], None]
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked; the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (small values only)."""
+
+    run_dir: Path
+    final_step: int
+    history: list[dict] = field(default_factory=list)
+    recommendation: Recommendation | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+    num_truncated: int = 0
+    resumed_from: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16-true on a CUDA device with bf16 support, else 32-true."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    return "32-true"
+
+
+def resolve_devices(devices: str) -> tuple[str, int | str]:
+    """(accelerator, devices) for Lightning."""
+    if not torch.cuda.is_available():
+        return "cpu", 1
+    if devices == "auto":
+        return "gpu", torch.cuda.device_count()
+    return "gpu", int(devices) if devices.isdigit() else devices
+
+
+def find_resume(config: TrainConfig, resume: str) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from for ``--resume auto|never|PATH``, checked against ``config``."""
+    notes: list[str] = []
+    existing = list_checkpoints(config.checkpoint_dir)
+    if resume == "never":
+        if existing:
+            raise TrainError(
+                f"{config.checkpoint_dir} already holds checkpoints; pass --resume auto to continue "
+                f"that run, or choose a new --project"
+            )
+        return None, notes
+    if resume == "auto":
+        path, skipped = newest_valid_checkpoint(config.checkpoint_dir)
+        notes += [f"skipped unreadable checkpoint {s}" for s in skipped]
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise TrainError(f"--resume {resume}: no such checkpoint file")
+    if path is None:
+        return None, notes
+    try:
+        saved = TrainConfig.from_dict(read_checkpoint(path)["fishtune_config"])
+    except Exception as err:  # noqa: BLE001
+        raise TrainError(f"--resume: cannot use {path}: {err}") from None
+    problems = config.mismatches(saved)
+    if problems:
+        raise TrainError(
+            f"the run in {config.run_dir} was started with different settings, so it cannot be "
+            f"resumed: {'; '.join(problems)}. Use the original settings, or a new --project "
+            f"(--init-lora {path} starts a new run from its adapters)."
+        )
+    return path, notes
+
+
+def build_model(config: TrainConfig):
+    """Load the base folder in fp32 with fresh adapters (and --init-lora weights if given)."""
+    from fish_speech_core.lm import CheckpointError, ConfigError, DualARTransformer
+    from fish_speech_core.tokenizer import TokenizerError
+
+    try:
+        model = DualARTransformer.from_pretrained(config.base, lora_config=config.lora, dtype=torch.float32)
+    except (CheckpointError, ConfigError, TokenizerError, OSError) as err:
+        raise TrainError(
+            f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: {err}"
+        ) from None
+    if config.init_lora:
+        adapter = read_adapter(config.init_lora)
+        if adapter.metadata is not None:
+            adapter.metadata.check(config.lora)
+        try:
+            load_lora_state_dict(model, adapter.tensors)
+        except LoraError as err:
+            raise TrainError(f"--init-lora {config.init_lora}: {err}") from None
+    return model
+
+
+def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | None = None,
+          progress_every: int = 10, show_progress: bool = True) -> TrainResult:
+    """Finetune ``config.base`` with LoRA on ``config.data``; see the module docstring for files.
+
+    Args:
+        resume: ``"auto"`` (newest valid checkpoint of this project, if any), ``"never"`` or a path.
+        progress: called every ``progress_every`` optimizer steps (and at the end) with
+            ``{"step", "max_steps", "loss", "tokens_per_s", "lr", "eta_s"}``.
+
+    Raises:
+        TrainError: bad settings or inputs, naming the flag.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    problems = config.validate()
+    if problems:
+        raise TrainError("; ".join(problems))
+    base_model = Path(config.base) / "model.pth"
+    if not base_model.is_file():
+        raise TrainError(f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: no model.pth")
+    config = replace(config, base_sha256=sha256_file(base_model))
+    resume_path, notes = find_resume(config, resume)
+
+    model = build_model(config)
+    try:
+        data = FinetuneData(config, model.tokenizer, model.config.num_codebooks)
+    except (ValueError, OSError) as err:  # empty or missing shards, damaged records
+        raise TrainError(f"--data: {err}") from None
+    notes += data.notes
+    meta = LoraMetadata(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                        base_sha256=config.base_sha256)
+    module = LoraFinetune(model, config, meta)
+
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(run_dir / "config.json", "w") as handle:
+        handle.write(json.dumps(config.to_dict(), indent=4, sort_keys=True) + "\n")
+    save_metadata(meta, run_dir)
+
+    history = _load_history(run_dir, resume_path)
+    recorder = HistoryRecorder(run_dir, history)
+    accelerator, devices = resolve_devices(config.devices)
+    strategy: Any = "auto"
+    if accelerator == "gpu" and (devices if isinstance(devices, int) else 2) > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend=config.process_group_backend)
+    checkpointing = ModelCheckpoint(
+        dirpath=config.checkpoint_dir, filename="step_{step:09d}", auto_insert_metric_name=False,
+        every_n_train_steps=config.val_check_interval, save_top_k=config.save_top_k,
+        monitor="step", mode="max", save_last=False, save_weights_only=False,
+    )
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, strategy=strategy,
+        precision=resolve_precision(config.precision), max_steps=config.max_steps,
+        accumulate_grad_batches=config.accumulate_grad_batches,
+        gradient_clip_val=config.gradient_clip, gradient_clip_algorithm="norm",
+        val_check_interval=config.val_check_interval * config.accumulate_grad_batches,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
+        logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
+        callbacks=[checkpointing, recorder, StepProgress(config.max_steps, progress, progress_every, show_progress)],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(run_dir), deterministic=False,
+    )
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    if resume_path is None:
+        trainer.validate(module, datamodule=data, verbose=False)  # the loss before training
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume_path) if resume_path else None)
+
+    step = trainer.global_step
+    saved = {s for s, _ in list_checkpoints(config.checkpoint_dir)}
+    if step not in saved:  # max_steps not a multiple of the interval: keep the final state too
+        if not history or history[-1]["step"] != step:
+            trainer.validate(module, datamodule=data, verbose=False)
+        trainer.save_checkpoint(config.checkpoint_dir / checkpoint_name(step))
+    result = TrainResult(
+        run_dir=run_dir, final_step=step, history=recorder.history,
+        recommendation=recommend(recorder.history, config.checkpoint_dir),
+        checkpoints=[p for _, p in list_checkpoints(config.checkpoint_dir)],
+        num_truncated=module.num_truncated, resumed_from=resume_path, notes=notes,
+    )
+    if trainer.is_global_zero:
+        _write_summary(result)
+    return result
+
+
+def _load_history(run_dir: Path, resume_path: Path | None) -> list[dict]:
+    path = run_dir / "history.json"
+    if resume_path is None or not path.is_file():
+        return []
+    step = int(read_checkpoint(resume_path)["global_step"])
+    return [row for row in json.loads(path.read_text()) if row["step"] <= step]
+
+
+def _write_summary(result: TrainResult) -> None:
+    rec = result.recommendation
+    summary = {
+        "final_step": result.final_step,
+        "history": result.history,
+        "recommended": None if rec is None else rec.__dict__,
+        "checkpoints": [str(p) for p in result.checkpoints],
+        "num_truncated": result.num_truncated,
+        "notes": result.notes,
+    }
+    with atomic_write(result.run_dir / "summary.json", "w") as handle:
+        handle.write(json.dumps(summary, indent=4) + "\n")
+
+
+# --- callbacks -------------------------------------------------------------------------------
+
+class HistoryRecorder(_pl.Callback):
+    """Keeps (step, train loss, val loss, top-5 acc) per validation in ``history.json``."""
+
+    def __init__(self, run_dir: Path, history: list[dict]) -> None:
+        self.run_dir = run_dir
+        self.history = history
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        if "val/loss" not in metrics:
+            return
+        row = {
+            "step": int(trainer.global_step),
+            "train_loss": pl_module.last_train.get("loss"),
+            "val_loss": float(metrics["val/loss"]),
+            "top_5_accuracy": float(metrics["val/top_5_accuracy"]),
+        }
+        self.history = [r for r in self.history if r["step"] != row["step"]] + [row]
+        if trainer.is_global_zero:
+            with atomic_write(self.run_dir / "history.json", "w") as handle:
+                handle.write(json.dumps(self.history, indent=4) + "\n")
+
+
+class StepProgress(_pl.Callback):
+    """A tqdm bar over optimizer steps (loss, tokens/s, ETA) and the optional progress hook."""
+
+    def __init__(self, max_steps: int, hook: ProgressHook | None, every: int, show: bool) -> None:
+        self.max_steps = max_steps
+        self.hook = hook
+        self.every = max(1, every)
+        self.show = show
+        self.bar = None
+        self.last_step = -1
+        self.start: tuple[float, int] | None = None  # (time, step) when training (re)started
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.show and trainer.is_global_zero:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.max_steps, initial=trainer.global_step, desc="train", unit="step")
+        self.last_step = trainer.global_step
+        self.start = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return
+        self.last_step = step
+        info = self._info(trainer, pl_module)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{info['loss']:.3f}", tok_s=f"{info['tokens_per_s']:.0f}")
+        if self.hook is not None and trainer.is_global_zero and (step % self.every == 0 or step == self.max_steps):
+            self.hook(info)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _info(self, trainer, pl_module) -> dict[str, Any]:
+        step = trainer.global_step
+        rate = None
+        if self.start is not None and step > self.start[1]:
+            rate = (step - self.start[1]) / max(time.perf_counter() - self.start[0], 1e-9)
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        return {
+            "step": step, "max_steps": self.max_steps,
+            "loss": pl_module.last_train.get("loss", math.nan),
+            "tokens_per_s": pl_module.last_train.get("tokens_per_s", 0.0), "lr": lr,
+            "eta_s": (self.max_steps - step) / rate if rate else None,
+        }
+
+
+__all__ = ["TrainError", "TrainResult", "train", "resolve_precision", "find_resume"]

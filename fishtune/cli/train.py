@@ -1,0 +1,146 @@
+"""LoRA finetuning commands: train (Lightning + peft) and merge (adapter -> plain checkpoint)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+
+class Backend(str, Enum):
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class Format(str, Enum):
+    pth = "pth"
+    safetensors = "safetensors"
+
+
+def _lora_settings(preset: str, r: int | None, alpha: float | None, dropout: float | None):
+    from fish_speech_core.finetune.lora import LoraError, LoraSettings
+
+    try:
+        base = LoraSettings.from_name(preset)
+        return LoraSettings(
+            r=base.r if r is None else r,
+            alpha=base.alpha if alpha is None else alpha,
+            dropout=base.dropout if dropout is None else dropout,
+        )
+    except LoraError as err:
+        raise typer.BadParameter(str(err), param_hint="--lora / --lora-r / --lora-alpha / --lora-dropout") from None
+
+
+def train_command(
+    project: str = typer.Option(..., "--project", help="Run name: outputs go to RESULTS_DIR/PROJECT/."),
+    base: Path = typer.Option(..., "--base", help="Base checkpoint folder (fish-speech-1.4, init-base or a merged folder)."),
+    data: list[Path] = typer.Option(..., "--data", help="Packed .protos shard or folder (repeatable)."),
+    lora: str = typer.Option("r_8_alpha_16", "--lora", help="LoRA preset: r_8_alpha_16 (r 8, alpha 16, dropout 0.01)."),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="Override the preset's rank."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="Override the preset's alpha (scaling = alpha / r)."),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="Override the preset's dropout."),
+    max_steps: int = typer.Option(1000, "--max-steps", help="Optimizer steps to train in total."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per device per step."),
+    accumulate_grad_batches: int = typer.Option(1, "--accumulate-grad-batches", help="Batches per optimizer step."),
+    max_length: int = typer.Option(4096, "--max-length", help="Tokens per sample; longer samples are cut (and counted)."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (constant after 10 warmup steps)."),
+    val_check_interval: int = typer.Option(100, "--val-check-interval", help="Validate and checkpoint every N steps."),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of sentences held out for validation (by content hash)."),
+    devices: str = typer.Option("auto", "--devices", help="GPUs to use: auto (all), a count, or a list like 0,1. CPU: 1."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16-true on CUDA with bf16, else 32-true), or a Lightning value."),
+    process_group_backend: Backend | None = typer.Option(None, "--process-group-backend", help="DDP backend with several GPUs (default: nccl)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the sampling and of the adapter initialisation."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest valid checkpoint of PROJECT; never; or a checkpoint path."),
+    init_lora: Path | None = typer.Option(None, "--init-lora", help="Start a NEW run from the adapters of this checkpoint."),
+    save_top_k: int = typer.Option(5, "--save-top-k", help="Keep the latest K checkpoints."),
+    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="Where run folders go."),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (0 = in the main process)."),
+) -> None:
+    """Finetune a Fish Speech 1.4 text2semantic checkpoint with LoRA on packed shards."""
+    from fish_speech_core.finetune.checkpoints import CheckpointWriteError
+    from fish_speech_core.finetune.lora import LoraError
+    from fish_speech_core.finetune.module import TrainConfig
+    from fish_speech_core.finetune.train import TrainError, train
+
+    settings = _lora_settings(lora, lora_r, lora_alpha, lora_dropout)
+    config = TrainConfig(
+        project=project, base=str(base), data=tuple(str(d) for d in data),
+        lora_r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        max_steps=max_steps, batch_size=batch_size, accumulate_grad_batches=accumulate_grad_batches,
+        max_length=max_length, lr=lr, val_check_interval=val_check_interval,
+        val_fraction=val_fraction, devices=devices, precision=precision,
+        process_group_backend=process_group_backend.value if process_group_backend else None,
+        seed=seed, save_top_k=save_top_k, results_dir=str(results_dir),
+        init_lora=str(init_lora) if init_lora else None, num_workers=num_workers,
+    )
+    try:
+        result = train(config, resume=resume)
+    except (TrainError, LoraError) as err:
+        _fail(str(err))
+    except CheckpointWriteError as err:
+        _fail(err.strerror or str(err))
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for note in result.notes:
+        console.print(f"note: {note}")
+    table = Table(title=f"{result.run_dir} — final step {result.final_step}")
+    for col in ("step", "train loss", "val loss", "top-5 acc"):
+        table.add_column(col, justify="right")
+    for row in result.history:
+        train_loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+        table.add_row(str(row["step"]), train_loss, f"{row['val_loss']:.4f}", f"{row['top_5_accuracy']:.3f}")
+    console.print(table)
+    if result.num_truncated:
+        console.print(f"{result.num_truncated} samples were cut to --max-length")
+    rec = result.recommendation
+    if rec is not None:
+        console.print(
+            f"recommended: step {rec.step} (val loss {rec.val_loss:.4f}; best {rec.best_val_loss:.4f} "
+            f"at step {rec.best_step}) -> {rec.checkpoint} ({rec.note})", markup=False
+        )
+    console.print(f"summary: {result.run_dir / 'summary.json'}")
+
+
+def merge_command(
+    lora_config: str = typer.Option("r_8_alpha_16", "--lora-config", help="LoRA preset the adapter was trained with."),
+    base_weight: Path = typer.Option(..., "--base-weight", help="Base checkpoint folder the adapter was trained on."),
+    lora_weight: Path = typer.Option(..., "--lora-weight", help="Adapter checkpoint (ours or a reference Lightning .ckpt)."),
+    output: Path = typer.Option(..., "--output", help="Folder for the merged checkpoint (not the base folder)."),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="Override the preset's rank."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="Override the preset's alpha."),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="Override the preset's dropout."),
+    fmt: Format = typer.Option(Format.pth, "--format", help="Weights file: pth (model.pth, what Fish Speech loads) or safetensors."),
+) -> None:
+    """Fold a LoRA adapter into its base and write a plain checkpoint folder, verified."""
+    from fish_speech_core.finetune.lora import LoraError
+    from fish_speech_core.finetune.merge import MergeError, merge_checkpoint
+    from fish_speech_core.lm import CheckpointError, ConfigError
+
+    settings = _lora_settings(lora_config, lora_r, lora_alpha, lora_dropout)
+    try:
+        report = merge_checkpoint(base_weight, lora_weight, output, settings, fmt.value)
+    except (MergeError, LoraError, CheckpointError, ConfigError) as err:
+        _fail(str(err))
+    typer.echo(
+        f"merged {lora_weight} into {base_weight} -> {report.output}: {report.changed_tensors}/"
+        f"{report.total_tensors} tensors changed, merged vs base+LoRA max logit diff "
+        f"{report.max_logit_diff:.2e}"
+        + ("" if report.adapter_metadata else " (adapter carried no metadata: settings from --lora-config)")
+    )
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("merge")(merge_command)

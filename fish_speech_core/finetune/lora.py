@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fish_speech_core.formats.prompt import PROMPT_FORMAT_VERSION
+
 # Every module the reference wraps: both embeddings, the codebook embedding, every slow- and
 # fast-layer projection and both output heads. Nothing else is trained.
 TARGET_NAMES = (
@@ -29,7 +31,6 @@ TARGET_REGEX = (
     r"|(layers|fast_layers)\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3)))$"
 )
 ADAPTER = "default"  # peft's adapter name
-PROMPT_FORMAT_VERSION = "fish-speech-1.4"  # the prompt format of fish_speech_core.formats.prompt
 # peft parameter name fragments <-> the reference's suffixes.
 _PEFT_SUFFIX = {
     "lora_A": (f"lora_A.{ADAPTER}.weight", f"lora_embedding_A.{ADAPTER}"),

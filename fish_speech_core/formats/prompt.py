@@ -65,3 +65,6 @@ __all__ = [
     "USER_ROLE",
     "turn_prompt",
 ]
+
+# Names this prompt format in adapter metadata: an adapter trained on another format is refused.
+PROMPT_FORMAT_VERSION = "fish-speech-1.4"

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fish_speech_core.formats.prompt import CODEBOOK_OFFSET, turn_prompt
 from fish_speech_core.formats.text import clean_text
-from fish_speech_core.lm.model import Attention, DualARTransformer, TransformerBlock, apply_rope
+from fish_speech_core.lm.model import Attention, DualARTransformer, TransformerBlock
 from fish_speech_core.tokenizer import FishTokenizer
 
 # Codebook penalty window: the last 16 generated columns (zeros before that many exist).
@@ -151,11 +151,7 @@ def _cached_attention(
     """Attention for positions [start, start + T) of x (B, T, dim), writing k/v into the cache."""
     b, t, _ = x.shape
     q_size = attn.n_head * attn.head_dim
-    kv_size = attn.n_local_heads * attn.head_dim
-    q, k, v = attn.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-    q = apply_rope(q.view(b, t, attn.n_head, attn.head_dim), rope)
-    k = apply_rope(k.view(b, t, attn.n_local_heads, attn.head_dim), rope)
-    v = v.view(b, t, attn.n_local_heads, attn.head_dim)
+    q, k, v = attn.project(x, rope)
     end = start + t
     cache.k[layer, :, :, start:end] = k.transpose(1, 2)
     cache.v[layer, :, :, start:end] = v.transpose(1, 2)

@@ -120,16 +120,21 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, (n_head + 2 * n_local_heads) * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_head * head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
-        """x (B, T, dim); mask (B, 1, T, T) bool, True = may attend, or None for plain causal."""
+    def project(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, dim) -> q (B, T, n_head, head_dim), k and v (B, T, n_local_heads, head_dim), rotated."""
         b, t, _ = x.shape
         q_size = self.n_head * self.head_dim
         kv_size = self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(b, t, self.n_head, self.head_dim), rope)
         k = apply_rope(k.view(b, t, self.n_local_heads, self.head_dim), rope)
-        v = v.view(b, t, self.n_local_heads, self.head_dim)
-        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (B, H, T, head_dim)
+        return q, k, v.view(b, t, self.n_local_heads, self.head_dim)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B, T, dim); mask (B, 1, T, T) bool, True = may attend, or None for plain causal."""
+        b, t, _ = x.shape
+        q_size = self.n_head * self.head_dim
+        q, k, v = (y.transpose(1, 2) for y in self.project(x, rope))  # (B, H, T, head_dim)
         repeats = self.n_head // self.n_local_heads
         k = k.repeat_interleave(repeats, dim=1)
         v = v.repeat_interleave(repeats, dim=1)

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--max-batch-seconds", type=float, default=60.0,
                         help="cap on padded audio per batch, both orders (0: none; CLI default on CPU: 60)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     # internal: one configuration in a subprocess
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -179,6 +180,20 @@ def main() -> None:
                 print(f"batch {batch_size:>2}: bucketed / file-order = {ratio:.2f}x wall ({cpu_ratio:.2f}x per "
                       f"CPU-s); bucketed / file-order+cap = {capped:.2f}x wall")
         print(f"codes identical across all configurations: {identical}")
+        figures = {
+            "stage": "extract", "audio_minutes": minutes, "num_workers": args.num_workers,
+            "configs": [{"batch_size": b, "order": o, "audio_s_per_s": round(best[b, o]["speed"], 2),
+                         "audio_s_per_cpu_s": round(best_cpu[b, o], 2), "peak_rss_mb": round(peak[b, o])}
+                        for b, o in configs],
+            "ratios": {f"batch{b}_bucketed_over_file_order": round(speeds[b, "bucketed"] / speeds[b, "file-order"], 3)
+                       for b in batch_sizes if (b, "bucketed") in speeds},
+            "codes_identical": identical,
+        }
+        if args.json:
+            from fish_speech_core.files import atomic_write
+
+            with atomic_write(args.json, "w") as handle:
+                json.dump(figures, handle, indent=2)
         if not identical:
             sys.exit(1)
 

@@ -12,10 +12,12 @@ and batch built (activations, gradients, attention scratch).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 # (batch, seq_len) per preset; mid uses the longer sequences training sees.
 SHAPES = {"tiny": (4, 256), "mid": (1, 512)}
@@ -85,9 +87,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "mid"], choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=3, help="timed forward+backward steps")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     args = parser.parse_args()
 
     context = multiprocessing.get_context("spawn")
+    figures: dict = {"stage": "forward", "threads": args.threads, "presets": {}}
     print(f"{'preset':<6} {'attention':<9} {'params':>12} {'BxT':>7} {'tokens/s':>10} "
           f"{'peak RSS MiB':>13} {'step peak MiB':>14}")
     for preset in args.presets:
@@ -102,6 +106,12 @@ def main() -> None:
         s, e = results["sdpa"], results["explicit"]
         print(f"{preset:<6} sdpa/explicit: speed x{s['tokens_per_s'] / e['tokens_per_s']:.2f}, "
               f"peak RSS x{s['peak_rss_mib'] / e['peak_rss_mib']:.2f}")
+        figures["presets"][preset] = {**results, "sdpa_over_explicit_speed": s["tokens_per_s"] / e["tokens_per_s"]}
+    if args.json:
+        from fish_speech_core.files import atomic_write
+
+        with atomic_write(args.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

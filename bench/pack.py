@@ -8,6 +8,7 @@ Prints both figures, their ratio, and checks the two packs are byte-identical.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--speakers", type=int, default=10)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,6 +62,14 @@ def main() -> None:
     print(f"  1 worker : {one:8.0f} items/s")
     print(f"  {args.workers} workers: {many:8.0f} items/s")
     print(f"  ratio    : {many / one:.2f}x  (byte-identical output: {same})")
+    figures = {"stage": "pack", "items": args.items, "speakers": args.speakers, "shards": len(shards),
+               "mib": round(size / 2**20, 2), "workers": args.workers, "items_per_s_1_worker": round(one),
+               "items_per_s_n_workers": round(many), "ratio": round(many / one, 3), "byte_identical": same}
+    if args.json:
+        from fish_speech_core.files import atomic_write
+
+        with atomic_write(args.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

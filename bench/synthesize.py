@@ -17,7 +17,9 @@ codes; RTF = wall seconds / audio seconds (< 1 is faster than real time).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 
 def make_prompt(config, generator):
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="Default 64 (quick: 16).")
     parser.add_argument("--audio-seconds", type=float, default=None, help="Default 10 (quick: 2).")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
+    parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     args = parser.parse_args()
 
     import torch
@@ -96,14 +99,22 @@ def main() -> None:
     print(f"CPU, {args.threads} thread(s), torch {torch.__version__}")
     print(f"{'preset':8} {'params':>8} {'prompt':>6} {'new':>4} {'cached tok/s':>13} "
           f"{'no-cache tok/s':>15} {'ratio':>6} same-tokens")
+    figures: dict = {"stage": "synthesize", "threads": args.threads, "generation": []}
     for preset in args.presets:
         r = bench_generation(preset, new_tokens)
+        figures["generation"].append({**r, "cached_over_uncached": r["cached_tps"] / r["uncached_tps"]})
         print(f"{r['preset']:8} {r['params_m']:7.1f}M {r['prompt']:6d} {r['new_tokens']:4d} "
               f"{r['cached_tps']:13.1f} {r['uncached_tps']:15.1f} "
               f"{r['cached_tps'] / r['uncached_tps']:6.2f} {r['same_tokens']}")
     d = bench_decode(audio_seconds)
     print(f"decode fish-speech-1.4 codec: {d['audio_seconds']:.2f} s audio in "
           f"{d['wall_seconds']:.2f} s, RTF {d['rtf']:.3f}")
+    figures["decode"] = d
+    if args.json:
+        from fish_speech_core.files import atomic_write
+
+        with atomic_write(args.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

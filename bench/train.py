@@ -13,11 +13,13 @@ shape of the reference measurement in shared/notes (174 tokens/s, 11.8 s/step, 3
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 SHAPES = {"tiny": (4, 256), "mid": (2, 1024)}
 CASES = {"ours": ("sdpa", False), "reference-like": ("explicit", True)}
@@ -70,10 +72,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per case")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps (seconds)")
+    parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     args = parser.parse_args()
     presets = ["tiny"] if args.quick else args.presets
 
     context = multiprocessing.get_context("spawn")
+    figures: dict = {"stage": "train", "threads": args.threads, "steps": args.steps, "presets": {}}
     print(f"{'preset':<6} {'case':<15} {'BxT':>7} {'tokens/s':>10} {'s/step':>8} {'peak RSS MiB':>13}")
     for preset in presets:
         results = {}
@@ -86,6 +90,12 @@ def main() -> None:
         o, ref = results["ours"], results["reference-like"]
         print(f"{preset:<6} ours/reference-like: speed x{o['tokens_per_s'] / ref['tokens_per_s']:.2f}, "
               f"peak RSS x{o['peak_rss_mib'] / ref['peak_rss_mib']:.2f}")
+        figures["presets"][preset] = {**results, "ours_over_reference_like_speed": o["tokens_per_s"] / ref["tokens_per_s"]}
+    if args.json:
+        from fish_speech_core.files import atomic_write
+
+        with atomic_write(args.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

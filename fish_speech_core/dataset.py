@@ -36,10 +36,11 @@ PATH_ESCAPES = "path-escapes-root"
 BAD_NAME = "bad-file-name"
 MISSING_AUDIO = "missing-audio"
 MALFORMED_FILELIST_LINE = "malformed-filelist-line"
+TRANSCRIPT_TOO_LONG = "transcript-too-long"
 
 REASONS: dict[str, str] = {
     MISSING_TRANSCRIPT: "audio without a transcript file of the same stem",
-    EMPTY_TRANSCRIPT: "transcript is empty or only whitespace",
+    EMPTY_TRANSCRIPT: "transcript is empty, or has no letters or digits after cleaning",
     TRANSCRIPT_NOT_UTF8: "transcript is not valid UTF-8",
     ORPHAN_TRANSCRIPT: "transcript without an audio file of the same stem",
     UNREADABLE_AUDIO: "audio cannot be decoded (corrupt or unsupported)",
@@ -53,6 +54,7 @@ REASONS: dict[str, str] = {
     BAD_NAME: "file or folder name contains control characters",
     MISSING_AUDIO: "filelist names an audio file that does not exist",
     MALFORMED_FILELIST_LINE: "filelist line is not path|speaker|language|text",
+    TRANSCRIPT_TOO_LONG: "transcript has more characters than the audio could hold",
 }
 
 

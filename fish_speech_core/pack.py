@@ -23,7 +23,7 @@ import numpy as np
 from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
 from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
 from fish_speech_core.formats.protos import ShardWriter, frame_record
-from fish_speech_core.formats.text import clean_pack_transcript
+from fish_speech_core.formats.text import clean_pack_transcript, has_spoken_content
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
 
 CODES_SUFFIX = ".npy"
@@ -132,6 +132,9 @@ def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
             return Reject(item.label, f"transcript unreadable: {err}")
     else:
         text = item.text or ""
+    if not has_spoken_content(text):
+        # validate rejects these as empty-transcript; packing one would train on silence-as-text
+        return Reject(item.label, "transcript has no letters or digits after cleaning")
     try:
         codes = load_codes(item.codes)
     except Exception as err:  # np.load raises many types for damaged files

@@ -20,11 +20,15 @@ import numpy as np
 from fish_speech_core import dataset as ds
 from fish_speech_core.audio import audio_info, read_audio
 from fish_speech_core.files import atomic_path, sha256_file
+from fish_speech_core.formats.text import has_spoken_content, training_text
 from fish_speech_core.parallel import map_with_progress
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 LOUDNESS_BLOCK_SECONDS = 0.4  # pyloudnorm's default gating block: shorter audio cannot be measured
+# Fast read speech is ~15-20 characters/s in alphabetic scripts (fewer in CJK); far more means
+# the transcript belongs to more audio than the file holds.
+MAX_CHARS_PER_SECOND = 40.0
 MIN_SPEAKER_MINUTES = 30.0  # below this, a finetune rarely helps (advice only, never an error)
 
 
@@ -82,6 +86,11 @@ def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
         return _reject(item, ds.MISSING_TRANSCRIPT, str(exc))
     if not transcript.strip():
         return _reject(item, ds.EMPTY_TRANSCRIPT)
+    if not has_spoken_content(transcript):
+        return _reject(
+            item, ds.EMPTY_TRANSCRIPT, "no letters or digits after cleaning (only punctuation, "
+            "tags, emoji or invisible characters)", transcript=transcript.strip(),
+        )
     transcript = transcript.strip()
 
     try:
@@ -110,6 +119,13 @@ def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
         return _reject(item, ds.NON_FINITE, f"{int((~np.isfinite(audio)).sum())} samples", **known)
     if duration < settings.min_seconds:
         return _reject(item, ds.TOO_SHORT, f"{duration:.3f} s < {settings.min_seconds:g} s", **known)
+    chars = len(training_text(transcript))
+    if chars > MAX_CHARS_PER_SECOND * duration:
+        return _reject(
+            item, ds.TRANSCRIPT_TOO_LONG,
+            f"{chars} characters for {duration:.2f} s (> {MAX_CHARS_PER_SECOND:g}/s): split the text "
+            "or check that it belongs to this audio", **known,
+        )
     loudness = integrated_loudness(audio, sample_rate)
     peak = float(np.abs(audio).max())
     if math.isinf(loudness):

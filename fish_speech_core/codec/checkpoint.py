@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import warnings
 from collections.abc import Mapping
 
@@ -50,7 +51,12 @@ def _read(path: str | os.PathLike) -> Mapping:
             if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # not a checkpoint, truncated, or objects weights_only refuses
+    except pickle.UnpicklingError as error:
+        raise CodecCheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors, which could run "
+            f"code when unpickled. Re-save it as a plain state dict of tensors. ({error})"
+        ) from None
+    except Exception as error:  # not a checkpoint, truncated
         raise CodecCheckpointError(f"cannot read {path} as a torch checkpoint: {error}") from error
 
 
@@ -61,6 +67,10 @@ def _unwrap(obj: Mapping) -> tuple[dict[str, Tensor], dict | None]:
     config = obj.get(CONFIG_KEY) if isinstance(obj.get(CONFIG_KEY), Mapping) else None
     if isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
+    # Only our embedded config may sit beside the tensors of a bare state dict.
+    not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, Tensor) and k != CONFIG_KEY)
+    if not_tensors:
+        raise CodecCheckpointError(f"state dict entries {_listing(not_tensors)} are not tensors")
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not state:
         raise CodecCheckpointError("checkpoint holds no tensors")
@@ -130,11 +140,18 @@ def load_codec(
         for k in sorted(set(state) & set(expected))
         if state[k].shape != expected[k].shape
     ]
+    wrong_dtype = [
+        f"{k}: checkpoint dtype {state[k].dtype} vs model {expected[k].dtype}"
+        for k in sorted(set(state) & set(expected))
+        if expected[k].is_floating_point() and not state[k].is_floating_point()
+    ]
     problems = []
     if missing_encoder:
         problems.append(f"{len(missing_encoder)} encoder/quantizer keys missing: {_listing(missing_encoder)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {_listing(mismatched, 10)}")
+    if wrong_dtype:
+        problems.append(f"{len(wrong_dtype)} dtype mismatches: {_listing(wrong_dtype, 10)}")
     if problems:
         raise CodecCheckpointError(
             f"{path} does not fit this codec config ({'; '.join(problems)}). "

@@ -11,6 +11,7 @@ a rename, no transpose. Merging is explicit (:func:`merge_lora`); ``.eval()`` ne
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,8 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     for k, v in state.items():
         if k in params and tuple(v.shape) != tuple(params[k].shape):
             problems.append(f"{k} has shape {tuple(v.shape)}, the model needs {tuple(params[k].shape)}")
+        elif k in params and not v.is_floating_point():
+            problems.append(f"{k} has dtype {v.dtype}, expected a floating point tensor")
     if problems:
         raise LoraError("LoRA weights do not fit the model: " + "; ".join(problems))
     with torch.no_grad():
@@ -267,15 +270,22 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise LoraError(f"{path} not found")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise LoraError(
+            f"refusing to load {path}: it contains objects other than tensors, which could run "
+            f"code when unpickled. Re-save the adapter as plain tensors. ({err})"
+        ) from None
     except Exception as err:  # noqa: BLE001 - anything unreadable is "not an adapter"
         raise LoraError(f"could not read {path} as a LoRA checkpoint: {err}") from None
     if not isinstance(data, dict):
         raise LoraError(f"{path} holds a {type(data).__name__}, not a checkpoint dict")
     state = data.get("state_dict", data)
-    tensors = {
-        k.removeprefix("model."): v for k, v in state.items()
-        if is_lora_name(k) and isinstance(v, Tensor)
-    }
+    if not isinstance(state, dict):
+        raise LoraError(f"{path}: 'state_dict' is a {type(state).__name__}, not a dict of tensors")
+    bad = sorted(k for k, v in state.items() if is_lora_name(k) and not isinstance(v, Tensor))
+    if bad:
+        raise LoraError(f"{path}: LoRA entries {bad} are not tensors")
+    tensors = {k.removeprefix("model."): v for k, v in state.items() if is_lora_name(k)}
     if not tensors:
         raise LoraError(f"{path} holds no LoRA tensors (no key contains 'lora_')")
     raw = data.get("fishtune_lora")

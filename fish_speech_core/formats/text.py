@@ -6,6 +6,7 @@ Both reproduce Fish Speech 1.4 exactly (fixtures README sections 4 and 6, ``clea
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # Packing (README section 6): applied in this order; both tag patterns are non-greedy.
 _CURLY_TAG = re.compile(r"\{.*?\}")
@@ -48,3 +49,17 @@ def clean_text(text: str) -> str:
     text = _SYMBOLS.sub(lambda m: SYMBOL_MAP[m.group()], text)
     text = _EMOJI.sub("", text)
     return _PUNCT_RUN.sub(lambda m: m.group()[0], text)
+
+
+def training_text(transcript: str) -> str:
+    """What the model is trained on for a transcript file: pack cleaning, then ``clean_text``."""
+    return clean_text(clean_pack_transcript(transcript))
+
+
+def has_spoken_content(transcript: str) -> bool:
+    """True if the training text holds at least one letter or digit (any script).
+
+    Only punctuation, whitespace, zero-width/format characters (U+200B, U+200D, U+FEFF, ...),
+    emoji or ``{...}``/``<...>`` tags leave nothing to say: such a transcript cannot label speech.
+    """
+    return any(unicodedata.category(ch)[0] in "LN" for ch in training_text(transcript))

@@ -7,7 +7,7 @@ needs them: ``fishtune --help`` stays fast.
 
 import typer
 
-from fishtune.cli import codec, data, flows, lm, pack, synth, train
+from fishtune.cli import codec, data, doctor, flows, lm, pack, synth, train
 
 app = typer.Typer(
     name="fishtune",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (data, codec, pack, lm, synth, train, flows):
+for module in (data, codec, pack, lm, synth, train, flows, doctor):
     module.register(app)
 
 

@@ -69,3 +69,53 @@ def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_p
 
     again = finetune(config)  # nothing changed: every stage cached, the same model folder, nothing overwritten
     assert all(s["cached"] for s in again["stages"]) and again["merged_model"] == result["merged_model"]
+
+
+@pytest.mark.slow
+def test_fishtune_demo_end_to_end(tmp_path):
+    """`fishtune demo` in a fresh process: ephemeral Prefect, tiny models made on the fly."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from fish_speech_core.lm.checkpoint import load_pretrained
+
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["COLUMNS"] = "200"
+    done = subprocess.run([sys.executable, "-m", "fishtune", "demo", "--output", str(out), "--max-steps", "20"],
+                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = Path(re.search(r"Merged model: (\S+)", done.stderr).group(1))
+    report = Path(re.search(r"Report: +(\S+)", done.stderr).group(1))
+    recommended = re.search(r"Recommended checkpoint: (\S+)", done.stderr).group(1)
+    assert merged.parent == out / "store" / "models" / "demo"
+    assert load_pretrained(merged).model.config.n_layer == 2
+    assert report.is_file() and report.parent.parent == out / "store" / "runs"
+    assert Path(recommended).is_file() and Path(recommended).name in report.read_text()
+    assert (out / "prefect-home").is_dir()  # Prefect's state stayed under --output
+    assert "train:" in done.stderr  # training progress was shown
+
+
+def test_warm_start_refuses_another_base(tmp_path, tiny_models):
+    import json as _json
+
+    from fish_speech_core import storage
+    from fish_speech_core.storage import Store
+    from tasks.train import WarmStartError, latest_lora
+
+    base, _ = tiny_models
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(WarmStartError, match="no earlier merged model"):
+        latest_lora(store, "voice", str(base))
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "lineage.json").write_text(_json.dumps({"adapter": "/x/step_000000010.ckpt", "base_sha256": "0" * 64}))
+    store.publish("models/voice", "20260101T000000-aaaa", model_dir)
+    with pytest.raises(WarmStartError, match="trained on base model.pth sha256 000000000000"):
+        latest_lora(store, "voice", str(base))
+    good = storage.hash_url(str(base / "model.pth"))
+    (model_dir / "lineage.json").write_text(_json.dumps({"adapter": "/y/step_000000020.ckpt", "base_sha256": good}))
+    store.publish("models/voice", "20260102T000000-bbbb", model_dir)
+    assert latest_lora(store, "voice", str(base)) == "/y/step_000000020.ckpt"  # the newest version

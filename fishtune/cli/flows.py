@@ -19,7 +19,7 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
     "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
     "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
     "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
-    "max_steps": "--max-steps", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+    "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
 }
 
 
@@ -54,6 +54,8 @@ def finetune_command(
     codec: str | None = typer.Option(None, "--codec", help=_F["codec"].description),
     preset: Preset = typer.Option(_F["preset"].default.value, "--preset", help=_F["preset"].description),
     max_steps: int = typer.Option(_F["max_steps"].default, "--max-steps", help=_F["max_steps"].description),
+    seed: int = typer.Option(_F["seed"].default, "--seed", help=_F["seed"].description),
+    progress_every: int = typer.Option(_F["progress_every"].default, "--progress-every", help=_F["progress_every"].description),
     warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
     gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
     loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
@@ -70,7 +72,7 @@ def finetune_command(
     console = Console(stderr=True)
     config = build_config(
         data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
-        preset=preset, max_steps=max_steps, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
+        preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
         peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
     )
     _prefect_defaults()

@@ -67,6 +67,7 @@ class FinetuneConfig(BaseModel):
     max_steps: int = Field(1000, gt=0, le=1_000_000, description="Training steps.")
     seed: int = Field(42, ge=0, description="Seed of the training sample stream and the adapter init.")
     progress_every: int = Field(10, ge=1, le=100_000, description="Update the training progress in the Prefect UI every this many steps.")
+    evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")
     warm_start: bool = Field(False, description="Continue from the latest successful LoRA of this project instead of the base.")
     gpu_pool: str | None = Field(
         None, description="Run extract/train as child deployments on this work pool (e.g. 'cuda'). Empty: in this process."

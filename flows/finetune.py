@@ -27,7 +27,7 @@ from flows.train import train_on_pool
 from tasks import data as data_tasks
 from tasks.codec import extract_task
 from tasks.runtime import bind, default_work_dir
-from tasks.train import latest_lora, merge_task, train_task
+from tasks.train import evaluate_task, latest_lora, merge_task, train_task
 
 
 def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) -> dict:
@@ -82,6 +82,15 @@ def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
         checkpoint = trained.outputs.get("checkpoint")
         lines += ["", f"**Recommended checkpoint:** step {t.get('recommended_step')} — `{storage.redact(checkpoint or '')}`"
                   + (f" ({t['recommended_note']})" if t.get("recommended_note") else "")]
+    evaluated = next((s for s in manifest.stages if s.stage == "evaluate"), None)
+    if evaluated:
+        e = evaluated.summary
+        lines += ["", "## Previews", "", "| model | similarity | checks ok | val loss | previews |", "|---|---:|---:|---:|---|"]
+        num = lambda v, f: "" if v is None else format(v, f)
+        lines += [f"| {r['name']} | {num(r['similarity'], '.3f')} | {num(r['ok_fraction'], '.0%')} | {num(r['val_loss'], '.4f')} | "
+                  + ", ".join(f"`{storage.redact(storage.join(evaluated.url, p))}`" for p in r["previews"]) + " |" for r in e["rows"]]
+        lines += ["", f"**Merged checkpoint (previews):** step {e['recommended_step']} — "
+                  f"`{storage.redact(evaluated.outputs.get('checkpoint', ''))}` ({e['rule']})"]
     merged = next((s for s in manifest.stages if s.stage == "merge"), None)
     if merged:
         lines += ["", f"**Merged model:** `{storage.redact(merged.url)}` (version `{merged.summary.get('version')}`)"]
@@ -109,7 +118,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     fetch = data_tasks.fetch_data  # I/O only: retries, no cache (the mirror is itself incremental)
     validate = bind(data_tasks.validate_task, store, work_dir)
     normalize = bind(data_tasks.normalize_task, store, work_dir)
-    lora = merged = None
+    lora = merged = chosen = None
     try:
         data_dir = fetch(config.data, str(work_dir), [config.speaker] if config.speaker else None)
         data_input = {"data": storage.redact(config.data)}
@@ -158,9 +167,16 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                 )
                 if not lora["checkpoint"]:
                     raise RuntimeError(f"training published no checkpoint: see {storage.redact(lora['url'])}")
+                chosen = lora["checkpoint"]
+                if config.evaluate:  # previews decide which checkpoint is merged
+                    evaluate = bind(evaluate_task, store, work_dir)
+                    scored = _run_stage(manifest, evaluate, {"train": lora["key"]}, train_url=lora["url"], base=config.base,
+                                        codec=config.codec, normalized_url=normalized["url"], store_root=store.root,
+                                        work_dir=str(work_dir), seed=config.seed)
+                    chosen = scored["checkpoint"]
                 merge = bind(merge_task, store, work_dir)
-                merged = _run_stage(manifest, merge, {"checkpoint": lora["checkpoint"], "base": manifest.inputs["base"]},
-                                    checkpoint=lora["checkpoint"], base=config.base, store_root=store.root,
+                merged = _run_stage(manifest, merge, {"checkpoint": chosen, "base": manifest.inputs["base"]},
+                                    checkpoint=chosen, base=config.base, store_root=store.root,
                                     work_dir=str(work_dir), project=config.project, train_key=lora["key"])
             else:
                 logger.warning("no --base given: stopping after pack (train and merge need a base model)")
@@ -190,6 +206,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "report": written["report"],
         "stages": [asdict(s) for s in manifest.stages],
         "normalized": normalized["url"],
-        "recommended_checkpoint": lora["checkpoint"] if lora else None,
+        "recommended_checkpoint": chosen,  # what was merged: the previews' pick with evaluate, else train's
         "merged_model": merged["url"] if merged else None,
     }

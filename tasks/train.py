@@ -242,3 +242,70 @@ def latest_lora(store: Store, project: str, base: str) -> str:
             f"{lineage['base_sha256'][:12]}…, this base is {base_sha[:12]}…; use the same base or run without warm_start"
         )
     return lineage["adapter"]
+
+
+PREVIEW_SENTENCES = ("This is a short preview of the finetuned voice.", "How does it sound to you?")
+
+
+@task(name="evaluate", cache_policy=content_policy(["train_url", "base", "codec", "normalized_url"], ignore=["work_dir"]),
+      persist_result=True)
+def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, store_root: str, work_dir: str,
+                  max_new_tokens: int = 64, seed: int = 0, max_references: int = 8) -> dict:
+    """Previews of the base and each kept checkpoint, scored (speaker similarity + audio checks).
+
+    Publishes ``evaluate/<key>/<base|step_N>/NN.wav`` + ``scores.json``; returns the checkpoint
+    :func:`recommend_checkpoint` picks (its URL in the train artifact).
+    """
+    from fish_speech_core.audio import AUDIO_EXTENSIONS
+    from fish_speech_core.evaluate.previews import recommend_checkpoint, render_previews, score_previews
+
+    store = Store(store_root)
+    work = Path(work_dir)
+    inputs = {"train": storage.hash_tree(train_url), "base": storage.hash_any(base), "codec": storage.hash_any(codec),
+              "normalized": storage.hash_tree(normalized_url)}
+    params = {"max_new_tokens": max_new_tokens, "seed": seed, "sentences": list(PREVIEW_SENTENCES)}
+    key = storage.artifact_key("evaluate", inputs, params, storage.code_version())
+    artifact = store.lookup("evaluate", key)
+    if artifact is not None:
+        scores = json.loads(store.read_bytes(f"evaluate/{key}/scores.json"))
+        return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": scores["checkpoint"],
+                "summary": scores["summary"]}
+    trained = local_tree(train_url, work / "inputs")
+    base_dir = local_tree(base, work / "inputs")
+    codec_file = local_file(codec, work / "inputs")
+    clips = local_tree(normalized_url, work / "inputs")
+    audio = sorted(p for p in clips.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith("."))
+    if not audio:
+        raise ValueError(f"no normalized audio in {storage.redact(normalized_url)} to compare previews with")
+    prompt = audio[0]
+    prompt_text = prompt.with_suffix(".lab").read_text().strip() if prompt.with_suffix(".lab").is_file() else None
+    references = audio[:max_references]
+    history = {r["step"]: r for r in json.loads((trained / "history.json").read_text())}
+    out = work / "evaluate" / key[:16]
+    rows, files = [], {}
+    from fish_speech_core.evaluate.speaker import ResemblyzerEmbedder
+
+    embedder = ResemblyzerEmbedder()  # loaded once for every model
+    candidates = [("base", None)] + [(p.stem, p) for p in sorted((trained / "checkpoints").glob("step_*.ckpt"))]
+    for name, ckpt in candidates:
+        wavs = render_previews(base_dir, ckpt, codec_file, list(PREVIEW_SENTENCES), prompt, prompt_text, out / name,
+                               seed=seed, max_new_tokens=max_new_tokens)
+        try:
+            scored = score_previews(wavs, list(PREVIEW_SENTENCES), references, embedder=embedder)
+            problem = None
+        except (RuntimeError, ValueError) as err:  # e.g. an empty clip (an untrained model stops at once)
+            scored, problem = {"similarity": None, "ok_fraction": 0.0, "duration_ratio": None}, f"not scored: {err}"
+            get_run_logger().warning("previews of %s %s", name, problem)
+        step = 0 if ckpt is None else _step(ckpt)
+        rows.append({"name": name, "step": step, "similarity": scored["similarity"], "ok_fraction": scored["ok_fraction"],
+                     "duration_ratio": scored["duration_ratio"], "val_loss": history.get(step, {}).get("val_loss"),
+                     "previews": [f"{name}/{Path(w).name}" for w in wavs], "problem": problem})
+        files |= {f"{name}/{Path(w).name}": Path(w) for w in wavs}
+    pick, rule = recommend_checkpoint([r for r in rows if r["name"] != "base"])
+    checkpoint = storage.join(train_url, "checkpoints", f"{pick['name']}.ckpt")
+    summary = {"rows": rows, "recommended_step": pick["step"], "rule": rule}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "scores.json").write_text(json.dumps({"checkpoint": checkpoint, "summary": summary}, indent=2))
+        files["scores.json"] = Path(tmp) / "scores.json"
+        artifact = store.publish("evaluate", key, files, metadata={"inputs": inputs, "params": params})
+    return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": checkpoint, "summary": summary}

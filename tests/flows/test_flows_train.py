@@ -94,6 +94,14 @@ def test_fishtune_demo_end_to_end(tmp_path):
     assert load_pretrained(merged).model.config.n_layer == 2
     assert report.is_file() and report.parent.parent == out / "store" / "runs"
     assert Path(recommended).is_file() and Path(recommended).name in report.read_text()
+    text = report.read_text()  # previews of the base and the 2 checkpoints, scored; their pick was merged
+    assert "## Previews" in text and "| base |" in text and "| step_000000020 |" in text
+    assert "**Merged checkpoint (previews):** step" in text
+    scores = json.loads(next((out / "store" / "evaluate").glob("*/scores.json")).read_text())
+    assert [r["step"] for r in scores["summary"]["rows"]] == [0, 10, 20]
+    assert all(list((out / "store" / "evaluate").glob(f"*/{p}")) for r in scores["summary"]["rows"] for p in r["previews"])
+    lineage = json.loads((merged / "lineage.json").read_text())
+    assert lineage["adapter"] == scores["checkpoint"]
     assert (out / "prefect-home").is_dir()  # Prefect's state stayed under --output
     assert "train:" in done.stderr  # training progress was shown
 

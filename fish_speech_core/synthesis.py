@@ -120,21 +120,31 @@ def load_synthesizer(
 def load_lora_model(
     model_dir: str | os.PathLike, lora: str | os.PathLike, dtype: torch.dtype
 ) -> torch.nn.Module:
-    """Base model + LoRA adapter checkpoint, applied without merging.
+    """Base model + LoRA adapter checkpoint (a training checkpoint or a reference LoRA ckpt).
 
-    Uses the trainer's ``fish_speech_core.lm.lora.load_adapter(model, path)`` when it exists.
+    The adapter is folded into the weights in memory (fp32, then cast to ``dtype``); nothing is
+    written. Its metadata (ours carry it) must match the base ``model.pth``; an adapter without
+    metadata is read as the recipe's ``r_8_alpha_16``.
     """
+    from pathlib import Path
+
+    from fish_speech_core.files import sha256_file
+    from fish_speech_core.finetune.lora import (
+        DEFAULT_PRESET, LoraSettings, add_lora, load_lora_state_dict, merge_lora, read_adapter,
+    )
     from fish_speech_core.lm import load_pretrained
 
-    try:
-        from fish_speech_core.lm.lora import load_adapter  # type: ignore[import-not-found]
-    except ImportError as error:
-        raise NotImplementedError(
-            "LoRA adapters cannot be applied yet in this build (fish_speech_core.lm.lora is "
-            "missing); merge the adapter first and pass the merged folder as --model"
-        ) from error
-    model = load_pretrained(model_dir, dtype=dtype).model
-    return load_adapter(model, lora)
+    adapter = read_adapter(lora)  # LoraError (a ValueError) names the file when it is not an adapter
+    settings = adapter.metadata.settings if adapter.metadata is not None else LoraSettings.from_name(DEFAULT_PRESET)
+    base_file = Path(model_dir) / "model.pth"
+    if adapter.metadata is not None:
+        adapter.metadata.check(settings, sha256_file(base_file) if base_file.is_file() else None)
+    loaded = load_pretrained(model_dir, dtype=torch.float32)
+    model = add_lora(loaded.model, settings)
+    load_lora_state_dict(model, adapter.tensors)
+    model = merge_lora(model).to(dtype)
+    model.tokenizer = loaded.tokenizer
+    return model
 
 
 def encode_reference(synth: Synthesizer, audio_path: str | os.PathLike) -> Tensor:

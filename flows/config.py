@@ -19,11 +19,11 @@ class AudioFormat(str, Enum):
 
 
 class Preset(str, Enum):
-    """LoRA training presets (used once the train stage is wired)."""
+    """LoRA training presets (settings in tasks/train.py:PRESETS)."""
 
-    tiny = "tiny"  # CPU demo and tests
-    small = "small"  # r=8, the Fish Speech 1.4 recipe default
-    large = "large"
+    tiny = "tiny"  # CPU demo and tests: r=4, batch 2, max length 256, validate every 10 steps
+    small = "small"  # the Fish Speech 1.4 recipe: r=8 alpha=16, batch 8, validate every 100 steps
+    large = "large"  # r=32 alpha=64
 
 
 class NormalizeOptions(BaseModel):
@@ -61,11 +61,13 @@ class FinetuneConfig(BaseModel):
     text_extension: str = Field(".lab", pattern=r"^\.[A-Za-z0-9]+$", description="Transcript file extension.")
     normalize: NormalizeOptions = Field(default_factory=NormalizeOptions, description="Loudness normalization.")
     num_workers: int = Field(1, ge=1, le=64, description="Worker processes for validate / normalize.")
-    # TODO(extract/train/merge): these are recorded in the manifest now and used once the stages land.
     base: str | None = Field(None, description="Base model folder or URL (Fish Speech 1.4 LLaMA checkpoint + tokenizer).")
     codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
     preset: Preset = Field(Preset.small, description="LoRA training preset.")
     max_steps: int = Field(1000, gt=0, le=1_000_000, description="Training steps.")
+    seed: int = Field(42, ge=0, description="Seed of the training sample stream and the adapter init.")
+    progress_every: int = Field(10, ge=1, le=100_000, description="Update the training progress in the Prefect UI every this many steps.")
+    evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")
     warm_start: bool = Field(False, description="Continue from the latest successful LoRA of this project instead of the base.")
     gpu_pool: str | None = Field(
         None, description="Run extract/train as child deployments on this work pool (e.g. 'cuda'). Empty: in this process."

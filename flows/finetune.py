@@ -23,9 +23,11 @@ from fish_speech_core import storage
 from fish_speech_core.storage import RunManifest, StageRecord, Store
 from flows.config import FinetuneConfig
 from flows.extract import extract_on_pool
+from flows.train import train_on_pool
 from tasks import data as data_tasks
 from tasks.codec import extract_task
 from tasks.runtime import bind, default_work_dir
+from tasks.train import evaluate_task, latest_lora, merge_task, train_task
 
 
 def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) -> dict:
@@ -41,7 +43,7 @@ def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) ->
         cached=state.name == "Cached",
         seconds=round(seconds, 3),
         inputs=inputs,
-        outputs={k: result[k] for k in ("url", "manifest", "shards") if k in result},
+        outputs={k: result[k] for k in ("url", "manifest", "shards", "checkpoint") if k in result and result[k]},
         summary=result.get("summary", {}),
     )
     manifest.stages.append(record)
@@ -68,7 +70,30 @@ def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
     lines += [
         f"| {s.stage} | {'hit' if s.cached else 'miss'} | {s.seconds:.2f} | `{storage.redact(s.url)}` |" for s in manifest.stages
     ]
-    # TODO(train): training curve table, recommended checkpoint; TODO(merge): merged model location.
+    trained = next((s for s in manifest.stages if s.stage == "train"), None)
+    if trained:
+        t = trained.summary
+        lines += ["", "## Training", ""]
+        if t.get("resumed_from_step"):
+            lines += [f"Resumed from the checkpoint at step {t['resumed_from_step']}.", ""]
+        lines += ["| step | train loss | val loss |", "|---:|---:|---:|"]
+        fmt = lambda v: "" if v is None else f"{v:.4f}"
+        lines += [f"| {r['step']} | {fmt(r.get('train_loss'))} | {fmt(r.get('val_loss'))} |" for r in t.get("history", [])]
+        checkpoint = trained.outputs.get("checkpoint")
+        lines += ["", f"**Recommended checkpoint:** step {t.get('recommended_step')} — `{storage.redact(checkpoint or '')}`"
+                  + (f" ({t['recommended_note']})" if t.get("recommended_note") else "")]
+    evaluated = next((s for s in manifest.stages if s.stage == "evaluate"), None)
+    if evaluated:
+        e = evaluated.summary
+        lines += ["", "## Previews", "", "| model | similarity | checks ok | val loss | previews |", "|---|---:|---:|---:|---|"]
+        num = lambda v, f: "" if v is None else format(v, f)
+        lines += [f"| {r['name']} | {num(r['similarity'], '.3f')} | {num(r['ok_fraction'], '.0%')} | {num(r['val_loss'], '.4f')} | "
+                  + ", ".join(f"`{storage.redact(storage.join(evaluated.url, p))}`" for p in r["previews"]) + " |" for r in e["rows"]]
+        lines += ["", f"**Merged checkpoint (previews):** step {e['recommended_step']} — "
+                  f"`{storage.redact(evaluated.outputs.get('checkpoint', ''))}` ({e['rule']})"]
+    merged = next((s for s in manifest.stages if s.stage == "merge"), None)
+    if merged:
+        lines += ["", f"**Merged model:** `{storage.redact(merged.url)}` (version `{merged.summary.get('version')}`)"]
     return "\n".join(lines) + "\n"
 
 
@@ -93,6 +118,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     fetch = data_tasks.fetch_data  # I/O only: retries, no cache (the mirror is itself incremental)
     validate = bind(data_tasks.validate_task, store, work_dir)
     normalize = bind(data_tasks.normalize_task, store, work_dir)
+    lora = merged = chosen = None
     try:
         data_dir = fetch(config.data, str(work_dir), [config.speaker] if config.speaker else None)
         data_input = {"data": storage.redact(config.data)}
@@ -124,13 +150,39 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             extract = bind(extract_on_pool if config.gpu_pool else extract_task, store, work_dir)
             tokens = _run_stage(manifest, extract, {"normalize": normalized["key"]}, **extract_args)
             pack = bind(data_tasks.pack_task, store, work_dir)
-            _run_stage(manifest, pack, {"extract": tokens["key"]}, codes_dir=tokens["url"], store_root=store.root,
-                       text_extension=config.text_extension, num_workers=config.num_workers)
+            packed = _run_stage(manifest, pack, {"extract": tokens["key"]}, codes_dir=tokens["url"], store_root=store.root,
+                                text_extension=config.text_extension, num_workers=config.num_workers)
+            if config.base:
+                init_lora = latest_lora(store, config.project, config.base) if config.warm_start else None
+                if init_lora:
+                    manifest.inputs["init_lora"] = storage.redact(init_lora)
+                # GPU step: in this process by default (resumes its own run folder after a failure,
+                # never a blind retry), or the train_flow deployment on the GPU pool.
+                train = bind(train_on_pool if config.gpu_pool else train_task, store, work_dir)
+                lora = _run_stage(
+                    manifest, train, {"pack": packed["key"], "base": manifest.inputs["base"]},
+                    pack_url=packed["url"], base=config.base, store_root=store.root, work_dir=str(work_dir),
+                    project=config.project, preset=config.preset.value, max_steps=config.max_steps,
+                    seed=config.seed, init_lora=init_lora, progress_every=config.progress_every,
+                )
+                if not lora["checkpoint"]:
+                    raise RuntimeError(f"training published no checkpoint: see {storage.redact(lora['url'])}")
+                chosen = lora["checkpoint"]
+                if config.evaluate:  # previews decide which checkpoint is merged
+                    evaluate = bind(evaluate_task, store, work_dir)
+                    scored = _run_stage(manifest, evaluate, {"train": lora["key"]}, train_url=lora["url"], base=config.base,
+                                        codec=config.codec, normalized_url=normalized["url"], store_root=store.root,
+                                        work_dir=str(work_dir), seed=config.seed)
+                    chosen = scored["checkpoint"]
+                merge = bind(merge_task, store, work_dir)
+                merged = _run_stage(manifest, merge, {"checkpoint": chosen, "base": manifest.inputs["base"]},
+                                    checkpoint=chosen, base=config.base, store_root=store.root,
+                                    work_dir=str(work_dir), project=config.project, train_key=lora["key"])
+            else:
+                logger.warning("no --base given: stopping after pack (train and merge need a base model)")
         else:
             logger.warning("no --codec given: stopping after normalize (extract, pack and train need it)")
-        # TODO(train): lora = train_flow(...) or run_deployment on config.gpu_pool; resume, never blind retries.
-        # TODO(merge): merged = _run_stage(manifest, merge, {"train": lora["key"]}, ...) -> new versioned location.
-        # TODO(evaluate): metrics on the merged model.
+        # TODO(evaluate): previews of the kept checkpoints and the base.
         manifest.status = "completed"
     except BaseException:
         manifest.status = "failed"
@@ -154,4 +206,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "report": written["report"],
         "stages": [asdict(s) for s in manifest.stages],
         "normalized": normalized["url"],
+        "recommended_checkpoint": chosen,  # what was merged: the previews' pick with evaluate, else train's
+        "merged_model": merged["url"] if merged else None,
     }

@@ -19,7 +19,7 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
     "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
     "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
     "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
-    "max_steps": "--max-steps", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+    "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
 }
 
 
@@ -54,6 +54,9 @@ def finetune_command(
     codec: str | None = typer.Option(None, "--codec", help=_F["codec"].description),
     preset: Preset = typer.Option(_F["preset"].default.value, "--preset", help=_F["preset"].description),
     max_steps: int = typer.Option(_F["max_steps"].default, "--max-steps", help=_F["max_steps"].description),
+    seed: int = typer.Option(_F["seed"].default, "--seed", help=_F["seed"].description),
+    progress_every: int = typer.Option(_F["progress_every"].default, "--progress-every", help=_F["progress_every"].description),
+    evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help=_F["evaluate"].description),
     warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
     gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
     loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
@@ -70,17 +73,28 @@ def finetune_command(
     console = Console(stderr=True)
     config = build_config(
         data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
-        preset=preset, max_steps=max_steps, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
+        preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, evaluate=evaluate, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
         peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
     )
     _prefect_defaults()
     from fish_speech_core.storage import redact
     from flows.finetune import finetune
 
+    _run_and_print(config, console)
+
+
+def _run_and_print(config: FinetuneConfig, console) -> dict:
+    """Run the flow, print the stage table and where the report / merged model are; exit 1 on failure."""
+    from rich.table import Table
+
+    from fish_speech_core.storage import redact
+    from flows.finetune import finetune
+
     state = finetune(config, return_state=True)
     if not state.is_completed():
         console.print(f"[red]finetune failed:[/red] {state.message}")
-        console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume from cache.")
+        console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume "
+                      "(finished stages come from cache, training continues from its last checkpoint).")
         raise typer.Exit(1)
     result = state.result()
     table = Table(title=f"finetune {config.project}: run {result['run_id']}")
@@ -89,8 +103,57 @@ def finetune_command(
     for stage in result["stages"]:
         table.add_row(stage["stage"], "hit" if stage["cached"] else "miss", f"{stage['seconds']:.2f}", redact(stage["url"]))
     console.print(table)
-    console.print(f"Report:   {redact(result['report'])}")
-    console.print(f"Manifest: {redact(result['manifest'])}")
+    if result.get("recommended_checkpoint"):
+        console.print(f"Recommended checkpoint: {redact(result['recommended_checkpoint'])}", soft_wrap=True)
+    if result.get("merged_model"):
+        console.print(f"Merged model: {redact(result['merged_model'])}", soft_wrap=True)
+    console.print(f"Report:   {redact(result['report'])}", soft_wrap=True)
+    console.print(f"Manifest: {redact(result['manifest'])}", soft_wrap=True)
+    return result
+
+
+def demo_command(
+    output: Path = typer.Option(Path("demo-output"), "--output", help="Folder for everything the demo makes: tiny models, the store (artifacts, merged model, run report) and Prefect's home."),
+    max_steps: int = typer.Option(30, "--max-steps", min=1, max=10_000, help="Training steps (the tiny preset validates and checkpoints every 10)."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Render and score previews of the base and each checkpoint (random models: the clips are noise or empty)."),
+    data: Path = typer.Option(REPO / "examples" / "demo-data", "--data", exists=True, file_okay=False, help="Dataset folder (one folder per speaker of audio + .lab transcripts)."),
+) -> None:
+    """Run the whole finetune flow on the demo data with a tiny random base model and codec (no download).
+
+    Ephemeral Prefect (a temporary local server), a local store under --output; a few minutes on 2 CPU cores.
+    The models are random, so the merged model speaks nonsense: the demo shows the pipeline, not a voice.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    output = output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    # Before Prefect is imported: its own home under --output (no user profile, no server URL, so
+    # ephemeral mode), no telemetry, and a startup timeout that holds on a loaded 2-core machine.
+    os.environ["PREFECT_HOME"] = str(output / "prefect-home")
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ["DO_NOT_TRACK"] = "1"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
+
+    base, codec = output / "models" / "base-tiny", output / "models" / "codec-tiny.pth"
+    with console.status("making a tiny random base model and codec (seeded: the same bytes every time)"):
+        if not (base / "model.pth").is_file():
+            from fish_speech_core.lm.config import PRESETS
+            from fish_speech_core.lm.init_base import init_base
+
+            init_base(base, PRESETS["tiny"], seed=0)
+        if not codec.is_file():
+            from fish_speech_core.codec import init_codec, save_codec
+            from fish_speech_core.codec.config import FireflyConfig
+
+            save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
+    config = build_config(
+        data=str(data), project="demo", storage=str(output / "store"), base=str(base), codec=str(codec),
+        preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate, loudness=-23.0, peak=-1.0, format=AudioFormat.keep,
+    )
+    console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)")
+    _run_and_print(config, console)
 
 
 def _deployable(prefect_file: Path, source: Path) -> tuple[list[str], list[str]]:
@@ -141,3 +204,4 @@ def deploy_command(
 def register(app: typer.Typer) -> None:
     app.command("finetune")(finetune_command)
     app.command("deploy")(deploy_command)
+    app.command("demo")(demo_command)

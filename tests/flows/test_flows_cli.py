@@ -39,12 +39,14 @@ def test_finetune_reports_every_bad_value_by_flag(tmp_path):
         assert flag in text
 
 
-def test_deploy_skips_flows_that_have_not_landed(tmp_path):
+def test_deploy_finds_every_flow_and_skips_missing_ones(tmp_path):
     ready, missing = _deployable(REPO / "deployments" / "prefect.yaml", REPO)
-    assert set(ready) >= {"finetune", "watch"}
-    assert set(ready) | set(missing) == {"finetune", "extract", "train", "watch"}
-    for name in missing:
-        assert not (REPO / "flows" / f"{name}.py").exists()
+    assert (set(ready), missing) == ({"finetune", "extract", "train", "watch"}, [])
+    source = tmp_path / "src"  # a source tree without flows/train.py: that deployment is skipped
+    shutil.copytree(REPO / "flows", source / "flows")
+    (source / "flows" / "train.py").unlink()
+    ready, missing = _deployable(REPO / "deployments" / "prefect.yaml", source)
+    assert missing == ["train"] and set(ready) == {"finetune", "extract", "watch"}
 
 
 @pytest.mark.slow

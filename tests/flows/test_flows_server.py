@@ -37,6 +37,8 @@ def deployed(prefect_server, tmp_path_factory):
         with get_client(sync_client=True) as client:
             finetune = client.read_deployment_by_name("finetune/finetune")
             watch = client.read_deployment_by_name("watch/watch")
+            train = client.read_deployment_by_name("train/train")  # train_flow on the cuda pool, one at a time
+            assert train.work_pool_name == "cuda"
             # no cron-started watch runs (and the events they emit) while these tests count runs
             client.pause_deployment(watch.id)
         prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log")
@@ -167,13 +169,18 @@ def test_parent_on_cpu_runs_extract_as_a_child_on_the_cuda_pool(deployed, tmp_pa
     from fish_speech_core.codec.config import FireflyConfig
     from tasks.remote import ChildRunFailed, run_child
 
+    from fish_speech_core.lm.config import PRESETS
+    from fish_speech_core.lm.init_base import init_base
+
     codec = tmp_path / "codec-tiny.pth"
     save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
+    init_base(tmp_path / "base", PRESETS["tiny"], seed=0)
     config = {"data": str(deployed.data), "storage": str(deployed.store), "speaker": "carmen", "project": "gpu-child",
-              "codec": str(codec), "gpu_pool": "cuda"}
+              "codec": str(codec), "gpu_pool": "cuda", "base": str(tmp_path / "base"), "preset": "tiny", "max_steps": 10}
     result = run_child("finetune/finetune", {"config": config}, timeout=300, poll_interval=1)
     stages = {s["stage"]: s for s in result["stages"]}
-    assert list(stages) == ["validate", "normalize", "extract", "pack"]
+    assert list(stages) == ["validate", "normalize", "extract", "pack", "train", "merge"]
+    assert stages["train"]["summary"]["final_step"] == 10 and result["merged_model"]
     assert stages["extract"]["summary"]["extracted"] == 8 and stages["pack"]["summary"]["sentences"] == 8
     with get_client(sync_client=True) as client:
         extract = client.read_deployment_by_name("extract/extract")
@@ -181,6 +188,11 @@ def test_parent_on_cpu_runs_extract_as_a_child_on_the_cuda_pool(deployed, tmp_pa
         children = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[extract.id])))
     assert [(c.state.name, c.work_pool_name) for c in children] == [("Completed", "cuda")]
     assert children[0].parameters["codec"] == str(codec)
+    with get_client(sync_client=True) as client:  # training ran as a child run of train_flow on the cuda pool
+        train = client.read_deployment_by_name("train/train")
+        assert train.global_concurrency_limit.limit == 1
+        children = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[train.id])))
+    assert [(c.state.name, c.work_pool_name) for c in children] == [("Completed", "cuda")]
 
     # A failing child fails the parent, with the child's name and state in the message.
     broken = tmp_path / "broken.pth"

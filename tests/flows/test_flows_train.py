@@ -1,0 +1,129 @@
+"""train + merge in the finetune flow: a failed train fails the flow; the rerun resumes it."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.config import FinetuneConfig
+
+DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    from fish_speech_core.codec import init_codec, save_codec
+    from fish_speech_core.codec.config import FireflyConfig
+    from fish_speech_core.lm.config import PRESETS
+    from fish_speech_core.lm.init_base import init_base
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    init_base(root / "base", PRESETS["tiny"], seed=0)
+    save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), root / "codec.pth")
+    return root / "base", root / "codec.pth"
+
+
+@pytest.mark.slow
+def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_path, tiny_models, monkeypatch):
+    from fish_speech_core.lm.checkpoint import load_pretrained
+    from flows.finetune import finetune
+    from tasks.train import FAULT_ENV
+
+    base, codec = tiny_models
+    data = tmp_path / "data"
+    shutil.copytree(DEMO, data)
+    config = FinetuneConfig(data=str(data), storage=str(tmp_path / "store"), project="resume", base=str(base),
+                            codec=str(codec), preset="tiny", max_steps=20, progress_every=5)
+    monkeypatch.setenv(FAULT_ENV, "10")  # raise once, at the first step past the step-10 checkpoint
+
+    state = finetune(config, return_state=True)
+    assert state.is_failed()
+    runs = sorted((tmp_path / "store" / "runs").iterdir())
+    failed = json.loads((runs[0] / "manifest.json").read_text())
+    assert failed["status"] == "failed"
+    assert [s["stage"] for s in failed["stages"]] == ["validate", "normalize", "extract", "pack"]
+
+    result = finetune(config)
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert [s["stage"] for s in result["stages"]] == ["validate", "normalize", "extract", "pack", "train", "merge"]
+    assert all(stages[name]["cached"] for name in ("validate", "normalize", "extract", "pack"))
+    train = stages["train"]
+    assert not train["cached"]
+    assert train["summary"]["resumed_from_step"] == 10  # the step counter continued from the checkpoint
+    assert train["summary"]["final_step"] == 20
+    assert [r["step"] for r in train["summary"]["history"]] == [0, 10, 20]
+    recommended = result["recommended_checkpoint"]
+    assert recommended and Path(recommended).is_file()
+    assert recommended.endswith(f"step_{train['summary']['recommended_step']:09d}.ckpt")
+
+    merged = Path(result["merged_model"])
+    assert merged.parent == tmp_path / "store" / "models" / "resume"
+    loaded = load_pretrained(merged)
+    assert loaded.model.config.dim == 64 and (merged / "lineage.json").is_file()
+    report = Path(result["report"]).read_text()
+    assert "Recommended checkpoint" in report and Path(recommended).name in report and merged.name in report
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    assert manifest["status"] == "completed"
+    assert {s["stage"]: s for s in manifest["stages"]}["train"]["outputs"]["checkpoint"] == recommended
+
+    again = finetune(config)  # nothing changed: every stage cached, the same model folder, nothing overwritten
+    assert all(s["cached"] for s in again["stages"]) and again["merged_model"] == result["merged_model"]
+
+
+@pytest.mark.slow
+def test_fishtune_demo_end_to_end(tmp_path):
+    """`fishtune demo` in a fresh process: ephemeral Prefect, tiny models made on the fly."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from fish_speech_core.lm.checkpoint import load_pretrained
+
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["COLUMNS"] = "200"
+    done = subprocess.run([sys.executable, "-m", "fishtune", "demo", "--output", str(out), "--max-steps", "20"],
+                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = Path(re.search(r"Merged model: (\S+)", done.stderr).group(1))
+    report = Path(re.search(r"Report: +(\S+)", done.stderr).group(1))
+    recommended = re.search(r"Recommended checkpoint: (\S+)", done.stderr).group(1)
+    assert merged.parent == out / "store" / "models" / "demo"
+    assert load_pretrained(merged).model.config.n_layer == 2
+    assert report.is_file() and report.parent.parent == out / "store" / "runs"
+    assert Path(recommended).is_file() and Path(recommended).name in report.read_text()
+    text = report.read_text()  # previews of the base and the 2 checkpoints, scored; their pick was merged
+    assert "## Previews" in text and "| base |" in text and "| step_000000020 |" in text
+    assert "**Merged checkpoint (previews):** step" in text
+    scores = json.loads(next((out / "store" / "evaluate").glob("*/scores.json")).read_text())
+    assert [r["step"] for r in scores["summary"]["rows"]] == [0, 10, 20]
+    assert all(list((out / "store" / "evaluate").glob(f"*/{p}")) for r in scores["summary"]["rows"] for p in r["previews"])
+    lineage = json.loads((merged / "lineage.json").read_text())
+    assert lineage["adapter"] == scores["checkpoint"]
+    assert (out / "prefect-home").is_dir()  # Prefect's state stayed under --output
+    assert "train:" in done.stderr  # training progress was shown
+
+
+def test_warm_start_refuses_another_base(tmp_path, tiny_models):
+    import json as _json
+
+    from fish_speech_core import storage
+    from fish_speech_core.storage import Store
+    from tasks.train import WarmStartError, latest_lora
+
+    base, _ = tiny_models
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(WarmStartError, match="no earlier merged model"):
+        latest_lora(store, "voice", str(base))
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "lineage.json").write_text(_json.dumps({"adapter": "/x/step_000000010.ckpt", "base_sha256": "0" * 64}))
+    store.publish("models/voice", "20260101T000000-aaaa", model_dir)
+    with pytest.raises(WarmStartError, match="trained on base model.pth sha256 000000000000"):
+        latest_lora(store, "voice", str(base))
+    good = storage.hash_url(str(base / "model.pth"))
+    (model_dir / "lineage.json").write_text(_json.dumps({"adapter": "/y/step_000000020.ckpt", "base_sha256": good}))
+    store.publish("models/voice", "20260102T000000-bbbb", model_dir)
+    assert latest_lora(store, "voice", str(base)) == "/y/step_000000020.ckpt"  # the newest version

@@ -132,6 +132,9 @@ def _read(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return to_mono(audio), rate
 
 
+MIN_SIMILARITY_SECONDS = 0.5  # the voice encoder needs at least a few of its 1.6 s windows' worth
+
+
 def score_previews(
     previews: Sequence[str | os.PathLike],
     texts: Sequence[str],
@@ -157,8 +160,14 @@ def score_previews(
         checks = audio_checks(audio, rate, text)
         row = {"file": str(path), "text": text, **checks.as_dict()}
         row["problems"] = list(checks.problems)
+        # An empty or all-silent clip (a model that never emits codes) has no voice to compare:
+        # it fails its checks and gets no similarity, instead of failing the whole scoring.
+        speech = audio.size >= rate * MIN_SIMILARITY_SECONDS and checks.silence_fraction < 0.99
+        if not speech:
+            row["ok"] = False
+            row["problems"].append("no speech to compare voices")
         row["similarity"] = (
-            speaker_similarity(embedder, audio, rate, references) if references else None
+            speaker_similarity(embedder, audio, rate, references) if references and speech else None
         )
         if transcriber is not None:
             hypothesis = transcriber.transcribe(audio, rate)

@@ -76,6 +76,19 @@ def test_score_previews_summary(voices, embedder):
     assert summary["ok_fraction"] == 1.0
 
 
+def test_an_empty_clip_fails_its_checks_instead_of_the_scoring(voices, embedder, tmp_path):
+    import soundfile
+
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0), 44100)  # what a model that never emits codes renders
+    summary = score_previews([empty, voices["en-us"][1]], SENTENCES[:2], voices["en-us"][:1], embedder)
+    first, second = summary["files"]
+    assert first["similarity"] is None and first["ok"] is False
+    assert "no speech to compare voices" in first["problems"]
+    assert second["similarity"] > 0.8 and summary["similarity"] == second["similarity"]
+    assert summary["ok_fraction"] == 0.5
+
+
 def test_pluggable_transcriber_gives_word_error_rate(voices, embedder):
     class Echo:  # stands in for an ASR engine: hears one word wrong
         def transcribe(self, audio, rate):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from fish_speech_core import storage
@@ -48,6 +48,11 @@ def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) ->
     )
     manifest.stages.append(record)
     return result
+
+
+def plot_url(evaluated: StageRecord) -> str:
+    """Where the evaluate stage's loss/similarity plot lives on the store (redacted URL or local path)."""
+    return storage.redact(storage.join(evaluated.url, evaluated.summary["plot"]))
 
 
 def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
@@ -85,10 +90,17 @@ def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
     evaluated = next((s for s in manifest.stages if s.stage == "evaluate"), None)
     if evaluated:
         e = evaluated.summary
-        lines += ["", "## Previews", "", "| model | similarity | checks ok | val loss | previews |", "|---|---:|---:|---:|---|"]
+        lines += ["", "## Previews", "", "Duration = rendered / expected seconds for the text (sane in 0.5–2); "
+                  "checks ok = share of clips without silence, clipping or duration problems.", "",
+                  "| model | step | val loss | similarity | duration | checks ok | previews |", "|---|---:|---:|---:|---:|---:|---|"]
         num = lambda v, f: "" if v is None else format(v, f)
-        lines += [f"| {r['name']} | {num(r['similarity'], '.3f')} | {num(r['ok_fraction'], '.0%')} | {num(r['val_loss'], '.4f')} | "
-                  + ", ".join(f"`{storage.redact(storage.join(evaluated.url, p))}`" for p in r["previews"]) + " |" for r in e["rows"]]
+        link = lambda p: f"[{Path(p).name}]({storage.redact(storage.join(evaluated.url, p))})"
+        lines += [f"| {r['name']} | {r['step']} | {num(r.get('val_loss'), '.4f')} | {num(r.get('similarity'), '.3f')} | "
+                  f"{num(r.get('duration_ratio'), '.2f')} | {num(r.get('ok_fraction'), '.0%')} | "
+                  + (", ".join(link(p) for p in r["previews"]) or "none") + " |" for r in e["rows"]]
+        if e.get("plot"):
+            plot = plot_url(evaluated)
+            lines += ["", f"![held-out loss and similarity vs step]({plot})", "", f"Plot: `{plot}`"]
         lines += ["", f"**Merged checkpoint (previews):** step {e['recommended_step']} — "
                   f"`{storage.redact(evaluated.outputs.get('checkpoint', ''))}` ({e['rule']})"]
     merged = next((s for s in manifest.stages if s.stage == "merge"), None)
@@ -97,8 +109,16 @@ def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _artifact_key(project: str) -> str:
-    return re.sub(r"[^a-z0-9-]", "-", f"fishtune-{project}-report".lower())
+def _artifact_key(project: str, what: str = "report") -> str:
+    return re.sub(r"[^a-z0-9-]", "-", f"fishtune-{project}-{what}".lower())
+
+
+def _plot_artifact(project: str, evaluated: StageRecord) -> None:
+    """An image artifact for the plot, only when the UI can fetch it (an http(s) store URL)."""
+    if evaluated.summary.get("plot"):
+        url = plot_url(evaluated)
+        if url.startswith(("http://", "https://")):
+            create_image_artifact(url, key=_artifact_key(project, "checkpoint-plot"), description="loss and similarity vs step")
 
 
 @flow(name="finetune", log_prints=True, persist_result=True)
@@ -174,6 +194,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                                         codec=config.codec, normalized_url=normalized["url"], store_root=store.root,
                                         work_dir=str(work_dir), seed=config.seed)
                     chosen = scored["checkpoint"]
+                    _plot_artifact(config.project, manifest.stages[-1])
                 merge = bind(merge_task, store, work_dir)
                 merged = _run_stage(manifest, merge, {"checkpoint": chosen, "base": manifest.inputs["base"]},
                                     checkpoint=chosen, base=config.base, store_root=store.root,
@@ -182,7 +203,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                 logger.warning("no --base given: stopping after pack (train and merge need a base model)")
         else:
             logger.warning("no --codec given: stopping after normalize (extract, pack and train need it)")
-        # TODO(evaluate): previews of the kept checkpoints and the base.
         manifest.status = "completed"
     except BaseException:
         manifest.status = "failed"

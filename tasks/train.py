@@ -253,11 +253,13 @@ def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, st
                   max_new_tokens: int = 64, seed: int = 0, max_references: int = 8) -> dict:
     """Previews of the base and each kept checkpoint, scored (speaker similarity + audio checks).
 
-    Publishes ``evaluate/<key>/<base|step_N>/NN.wav`` + ``scores.json``; returns the checkpoint
+    Publishes ``evaluate/<key>/<base|step_N>/NN.wav`` + ``scores.json`` + ``plot.png`` (loss and
+    similarity vs step, :func:`plot_checkpoints`); returns the checkpoint
     :func:`recommend_checkpoint` picks (its URL in the train artifact).
     """
     from fish_speech_core.audio import AUDIO_EXTENSIONS
     from fish_speech_core.evaluate.previews import recommend_checkpoint, render_previews, score_previews
+    from fish_speech_core.evaluate.plot import plot_checkpoints
 
     store = Store(store_root)
     work = Path(work_dir)
@@ -303,9 +305,11 @@ def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, st
         files |= {f"{name}/{Path(w).name}": Path(w) for w in wavs}
     pick, rule = recommend_checkpoint([r for r in rows if r["name"] != "base"])
     checkpoint = storage.join(train_url, "checkpoints", f"{pick['name']}.ckpt")
-    summary = {"rows": rows, "recommended_step": pick["step"], "rule": rule}
+    # "plot" is relative to the artifact, like the previews: the report links it on the store.
+    summary = {"rows": rows, "recommended_step": pick["step"], "rule": rule, "plot": "plot.png"}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "scores.json").write_text(json.dumps({"checkpoint": checkpoint, "summary": summary}, indent=2))
         files["scores.json"] = Path(tmp) / "scores.json"
+        files["plot.png"] = plot_checkpoints(rows, Path(tmp) / "plot.png")
         artifact = store.publish("evaluate", key, files, metadata={"inputs": inputs, "params": params})
     return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": checkpoint, "summary": summary}

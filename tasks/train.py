@@ -258,8 +258,8 @@ def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, st
     :func:`recommend_checkpoint` picks (its URL in the train artifact).
     """
     from fish_speech_core.audio import AUDIO_EXTENSIONS
-    from fish_speech_core.evaluate.previews import recommend_checkpoint, render_previews, score_previews
     from fish_speech_core.evaluate.plot import plot_checkpoints
+    from fish_speech_core.evaluate.previews import recommend_checkpoint, render_previews, score_previews
 
     store = Store(store_root)
     work = Path(work_dir)

@@ -20,6 +20,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from fish_speech_core import storage
+from fish_speech_core.doctor import check_compatibility
 from fish_speech_core.storage import RunManifest, StageRecord, Store
 from flows.config import FinetuneConfig
 from flows.extract import extract_on_pool
@@ -121,6 +122,17 @@ def _plot_artifact(project: str, evaluated: StageRecord) -> None:
             create_image_artifact(url, key=_artifact_key(project, "checkpoint-plot"), description="loss and similarity vs step")
 
 
+def _check_models(config: FinetuneConfig) -> None:
+    """Refuse a base checkpoint and codec that do not belong together (``fishtune doctor``'s check)."""
+    local = [p for p in (config.base, config.codec) if p and "://" not in p]
+    if not config.base or not config.codec or len(local) < 2:
+        return  # remote models are checked by the stages that download them
+    errors = [f for f in check_compatibility(config.base, config.codec) if f.level == "error"]
+    if errors:
+        raise ValueError("the base model and the codec do not belong together:\n" + "\n".join(
+            f"- {f.what}: {f.what_to_do}" for f in errors))
+
+
 @flow(name="finetune", log_prints=True, persist_result=True)
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Finetune Fish Speech 1.4 on a dataset: validate, normalize (then extract, pack, train, merge)."""
@@ -140,6 +152,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     normalize = bind(data_tasks.normalize_task, store, work_dir)
     lora = merged = chosen = None
     try:
+        _check_models(config)  # before any heavy step: a 1.2/1.4 mix-up fails here, not deep in training
         data_dir = fetch(config.data, str(work_dir), [config.speaker] if config.speaker else None)
         data_input = {"data": storage.redact(config.data)}
         if config.base:  # lineage: the merged model will point back to these exact base weights

@@ -129,3 +129,23 @@ def test_warm_start_refuses_another_base(tmp_path, tiny_models):
     (model_dir / "lineage.json").write_text(_json.dumps({"adapter": "/y/step_000000020.ckpt", "base_sha256": good}))
     store.publish("models/voice", "20260102T000000-bbbb", model_dir)
     assert latest_lora(store, "voice", str(base)) == "/y/step_000000020.ckpt"  # the newest version
+
+
+def test_a_base_and_codec_that_do_not_belong_together_fail_before_any_stage(prefect_env, tmp_path, tiny_models):
+    from flows.finetune import finetune
+
+    base, codec = tiny_models
+    mismatched = tmp_path / "base-2048"
+    shutil.copytree(base, mismatched)
+    config_json = json.loads((mismatched / "config.json").read_text())
+    config_json["codebook_size"] = 2048  # a head for another codec generation (the 1.2/1.4 mix-up)
+    (mismatched / "config.json").write_text(json.dumps(config_json))
+    config = FinetuneConfig(data=str(DEMO), storage=str(tmp_path / "store"), project="mixup", base=str(mismatched),
+                            codec=str(codec), preset="tiny", max_steps=2)
+    state = finetune(config, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="do not belong together") as error:
+        state.result()
+    assert "2048" in str(error.value) and "1024" in str(error.value)
+    manifest = json.loads(next((tmp_path / "store" / "runs").iterdir()).joinpath("manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["stages"] == []  # nothing heavy ran

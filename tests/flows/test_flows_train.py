@@ -94,6 +94,20 @@ def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_p
     assert first >= 10 * rerun, (first, rerun)
     assert failed_seconds + resumed_seconds >= 5 * cached_seconds, (failed_seconds, resumed_seconds, cached_seconds)
 
+    # Re-finetune with warm_start: data stages from cache, training starts from the latest merged LoRA of the
+    # project, and the result is a new model version beside the previous one (never overwritten).
+    warm = finetune(config.model_copy(update={"warm_start": True, "max_steps": 10}))
+    warm_stages = {s["stage"]: s for s in warm["stages"]}
+    assert all(warm_stages[name]["cached"] for name in ("validate", "normalize", "extract", "pack"))
+    assert not warm_stages["train"]["cached"] and not warm_stages["merge"]["cached"]
+    versions = sorted(p.name for p in (tmp_path / "store" / "models" / "resume").iterdir() if not p.name.startswith("."))
+    assert len(versions) == 2 and Path(warm["merged_model"]).name in versions and merged.name in versions
+    assert load_pretrained(merged).model.config.dim == 64  # the previous version is intact
+    first_lineage = json.loads((merged / "lineage.json").read_text())
+    assert Path(first_lineage["adapter"]).name == Path(recommended).name
+    warm_manifest = json.loads(Path(warm["manifest"]).read_text())
+    assert Path(warm_manifest["inputs"]["init_lora"]).name == Path(recommended).name  # lineage names the start
+
 
 
 @pytest.mark.slow

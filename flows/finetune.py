@@ -20,7 +20,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from fish_speech_core import storage
-from fish_speech_core.doctor import check_compatibility
+from fish_speech_core.doctor import check_compatibility, read_codec_config
 from fish_speech_core.storage import RunManifest, StageRecord, Store
 from flows.config import FinetuneConfig
 from flows.extract import extract_on_pool
@@ -127,6 +127,10 @@ def _check_models(config: FinetuneConfig) -> None:
     local = [p for p in (config.base, config.codec) if p and "://" not in p]
     if not config.base or not config.codec or len(local) < 2:
         return  # remote models are checked by the stages that download them
+    try:
+        read_codec_config(config.codec)
+    except Exception:  # noqa: BLE001 - an unreadable codec is the extract stage's to report, with its reason
+        return
     errors = [f for f in check_compatibility(config.base, config.codec) if f.level == "error"]
     if errors:
         raise ValueError("the base model and the codec do not belong together:\n" + "\n".join(

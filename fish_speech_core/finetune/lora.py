@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fish_speech_core.formats.prompt import PROMPT_FORMAT_VERSION
+from fish_speech_core.lm.checkpoint import state_dict_problems
 
 # Every module the reference wraps: both embeddings, the codebook embedding, every slow- and
 # fast-layer projection and both output heads. Nothing else is trained.
@@ -183,18 +184,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     params = {_to_reference_name(n): p for n, p in lora_parameters(model)}
     if not params:
         raise LoraError("the model has no LoRA adapters; call add_lora first")
-    problems = []
-    missing = [k for k in params if k not in state]
-    unexpected = [k for k in state if k not in params]
-    if missing:
-        problems.append(f"missing {missing}")
-    if unexpected:
-        problems.append(f"unexpected {unexpected}")
-    for k, v in state.items():
-        if k in params and tuple(v.shape) != tuple(params[k].shape):
-            problems.append(f"{k} has shape {tuple(v.shape)}, the model needs {tuple(params[k].shape)}")
-        elif k in params and not v.is_floating_point():
-            problems.append(f"{k} has dtype {v.dtype}, expected a floating point tensor")
+    problems = state_dict_problems(state, params)
     if problems:
         raise LoraError("LoRA weights do not fit the model: " + "; ".join(problems))
     with torch.no_grad():

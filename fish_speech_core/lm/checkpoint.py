@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,26 @@ def normalize_state_dict(data: dict) -> dict[str, Tensor]:
     return state
 
 
+def state_dict_problems(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> list[str]:
+    """Every way ``state`` fails to fit ``expected`` (missing / unexpected keys, shapes, dtypes).
+
+    One strict comparison for every checkpoint fishtune loads into a model (base weights, LoRA).
+    """
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            problems.append(f"{key} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[key].shape)}")
+        elif key in expected and not tensor.is_floating_point():
+            problems.append(f"{key} has dtype {tensor.dtype}, expected a floating point tensor")
+    return problems
+
+
 def load_state_dict(
     model: DualARTransformer, state: dict[str, Tensor], dtype: torch.dtype | None = None
 ) -> None:
@@ -116,21 +137,7 @@ def load_state_dict(
         CheckpointError: naming every missing key, unexpected key and wrong shape at once.
     """
     expected = model.state_dict()
-    problems = []
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    for key, tensor in state.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            problems.append(
-                f"{key} has shape {tuple(tensor.shape)}, the config needs "
-                f"{tuple(expected[key].shape)}"
-            )
-        elif key in expected and not tensor.is_floating_point():
-            problems.append(f"{key} has dtype {tensor.dtype}, expected a floating point tensor")
+    problems = state_dict_problems(state, expected)
     if problems:
         raise CheckpointError(
             "weights do not match the model config: " + "; ".join(problems)

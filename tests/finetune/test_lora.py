@@ -107,7 +107,7 @@ def test_load_names_bad_tensors(reference):
     adapters = dict(read_adapter(reference / "lora" / "lora-ckpt.ckpt").tensors)
     adapters.pop("output.lora_A")
     adapters["wrong.lora_B"] = torch.zeros(1)
-    with pytest.raises(LoraError, match=r"missing \['output.lora_A'\].*unexpected \['wrong.lora_B'\]"):
+    with pytest.raises(LoraError, match=r"missing keys \['output.lora_A'\].*unexpected keys \['wrong.lora_B'\]"):
         load_lora_state_dict(model, adapters)
 
 

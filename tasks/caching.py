@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
-from prefect.locking.filesystem import FileSystemLockManager
 
 from fish_speech_core import storage
+from tasks.locking import CrashSafeLockManager
 
 
 @dataclass
@@ -47,9 +47,11 @@ def content_policy(url_args: list[str], ignore: list[str] = ()) -> CachePolicy:
 def locked(policy: CachePolicy, lock_dir: Path) -> CachePolicy:
     """Two runs with the same key wait for each other instead of computing twice (one host).
 
+    A lock left by a killed process is taken over (see ``tasks.locking``), so a rerun never hangs.
+
     Several hosts need a shared lock manager instead (e.g. prefect-redis's RedisLockManager).
     """
     lock_dir.mkdir(parents=True, exist_ok=True)
     return policy.configure(
-        isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_files_directory=Path(lock_dir))
+        isolation_level="SERIALIZABLE", lock_manager=CrashSafeLockManager(Path(lock_dir))
     )

@@ -117,11 +117,25 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/"), *(p.strip("/") for p in parts))
 
 
+# botocore's default (legacy mode, 5 attempts) takes ~9 s to give up on one call to a dead endpoint,
+# and retry_io retries that call again: ~40 s per failing call. fishtune owns the backoff, so
+# botocore gets 2 attempts unless the user configured retries in the environment.
+BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 2}
+
+
+def s3_options() -> dict:
+    """fsspec options for s3 URLs (never credentials: those stay in the AWS environment)."""
+    if os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE"):
+        return {}
+    return {"config_kwargs": {"retries": dict(BOTOCORE_RETRIES)}}
+
+
 def filesystem(url: str):
     """``(fs, path)`` for a URL; remote credentials come from the environment only."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    options = s3_options() if str(url).startswith(("s3://", "s3a://")) else {}
+    return fsspec.core.url_to_fs(url, **options)
 
 
 # ---------------------------------------------------------------- hashing

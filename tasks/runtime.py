@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import Task
 
-from fish_speech_core.storage import Store, local_path
+from fish_speech_core.storage import Store, local_path, s3_options
 from tasks.caching import locked
 
 RESULTS = "prefect-results"  # cache records (one small file per task result) under the store root
@@ -16,8 +16,8 @@ RESULTS = "prefect-results"  # cache records (one small file per task result) un
 def result_storage(store: Store) -> Path | str:
     """Where cache records go: a local Path, or a saved RemoteFileSystem block for s3.
 
-    Prefect needs remote storage as a saved block; it holds only the base URL (no settings),
-    so credentials and endpoint still come from the AWS environment of every host.
+    Prefect needs remote storage as a saved block; it holds only the base URL and the retry
+    settings, so credentials and endpoint still come from the AWS environment of every host.
     """
     if store.local:
         return local_path(store.url(RESULTS))
@@ -25,7 +25,7 @@ def result_storage(store: Store) -> Path | str:
 
     url = store.url(RESULTS)
     name = "fishtune-results-" + hashlib.sha256(url.encode()).hexdigest()[:16]
-    RemoteFileSystem(basepath=url).save(name, overwrite=True)
+    RemoteFileSystem(basepath=url, settings=s3_options()).save(name, overwrite=True)
     return f"remote-file-system/{name}"
 
 

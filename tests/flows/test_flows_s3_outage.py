@@ -143,9 +143,9 @@ def test_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(prefect_env, moto
     proxy = TcpProxy(moto_s3.port)
     proxy.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # s3fs (store + Prefect results) goes through the proxy
-    # botocore's own 5 connection attempts (~5.7 s) under each of fishtune's 4 retry_io attempts would make
-    # every failing call ~20 s; with one botocore attempt what is tested is fishtune's bounded backoff.
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    # fishtune's own retry settings are under test: botocore 2 attempts x retry_io 4 attempts with backoff
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     _fresh_s3_clients()
     try:
         fired = threading.Event()

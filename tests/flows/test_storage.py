@@ -191,3 +191,57 @@ def test_s3_down_is_a_clear_transient_error(moto_s3, s3_bucket):
 
     boto3.client("s3", endpoint_url=moto_s3.endpoint).create_bucket(Bucket=s3_bucket[5:])
     assert store.lookup("stage", "k") is None
+
+
+def test_failing_s3_endpoint_gets_bounded_retries_with_backoff(monkeypatch):
+    """An endpoint that cuts every connection: 4 fishtune attempts x 2 botocore attempts, then a clean error."""
+    import socket
+    import threading
+    import time
+
+    import s3fs
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    accepted: list[float] = []
+    stop = threading.Event()
+
+    def cut_every_connection() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            accepted.append(time.monotonic())
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()  # RST: "connection reset", what a crashing proxy does
+
+    thread = threading.Thread(target=cut_every_connection, daemon=True)
+    thread.start()
+    for name in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-never-logged")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        store = Store("s3://unreachable/store")  # default io_attempts
+        started = time.monotonic()
+        with pytest.raises(Exception) as info:
+            store.read_bytes("runs/x/report.md")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert storage.is_transient(info.value)
+    assert "testing-secret-never-logged" not in str(info.value)
+    print(f"{len(accepted)} connections in {elapsed:.1f} s: {type(info.value).__name__}: {info.value}")
+    # s3fs's own retry layer may repeat a reset call too; the product is still bounded
+    assert store.io_attempts * storage.BOTOCORE_RETRIES["total_max_attempts"] <= len(accepted) <= 40
+    assert elapsed < 30
+    # fishtune's backoff: the gaps between its attempts grow (0.5 s, 1 s, 2 s, + jitter)
+    gaps = [b - a for a, b in zip(accepted, accepted[1:])]
+    assert max(gaps) >= 1.5

@@ -1,0 +1,64 @@
+"""Two ``fishtune finetune`` processes started at once on the same data and store.
+
+Every stage is a SERIALIZABLE cached task with a file lock in the shared work folder: for each
+stage one run computes and the other waits for the lock, then reads the first one's result.
+Both runs succeed and point at the same artifacts and the same merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
+STAGES = ["validate", "normalize", "extract", "pack", "train", "merge"]
+
+
+@pytest.mark.slow
+def test_two_finetune_runs_at_once_compute_each_stage_once(prefect_server, tmp_path):
+    from fish_speech_core.codec import init_codec, save_codec
+    from fish_speech_core.codec.config import FireflyConfig
+    from fish_speech_core.lm.config import PRESETS
+    from fish_speech_core.lm.init_base import init_base
+
+    init_base(tmp_path / "base", PRESETS["tiny"], seed=0)
+    save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), tmp_path / "codec.pth")
+    shutil.copytree(DEMO / "carmen", tmp_path / "data" / "carmen")
+    store = tmp_path / "store"
+    command = [
+        sys.executable, "-m", "fishtune", "finetune", "--data", str(tmp_path / "data"), "--storage", str(store),
+        "--project", "twice", "--base", str(tmp_path / "base"), "--codec", str(tmp_path / "codec.pth"),
+        "--preset", "tiny", "--max-steps", "6", "--progress-every", "3",
+    ]
+    env = {**prefect_server.env, "COLUMNS": "200", "NO_COLOR": "1"}
+    procs = [
+        subprocess.Popen(command, env=env, cwd=tmp_path, stdout=open(tmp_path / f"run{i}.log", "wb"), stderr=subprocess.STDOUT)
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 600
+    for proc in procs:
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    logs = [(tmp_path / f"run{i}.log").read_text(errors="replace") for i in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+
+    manifests = [json.loads(p.read_text()) for p in sorted(store.glob("runs/*/manifest.json"))]
+    assert len(manifests) == 2 and all(m["status"] == "completed" for m in manifests)
+    runs = [{s["stage"]: s for s in m["stages"]} for m in manifests]
+    assert [list(r) for r in runs] == [STAGES, STAGES]
+    for stage in STAGES:
+        # computed by exactly one run; the other waited and reused it
+        assert sorted(r[stage]["cached"] for r in runs) == [False, True], stage
+        # the same artifact, not two copies
+        assert runs[0][stage]["url"] == runs[1][stage]["url"], stage
+    assert runs[0]["train"]["summary"]["final_step"] == 6 == runs[1]["train"]["summary"]["final_step"]
+    versions = [p.name for p in (store / "models" / "twice").iterdir() if not p.name.startswith(".")]
+    assert versions == [Path(runs[0]["merge"]["url"]).name]  # one model version, not two
+    # one set of extracted codes and one packed shard set on the store
+    assert len([p for p in (store / "extract").iterdir() if p.is_dir()]) == 1
+    assert len([p for p in (store / "pack").iterdir() if p.is_dir()]) == 1

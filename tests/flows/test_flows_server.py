@@ -206,3 +206,32 @@ def test_parent_on_cpu_runs_extract_as_a_child_on_the_cuda_pool(deployed, tmp_pa
     failed = [r for r in runs if r.parameters["config"].get("project") == "gpu-child-fails"]
     assert len(failed) == 1 and failed[0].state.is_failed()
     assert re.search(r"child run '.+' of deployment extract/extract ended Failed", failed[0].state.message), failed[0].state.message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"project": "Bad Name"}, "project"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"preset": "huge"}, "preset"),
+        ({"normalize": {"loudness": 5.0}}, "loudness"),
+        ({"num_workers": "many"}, "num_workers"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_api_rejects_invalid_parameters_naming_the_field(deployed, change, field):
+    """The deployment enforces the config's schema: a bad value is refused at creation, no run is made."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    config = {"data": str(deployed.data), "storage": str(deployed.store), **change}
+    with get_client(sync_client=True) as client:
+        before = len(client.read_flow_runs())
+        with pytest.raises(PrefectHTTPStatusError) as info:
+            client.create_flow_run_from_deployment(deployed.finetune.id, parameters={"config": config})
+        after = len(client.read_flow_runs())
+    assert info.value.response.status_code == 409
+    message = info.value.response.json()["detail"]
+    assert "Validation failed" in message and field in message, message
+    assert after == before

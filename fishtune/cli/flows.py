@@ -19,7 +19,8 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
     "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
     "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
     "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
-    "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+    "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate",
+    "preview_sentences_per_speaker": "--preview-sentences", "merge_step": "--merge-step", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
 }
 
 
@@ -57,6 +58,8 @@ def finetune_command(
     seed: int = typer.Option(_F["seed"].default, "--seed", help=_F["seed"].description),
     progress_every: int = typer.Option(_F["progress_every"].default, "--progress-every", help=_F["progress_every"].description),
     evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help=_F["evaluate"].description),
+    preview_sentences: int = typer.Option(_F["preview_sentences_per_speaker"].default, "--preview-sentences", help=_F["preview_sentences_per_speaker"].description),
+    merge_step: int | None = typer.Option(None, "--merge-step", help=_F["merge_step"].description),
     warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
     gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
     loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
@@ -73,7 +76,8 @@ def finetune_command(
     console = Console(stderr=True)
     config = build_config(
         data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
-        preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, evaluate=evaluate, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
+        preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, evaluate=evaluate,
+        preview_sentences_per_speaker=preview_sentences, merge_step=merge_step, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
         peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
     )
     _prefect_defaults()

@@ -291,7 +291,7 @@ def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, st
     if artifact is not None:
         scores = json.loads(store.read_bytes(f"evaluate/{key}/scores.json"))
         return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": scores["checkpoint"],
-                "summary": {**scores["summary"], "rendered": 0}}
+                "summary": {**scores["summary"], "rendered": 0, "scored": 0}}
     trained = local_tree(train_url, work / "inputs")
     base_dir = local_tree(base, work / "inputs")
     codec_file = local_file(codec, work / "inputs")
@@ -335,4 +335,4 @@ def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, st
         files["plot.png"] = plot_checkpoints(rows, Path(tmp) / "plot.png")
         artifact = store.publish("evaluate", key, files, metadata={"inputs": inputs, "params": params})
     return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": checkpoint,
-            "summary": {**summary, "rendered": evaluation.rendered}}
+            "summary": {**summary, "rendered": evaluation.rendered, "scored": evaluation.scored}}

@@ -5,11 +5,14 @@ speaker plan (:mod:`fish_speech_core.evaluate.selection`): render the speaker's 
 sentences with the speaker's own prompt clip, score them against that speaker's real clips,
 then average over speakers per model. Preview sets are cached by content in ``cache_dir``
 (one folder per :func:`~fish_speech_core.evaluate.previews.preview_key`), so an unchanged
-model, speaker, prompt and sentence set is never rendered twice, across runs too.
+model, speaker, prompt and sentence set is never rendered twice, across runs too; their scores
+are cached beside them (keyed by the previews, the reference clips' bytes and the embedder).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from fish_speech_core.evaluate.previews import (
 )
 from fish_speech_core.evaluate.selection import SpeakerPlan
 from fish_speech_core.evaluate.speaker import SpeakerEmbedder, reference_embedding
-from fish_speech_core.files import sha256_file
+from fish_speech_core.files import atomic_write, sha256_file
 from fish_speech_core.lm.generate import SamplingSettings
 
 
@@ -45,6 +48,25 @@ class Evaluation:
     rows: list[dict]  # one JSON-able row per candidate (aggregate + "speakers"), in candidate order
     files: dict[str, Path] = field(default_factory=dict)  # "<name>/<speaker>/NN.wav" -> rendered wav
     rendered: int = 0  # preview sets (one model x one speaker) rendered now, not taken from the cache
+    scored: int = 0  # preview sets scored now, not taken from the cache
+
+
+SCORES = "scores.json"  # beside a cached preview set: its scores, with the key they were computed under
+SCORE_FORMAT = 1  # bump when scoring changes, so cached scores are recomputed
+
+
+def _scores_key(previews_key: str, references: Sequence[Path], embedder: str) -> str:
+    parts = {"format": SCORE_FORMAT, "previews": previews_key, "references": [sha256_file(p) for p in references],
+             "embedder": embedder}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _cached_scores(path: Path, key: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("scores") if data.get("key") == key else None
 
 
 def _mean(values) -> float | None:
@@ -87,7 +109,7 @@ def evaluate_checkpoints(
     ``wer`` (with a transcriber), ``previews`` (every clip, relative ``<name>/<speaker>/NN.wav``),
     ``problem``, and ``speakers``: per speaker the same scores, its ``previews``, per-clip
     details and whether the set came from the cache. The model is loaded only when some
-    speaker's set is not cached.
+    speaker's set is not cached, the embedder (default Resemblyzer) only when some score is not.
 
     Raises:
         ValueError: no candidates or no speaker plans.
@@ -97,15 +119,26 @@ def evaluate_checkpoints(
     if not candidates or not plans:
         raise ValueError("evaluate_checkpoints needs at least one model and one speaker")
     model_dir, codec, cache_dir = Path(model_dir), Path(codec), Path(cache_dir)
-    if embedder is None:
-        from fish_speech_core.evaluate.speaker import ResemblyzerEmbedder
+    from fish_speech_core.evaluate.speaker import ResemblyzerEmbedder
 
-        embedder = ResemblyzerEmbedder()
-    # Each speaker's real clips embedded once, compared with every model's previews.
-    references = {}
-    for plan in plans:
-        clips = [(to_mono(a), rate) for a, rate in (read_audio(p) for p in plan.references)]
-        references[plan.speaker] = reference_embedding(embedder, clips)
+    kind = type(embedder) if embedder is not None else ResemblyzerEmbedder
+    embedder_id = f"{kind.__module__}.{kind.__qualname__}"
+    loaded: dict[str, object] = {} if embedder is None else {"embedder": embedder}
+    references: dict[str, np.ndarray] = {}
+
+    def scorer() -> SpeakerEmbedder:
+        """The embedder, loaded only when some score is not cached (Resemblyzer's import is slow)."""
+        if "embedder" not in loaded:
+            loaded["embedder"] = ResemblyzerEmbedder()
+        return loaded["embedder"]
+
+    def reference(plan: SpeakerPlan) -> np.ndarray:
+        """Each speaker's real clips embedded once (and only when some score is not cached)."""
+        if plan.speaker not in references:
+            clips = [(to_mono(a), rate) for a, rate in (read_audio(p) for p in plan.references)]
+            references[plan.speaker] = reference_embedding(scorer(), clips)
+        return references[plan.speaker]
+
     base_print = model_fingerprint(model_dir, None, codec)  # the big model.pth is hashed once
     evaluation = Evaluation(rows=[])
     for candidate in candidates:
@@ -130,7 +163,15 @@ def evaluate_checkpoints(
                 evaluation.rendered += 1
             relative = [f"{candidate.name}/{plan.speaker}/{Path(w).name}" for w in wavs]
             evaluation.files |= dict(zip(relative, map(Path, wavs)))
-            scores = _score_speaker(plan, wavs, references[plan.speaker], embedder, transcriber)
+            # scores with an ASR engine are not cached: its settings are not part of any key
+            score_key = _scores_key(key, plan.references, embedder_id) if transcriber is None else None
+            scores = _cached_scores(out / SCORES, score_key) if score_key else None
+            if scores is None:
+                scores = _score_speaker(plan, wavs, reference(plan), scorer(), transcriber)
+                evaluation.scored += 1
+                if score_key:
+                    with atomic_write(out / SCORES, "w") as handle:
+                        json.dump({"key": score_key, "scores": scores}, handle, indent=2)
             speakers.append({"speaker": plan.speaker, **scores, "previews": relative, "cached": cached})
         del synth
         clips = sum(len(s["previews"]) for s in speakers)

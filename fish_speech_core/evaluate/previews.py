@@ -1,9 +1,9 @@
 """Preview audio per checkpoint, its scores, and a checkpoint recommendation.
 
-The functions the finetune flow's ``evaluate`` task calls:
-
-* :func:`render_previews`: speak held-out sentences with one checkpoint (base, merged, or base +
-  LoRA on the fly) in a reference voice; cached by content.
+* :func:`render_previews`: speak sentences with one checkpoint (base, merged, or base + LoRA on
+  the fly) in a reference voice; cached by content (:func:`preview_key`, :func:`cached_previews`,
+  :func:`write_previews` are the parts :mod:`fish_speech_core.evaluate.checkpoints` reuses to
+  render every speaker of every checkpoint).
 * :func:`score_previews`: speaker similarity to real clips, duration/silence/clipping checks,
   optional ASR word error rate.
 * :func:`recommend_checkpoint`: pick the earliest good checkpoint and say which rule chose it.

@@ -72,6 +72,10 @@ class FinetuneConfig(BaseModel):
         3, ge=1, le=20,
         description="With evaluate: held-out sentences rendered per speaker and checkpoint (each speaker's own clip is the voice prompt).",
     )
+    preview_max_new_tokens: int = Field(
+        1024, ge=8, le=8192,
+        description="With evaluate: most code frames generated per preview sentence (~21.5 per second of audio).",
+    )
     merge_step: int | None = Field(
         None, ge=0,
         description="Merge the kept checkpoint of this training step instead of the recommended one. Empty: the recommended one.",

@@ -251,7 +251,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                     scored = _run_stage(manifest, evaluate, {"train": lora["key"]}, train_url=lora["url"], base=config.base,
                                         codec=config.codec, normalized_url=normalized["url"], store_root=store.root,
                                         work_dir=str(work_dir), pack_url=packed["url"],
-                                        sentences_per_speaker=config.preview_sentences_per_speaker, seed=config.seed,
+                                        sentences_per_speaker=config.preview_sentences_per_speaker,
+                                        max_new_tokens=config.preview_max_new_tokens, seed=config.seed,
                                         text_extension=config.text_extension)
                     chosen = scored["checkpoint"]
                     _plot_artifact(config.project, manifest.stages[-1])

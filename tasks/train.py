@@ -260,7 +260,7 @@ def _logger():
                                                    ignore=["work_dir"]),
       persist_result=True)
 def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, store_root: str, work_dir: str,
-                  pack_url: str | None = None, sentences_per_speaker: int = 3, max_new_tokens: int = 64, seed: int = 0,
+                  pack_url: str | None = None, sentences_per_speaker: int = 3, max_new_tokens: int = 1024, seed: int = 0,
                   max_references: int = 8, text_extension: str = ".lab") -> dict:
     """Previews of the base and each kept checkpoint for every speaker, scored per speaker and per checkpoint.
 

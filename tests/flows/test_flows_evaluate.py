@@ -13,6 +13,7 @@ from flows.config import FinetuneConfig
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 SPEAKERS = ("alice", "bruno", "carmen")
 N = 2  # held-out sentences per speaker (the default is 3; 2 keeps the test short)
+TOKENS = 32  # code frames per preview at most (~1.5 s of audio): enough to score a voice
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_evaluate_renders_every_speaker_for_every_checkpoint_scores_them_and_cac
     store, work = tmp_path / "store", tmp_path / "work"
     config = FinetuneConfig(data=str(data), storage=str(store), work_dir=str(work), project="voices", base=str(base),
                             codec=str(codec), preset="tiny", max_steps=20, evaluate=True,
-                            preview_sentences_per_speaker=N)
+                            preview_sentences_per_speaker=N, preview_max_new_tokens=TOKENS)
     result = finetune(config)
     stages = {s["stage"]: s for s in result["stages"]}
     assert list(stages) == ["validate", "normalize", "extract", "pack", "train", "evaluate", "merge"]
@@ -110,7 +111,7 @@ def test_evaluate_renders_every_speaker_for_every_checkpoint_scores_them_and_cac
     assert len(before) == len(models) * len(SPEAKERS) * N
     args = dict(train_url=stages["train"]["url"], base=str(base), codec=str(codec), normalized_url=result["normalized"],
                 store_root=str(tmp_path / "store-2"), work_dir=str(work), pack_url=stages["pack"]["url"],
-                sentences_per_speaker=N, seed=config.seed)
+                sentences_per_speaker=N, max_new_tokens=TOKENS, seed=config.seed)
     again = evaluate_task.fn(**args)
     assert again["summary"]["rendered"] == 0 and again["summary"]["scored"] == 0 and _mtimes(previews) == before
     strip = lambda rows: [{**r, "speakers": [{k: v for k, v in s.items() if k != "cached"} for s in r["speakers"]]}

@@ -6,7 +6,7 @@ sentences with the speaker's own prompt clip, score them against that speaker's 
 then average over speakers per model. Preview sets are cached by content in ``cache_dir``
 (one folder per :func:`~fish_speech_core.evaluate.previews.preview_key`), so an unchanged
 model, speaker, prompt and sentence set is never rendered twice, across runs too; their scores
-are cached beside them (keyed by the previews, the reference clips' bytes and the embedder).
+are cached beside them (keyed by the previews' and the reference clips' bytes and the embedder).
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ SCORES = "scores.json"  # beside a cached preview set: its scores, with the key 
 SCORE_FORMAT = 1  # bump when scoring changes, so cached scores are recomputed
 
 
-def _scores_key(previews_key: str, references: Sequence[Path], embedder: str) -> str:
-    parts = {"format": SCORE_FORMAT, "previews": previews_key, "references": [sha256_file(p) for p in references],
-             "embedder": embedder}
+def _scores_key(wavs: Sequence[Path], texts: Sequence[str], references: Sequence[Path], embedder: str) -> str:
+    """Scores depend on the clips' bytes (not only their render key: another device renders other bytes)."""
+    parts = {"format": SCORE_FORMAT, "previews": [sha256_file(p) for p in wavs], "texts": list(texts),
+             "references": [sha256_file(p) for p in references], "embedder": embedder}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -164,7 +165,7 @@ def evaluate_checkpoints(
             relative = [f"{candidate.name}/{plan.speaker}/{Path(w).name}" for w in wavs]
             evaluation.files |= dict(zip(relative, map(Path, wavs)))
             # scores with an ASR engine are not cached: its settings are not part of any key
-            score_key = _scores_key(key, plan.references, embedder_id) if transcriber is None else None
+            score_key = _scores_key(wavs, plan.sentences, plan.references, embedder_id) if transcriber is None else None
             scores = _cached_scores(out / SCORES, score_key) if score_key else None
             if scores is None:
                 scores = _score_speaker(plan, wavs, reference(plan), scorer(), transcriber)

@@ -122,6 +122,7 @@ def demo_command(
     output: Path = typer.Option(Path("demo-output"), "--output", help="Folder for everything the demo makes: tiny models, the store (artifacts, merged model, run report) and Prefect's home."),
     max_steps: int = typer.Option(30, "--max-steps", min=1, max=10_000, help="Training steps (the tiny preset validates and checkpoints every 10)."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Render and score previews of the base and each checkpoint (random models: the clips are noise or empty)."),
+    preview_sentences: int = typer.Option(1, "--preview-sentences", min=1, max=20, help="Held-out sentences rendered per speaker and checkpoint with --evaluate (the finetune default is 3; 1 keeps the demo short)."),
     data: Path = typer.Option(REPO / "examples" / "demo-data", "--data", exists=True, file_okay=False, help="Dataset folder (one folder per speaker of audio + .lab transcripts)."),
 ) -> None:
     """Run the whole finetune flow on the demo data with a tiny random base model and codec (no download).
@@ -157,6 +158,7 @@ def demo_command(
     config = build_config(
         data=str(data), project="demo", storage=str(output / "store"), base=str(base), codec=str(codec),
         preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate, loudness=-23.0, peak=-1.0, format=AudioFormat.keep,
+        preview_sentences_per_speaker=preview_sentences,
         preview_max_new_tokens=64,  # random models rarely stop on their own: keep their previews short
     )
     console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)")

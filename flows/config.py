@@ -68,6 +68,18 @@ class FinetuneConfig(BaseModel):
     seed: int = Field(42, ge=0, description="Seed of the training sample stream and the adapter init.")
     progress_every: int = Field(10, ge=1, le=100_000, description="Update the training progress in the Prefect UI every this many steps.")
     evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")
+    preview_sentences_per_speaker: int = Field(
+        3, ge=1, le=20,
+        description="With evaluate: held-out sentences rendered per speaker and checkpoint (each speaker's own clip is the voice prompt).",
+    )
+    preview_max_new_tokens: int = Field(
+        1024, ge=8, le=8192,
+        description="With evaluate: most code frames generated per preview sentence (~21.5 per second of audio).",
+    )
+    merge_step: int | None = Field(
+        None, ge=0,
+        description="Merge the kept checkpoint of this training step instead of the recommended one. Empty: the recommended one.",
+    )
     warm_start: bool = Field(False, description="Continue from the latest successful LoRA of this project instead of the base.")
     gpu_pool: str | None = Field(
         None, description="Run extract/train as child deployments on this work pool (e.g. 'cuda'). Empty: in this process."

@@ -56,6 +56,49 @@ def plot_url(evaluated: StageRecord) -> str:
     return storage.redact(storage.join(evaluated.url, evaluated.summary["plot"]))
 
 
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def preview_section(evaluated: StageRecord, overridden: bool = False) -> list[str]:
+    """The report's Previews section: per checkpoint (means over speakers), per checkpoint and speaker
+    (scores + audio links), the speakers' prompts and sentences, the plot and the pick (merged unless
+    ``overridden`` by the user's merge_step)."""
+    e = evaluated.summary
+    num = lambda v, f: "" if v is None else format(v, f)
+    on_store = lambda p: storage.redact(storage.join(evaluated.url, p))
+    link = lambda p: f"[{Path(p).name}]({on_store(p)})"
+    lines = ["## Previews", "",
+             "Similarity = cosine between a voice embedding of the preview and of the speaker's real clips; "
+             "duration = rendered / expected seconds for the text (sane in 0.5–2); checks ok = share of clips "
+             "without silence, clipping or duration problems. Per checkpoint: means over the speakers "
+             "(what chooses the checkpoint).", "",
+             "| model | step | val loss | similarity | duration | checks ok |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['name']} | {r['step']} | {num(r.get('val_loss'), '.4f')} | {num(r.get('similarity'), '.3f')} | "
+              f"{num(r.get('duration_ratio'), '.2f')} | {num(r.get('ok_fraction'), '.0%')} |" for r in e["rows"]]
+    lines += ["", "### Per speaker", "", "| model | speaker | similarity | duration | checks ok | previews |",
+              "|---|---|---:|---:|---:|---|"]
+    for r in e["rows"]:
+        # rows cached before per-speaker previews carry no "speakers": one line for the model
+        for s in r.get("speakers") or [{**r, "speaker": ""}]:
+            lines += [f"| {r['name']} | {_cell(s['speaker'])} | {num(s.get('similarity'), '.3f')} | "
+                      f"{num(s.get('duration_ratio'), '.2f')} | {num(s.get('ok_fraction'), '.0%')} | "
+                      + (", ".join(link(p) for p in s["previews"]) or "none")
+                      + (f" ({_cell(s['problem'])})" if s.get("problem") else "") + " |"]
+    if e.get("speakers"):
+        lines += ["", "| speaker | prompt clip | held-out sentences | from |", "|---|---|---|---|"]
+        lines += [f"| {_cell(s['speaker'])} | [{Path(s['prompt']).name}]({on_store(s['prompt'])}) "
+                  f"\"{_cell(s['prompt_text'])}\" | " + " / ".join(f"\"{_cell(t)}\"" for t in s["sentences"])
+                  + f" | {_cell(s['source'])}" + (f" — {_cell(s['note'])}" if s.get("note") else "") + " |"
+                  for s in e["speakers"]]
+    if e.get("plot"):
+        plot = plot_url(evaluated)
+        lines += ["", f"![held-out loss and similarity vs step]({plot})", "", f"Plot: `{plot}`"]
+    lines += ["", f"**{'Recommended' if overridden else 'Merged'} checkpoint (previews):** step {e['recommended_step']} — "
+              f"`{storage.redact(evaluated.outputs.get('checkpoint', ''))}` ({e['rule']})"]
+    return lines
+
+
 def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
     """The run report: data summary, rejects by reason, per-stage wall time and cache hit/miss."""
     lines = [f"# fishtune finetune `{config.project}` — run `{manifest.run_id}`", ""]
@@ -90,24 +133,22 @@ def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
                   + (f" ({t['recommended_note']})" if t.get("recommended_note") else "")]
     evaluated = next((s for s in manifest.stages if s.stage == "evaluate"), None)
     if evaluated:
-        e = evaluated.summary
-        lines += ["", "## Previews", "", "Duration = rendered / expected seconds for the text (sane in 0.5–2); "
-                  "checks ok = share of clips without silence, clipping or duration problems.", "",
-                  "| model | step | val loss | similarity | duration | checks ok | previews |", "|---|---:|---:|---:|---:|---:|---|"]
-        num = lambda v, f: "" if v is None else format(v, f)
-        link = lambda p: f"[{Path(p).name}]({storage.redact(storage.join(evaluated.url, p))})"
-        lines += [f"| {r['name']} | {r['step']} | {num(r.get('val_loss'), '.4f')} | {num(r.get('similarity'), '.3f')} | "
-                  f"{num(r.get('duration_ratio'), '.2f')} | {num(r.get('ok_fraction'), '.0%')} | "
-                  + (", ".join(link(p) for p in r["previews"]) or "none") + " |" for r in e["rows"]]
-        if e.get("plot"):
-            plot = plot_url(evaluated)
-            lines += ["", f"![held-out loss and similarity vs step]({plot})", "", f"Plot: `{plot}`"]
-        lines += ["", f"**Merged checkpoint (previews):** step {e['recommended_step']} — "
-                  f"`{storage.redact(evaluated.outputs.get('checkpoint', ''))}` ({e['rule']})"]
+        lines += ["", *preview_section(evaluated, overridden=config.merge_step is not None)]
     merged = next((s for s in manifest.stages if s.stage == "merge"), None)
+    if merged and config.merge_step is not None:
+        lines += ["", f"**Merged checkpoint (merge_step, your choice):** step {config.merge_step} — "
+                  f"`{storage.redact(merged.inputs.get('checkpoint', ''))}`"]
     if merged:
         lines += ["", f"**Merged model:** `{storage.redact(merged.url)}` (version `{merged.summary.get('version')}`)"]
     return "\n".join(lines) + "\n"
+
+
+def chosen_checkpoint(checkpoints: list[str], step: int) -> str:
+    """The kept checkpoint URL of training step ``step``; ValueError names the kept steps otherwise."""
+    by_step = {int(re.search(r"(\d+)", Path(c).stem).group(1)): c for c in checkpoints}
+    if step not in by_step:
+        raise ValueError(f"merge_step {step}: no kept checkpoint of that step; kept steps: {sorted(by_step)}")
+    return by_step[step]
 
 
 def _artifact_key(project: str, what: str = "report") -> str:
@@ -209,9 +250,15 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                     evaluate = bind(evaluate_task, store, work_dir)
                     scored = _run_stage(manifest, evaluate, {"train": lora["key"]}, train_url=lora["url"], base=config.base,
                                         codec=config.codec, normalized_url=normalized["url"], store_root=store.root,
-                                        work_dir=str(work_dir), seed=config.seed)
+                                        work_dir=str(work_dir), pack_url=packed["url"],
+                                        sentences_per_speaker=config.preview_sentences_per_speaker,
+                                        max_new_tokens=config.preview_max_new_tokens, seed=config.seed,
+                                        text_extension=config.text_extension)
                     chosen = scored["checkpoint"]
                     _plot_artifact(config.project, manifest.stages[-1])
+                if config.merge_step is not None:  # the user's choice overrides the recommendation
+                    chosen = chosen_checkpoint(lora["checkpoints"], config.merge_step)
+                    manifest.inputs["merge_step"] = str(config.merge_step)
                 merge = bind(merge_task, store, work_dir)
                 merged = _run_stage(manifest, merge, {"checkpoint": chosen, "base": manifest.inputs["base"]},
                                     checkpoint=chosen, base=config.base, store_root=store.root,

@@ -244,72 +244,95 @@ def latest_lora(store: Store, project: str, base: str) -> str:
     return lineage["adapter"]
 
 
-PREVIEW_SENTENCES = ("This is a short preview of the finetuned voice.", "How does it sound to you?")
+def _logger():
+    """The run logger inside a Prefect run; a plain logger when the body runs through ``.fn()``."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("fishtune.evaluate")
 
 
-@task(name="evaluate", cache_policy=content_policy(["train_url", "base", "codec", "normalized_url"], ignore=["work_dir"]),
+@task(name="evaluate", cache_policy=content_policy(["train_url", "base", "codec", "normalized_url", "pack_url"],
+                                                   ignore=["work_dir"]),
       persist_result=True)
 def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, store_root: str, work_dir: str,
-                  max_new_tokens: int = 64, seed: int = 0, max_references: int = 8) -> dict:
-    """Previews of the base and each kept checkpoint, scored (speaker similarity + audio checks).
+                  pack_url: str | None = None, sentences_per_speaker: int = 3, max_new_tokens: int = 1024, seed: int = 0,
+                  max_references: int = 8, text_extension: str = ".lab") -> dict:
+    """Previews of the base and each kept checkpoint for every speaker, scored per speaker and per checkpoint.
 
-    Publishes ``evaluate/<key>/<base|step_N>/NN.wav`` + ``scores.json`` + ``plot.png`` (loss and
-    similarity vs step, :func:`plot_checkpoints`); returns the checkpoint
-    :func:`recommend_checkpoint` picks (its URL in the train artifact).
+    Per speaker (:mod:`fish_speech_core.evaluate.selection`): prompt = one of its real clips,
+    ``sentences_per_speaker`` held-out sentences (the trainer's validation split of the shards at
+    ``pack_url`` when known, else other clips' transcripts), similarity against its other clips.
+    Preview sets are cached by content under ``<work>/evaluate/previews/``. Publishes
+    ``evaluate/<key>/<base|step_N>/<speaker>/NN.wav`` + ``prompts/<speaker>/<clip>`` +
+    ``scores.json`` + ``plot.png``; returns the checkpoint :func:`recommend_checkpoint` picks
+    from the per-checkpoint means over speakers (its URL in the train artifact).
     """
-    from fish_speech_core.audio import AUDIO_EXTENSIONS
+    from fish_speech_core.evaluate.checkpoints import Candidate, evaluate_checkpoints
     from fish_speech_core.evaluate.plot import plot_checkpoints
-    from fish_speech_core.evaluate.previews import recommend_checkpoint, render_previews, score_previews
+    from fish_speech_core.evaluate.previews import recommend_checkpoint
+    from fish_speech_core.evaluate.selection import held_out_texts, plan_previews, speaker_clips
 
+    logger = _logger()
     store = Store(store_root)
     work = Path(work_dir)
     inputs = {"train": storage.hash_tree(train_url), "base": storage.hash_any(base), "codec": storage.hash_any(codec),
               "normalized": storage.hash_tree(normalized_url)}
-    params = {"max_new_tokens": max_new_tokens, "seed": seed, "sentences": list(PREVIEW_SENTENCES)}
+    if pack_url:
+        inputs["pack"] = storage.hash_tree(pack_url)
+    params = {"max_new_tokens": max_new_tokens, "seed": seed, "sentences_per_speaker": sentences_per_speaker,
+              "max_references": max_references, "text_extension": text_extension}
     key = storage.artifact_key("evaluate", inputs, params, storage.code_version())
     artifact = store.lookup("evaluate", key)
     if artifact is not None:
         scores = json.loads(store.read_bytes(f"evaluate/{key}/scores.json"))
         return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": scores["checkpoint"],
-                "summary": scores["summary"]}
+                "summary": {**scores["summary"], "rendered": 0, "scored": 0}}
     trained = local_tree(train_url, work / "inputs")
     base_dir = local_tree(base, work / "inputs")
     codec_file = local_file(codec, work / "inputs")
-    clips = local_tree(normalized_url, work / "inputs")
-    audio = sorted(p for p in clips.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.name.startswith("."))
-    if not audio:
-        raise ValueError(f"no normalized audio in {storage.redact(normalized_url)} to compare previews with")
-    prompt = audio[0]
-    prompt_text = prompt.with_suffix(".lab").read_text().strip() if prompt.with_suffix(".lab").is_file() else None
-    references = audio[:max_references]
+    clips = speaker_clips(local_tree(normalized_url, work / "inputs"), text_extension)
+    if not clips:
+        raise ValueError(f"no normalized audio with transcripts in {storage.redact(normalized_url)} to preview voices with")
+    held = None
+    train_config = trained / "config.json"
+    if pack_url and train_config.is_file():  # the trainer's own validation split, recomputed from the shards
+        val_fraction = json.loads(train_config.read_text()).get("val_fraction")
+        if val_fraction:
+            held = held_out_texts(local_tree(pack_url, work / "inputs"), float(val_fraction)) or None
+    plans = plan_previews(clips, sentences_per_speaker, held, max_references)
+    for plan in plans:
+        logger.info("speaker %s: prompt %s, %d sentence(s) from %s%s", plan.speaker, plan.prompt.audio.name,
+                    len(plan.sentences), plan.source, f" ({plan.note})" if plan.note else "")
     history = {r["step"]: r for r in json.loads((trained / "history.json").read_text())}
-    out = work / "evaluate" / key[:16]
-    rows, files = [], {}
-    from fish_speech_core.evaluate.speaker import ResemblyzerEmbedder
-
-    embedder = ResemblyzerEmbedder()  # loaded once for every model
-    candidates = [("base", None)] + [(p.stem, p) for p in sorted((trained / "checkpoints").glob("step_*.ckpt"))]
-    for name, ckpt in candidates:
-        wavs = render_previews(base_dir, ckpt, codec_file, list(PREVIEW_SENTENCES), prompt, prompt_text, out / name,
-                               seed=seed, max_new_tokens=max_new_tokens)
-        try:
-            scored = score_previews(wavs, list(PREVIEW_SENTENCES), references, embedder=embedder)
-            problem = None
-        except (RuntimeError, ValueError) as err:  # e.g. an empty clip (an untrained model stops at once)
-            scored, problem = {"similarity": None, "ok_fraction": 0.0, "duration_ratio": None}, f"not scored: {err}"
-            get_run_logger().warning("previews of %s %s", name, problem)
-        step = 0 if ckpt is None else _step(ckpt)
-        rows.append({"name": name, "step": step, "similarity": scored["similarity"], "ok_fraction": scored["ok_fraction"],
-                     "duration_ratio": scored["duration_ratio"], "val_loss": history.get(step, {}).get("val_loss"),
-                     "previews": [f"{name}/{Path(w).name}" for w in wavs], "problem": problem})
-        files |= {f"{name}/{Path(w).name}": Path(w) for w in wavs}
+    candidates = [Candidate("base", 0)] + [
+        Candidate(p.stem, _step(p), p) for p in sorted((trained / "checkpoints").glob("step_*.ckpt"))]
+    evaluation = evaluate_checkpoints(base_dir, candidates, codec_file, plans, work / "evaluate" / "previews",
+                                      seed=seed, max_new_tokens=max_new_tokens, log=logger.info)
+    rows = [{**r, "val_loss": history.get(r["step"], {}).get("val_loss")} for r in evaluation.rows]
+    for row in rows:
+        if row["problem"]:
+            logger.warning("previews of %s: %s", row["name"], row["problem"])
     pick, rule = recommend_checkpoint([r for r in rows if r["name"] != "base"])
     checkpoint = storage.join(train_url, "checkpoints", f"{pick['name']}.ckpt")
-    # "plot" is relative to the artifact, like the previews: the report links it on the store.
-    summary = {"rows": rows, "recommended_step": pick["step"], "rule": rule, "plot": "plot.png"}
+    files = dict(evaluation.files)
+    speakers = []
+    for plan in plans:
+        prompt = f"prompts/{plan.speaker}/{plan.prompt.audio.name}"
+        files[prompt] = plan.prompt.audio
+        speakers.append({"speaker": plan.speaker, "prompt": prompt, "prompt_text": plan.prompt.text,
+                         "sentences": list(plan.sentences), "source": plan.source, "note": plan.note,
+                         "references": len(plan.references)})
+    # Paths in the summary ("previews", "prompt", "plot") are relative to the artifact: the report links them on the store.
+    summary = {"rows": rows, "speakers": speakers, "recommended_step": pick["step"], "rule": rule, "plot": "plot.png"}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "scores.json").write_text(json.dumps({"checkpoint": checkpoint, "summary": summary}, indent=2))
         files["scores.json"] = Path(tmp) / "scores.json"
         files["plot.png"] = plot_checkpoints(rows, Path(tmp) / "plot.png")
         artifact = store.publish("evaluate", key, files, metadata={"inputs": inputs, "params": params})
-    return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": checkpoint, "summary": summary}
+    return {"stage": "evaluate", "key": key, "url": artifact.url, "checkpoint": checkpoint,
+            "summary": {**summary, "rendered": evaluation.rendered, "scored": evaluation.scored}}

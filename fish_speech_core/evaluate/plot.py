@@ -18,8 +18,9 @@ def plot_checkpoints(rows: Sequence[Mapping], path: str | Path, dpi: int = 80) -
     """Draw loss (left axis) and similarity (right axis) vs step into a PNG at ``path``.
 
     Rows are the evaluate rows: ``step`` plus optional ``val_loss`` and ``similarity`` (None is
-    skipped; the base model is step 0, usually with a similarity but no loss). The same rows
-    give the same bytes: the PNG carries no time or version metadata.
+    skipped; the base model is step 0, usually with a similarity but no loss), and optional
+    ``speakers`` (``[{"speaker", "similarity"}]``), drawn as one thin line per speaker with a
+    legend. The same rows give the same bytes: the PNG carries no time or version metadata.
 
     Raises:
         ValueError: when no row has a step.
@@ -37,8 +38,17 @@ def plot_checkpoints(rows: Sequence[Mapping], path: str | Path, dpi: int = 80) -
     sim_ax = loss_ax.twinx()
     steps, losses = _series(rows, "val_loss")
     loss_ax.plot(steps, losses, "o-", color="tab:blue", label="held-out loss")
+    # per speaker (rows from evaluate_checkpoints carry "speakers"): thin lines under the mean
+    speakers = sorted({s["speaker"] for r in rows for s in r.get("speakers") or ()})
+    for i, speaker in enumerate(speakers):
+        per = [{"step": r["step"], "similarity": s.get("similarity")}
+               for r in rows for s in r.get("speakers") or () if s["speaker"] == speaker]
+        steps, sims = _series(per, "similarity")
+        sim_ax.plot(steps, sims, ".:", color=f"C{(i + 2) % 10}", linewidth=0.8, label=speaker)
     steps, sims = _series(rows, "similarity")
-    sim_ax.plot(steps, sims, "s--", color="tab:orange", label="speaker similarity")
+    sim_ax.plot(steps, sims, "s--", color="tab:orange", label="similarity (mean)" if speakers else "speaker similarity")
+    if speakers:
+        sim_ax.legend(loc="best", fontsize=6, frameon=False)
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("held-out loss", color="tab:blue")
     sim_ax.set_ylabel("similarity", color="tab:orange")

@@ -1,9 +1,9 @@
 """Preview audio per checkpoint, its scores, and a checkpoint recommendation.
 
-The functions the finetune flow's ``evaluate`` task calls:
-
-* :func:`render_previews`: speak held-out sentences with one checkpoint (base, merged, or base +
-  LoRA on the fly) in a reference voice; cached by content.
+* :func:`render_previews`: speak sentences with one checkpoint (base, merged, or base + LoRA on
+  the fly) in a reference voice; cached by content (:func:`preview_key`, :func:`cached_previews`,
+  :func:`write_previews` are the parts :mod:`fish_speech_core.evaluate.checkpoints` reuses to
+  render every speaker of every checkpoint).
 * :func:`score_previews`: speaker similarity to real clips, duration/silence/clipping checks,
   optional ASR word error rate.
 * :func:`recommend_checkpoint`: pick the earliest good checkpoint and say which rule chose it.
@@ -21,24 +21,40 @@ import numpy as np
 
 from fish_speech_core.evaluate.asr import Transcriber, word_error_rate
 from fish_speech_core.evaluate.checks import audio_checks
-from fish_speech_core.evaluate.speaker import SpeakerEmbedder, speaker_similarity
+from fish_speech_core.evaluate.speaker import SpeakerEmbedder, reference_embedding, speaker_similarity
 from fish_speech_core.files import atomic_write, sha256_file
 from fish_speech_core.lm.generate import SamplingSettings
 
 MANIFEST = "previews.json"
-PREVIEW_FORMAT = 1  # bump when rendering changes, so cached previews are redone
+# Bump when rendering or the key changes, so cached previews are redone.
+# 2: the key names the speaker; previews are rendered per speaker with that speaker's prompt clip.
+PREVIEW_FORMAT = 2
+MODEL_FILES = ("config.json", "model.pth", "tokenizer.json")
 
 
-def _preview_key(
-    model_dir: Path, lora_ckpt: Path | None, codec: Path, sentences: Sequence[str],
-    prompt_audio: Path | None, prompt_text: str | None, seed: int, settings: SamplingSettings,
-    max_new_tokens: int,
-) -> str:
-    parts = {
-        "format": PREVIEW_FORMAT,
-        "model": {name: sha256_file(model_dir / name) for name in ("config.json", "model.pth", "tokenizer.json")},
+def model_fingerprint(
+    model_dir: str | os.PathLike, lora_ckpt: str | os.PathLike | None, codec: str | os.PathLike
+) -> dict:
+    """Content hashes of what renders the previews (hash once, reuse for every speaker)."""
+    model_dir = Path(model_dir)
+    return {
+        "model": {name: sha256_file(model_dir / name) for name in MODEL_FILES},
         "lora": sha256_file(lora_ckpt) if lora_ckpt is not None else None,
         "codec": sha256_file(codec),
+    }
+
+
+def preview_key(
+    fingerprint: Mapping, sentences: Sequence[str], prompt_audio: str | os.PathLike | None,
+    prompt_text: str | None, seed: int, settings: SamplingSettings, max_new_tokens: int,
+    speaker: str | None = None,
+) -> str:
+    """The content key of one preview set: model + adapter + codec hashes, speaker, prompt clip
+    bytes and text, sentences, seed and sampling settings."""
+    parts = {
+        "format": PREVIEW_FORMAT,
+        **fingerprint,
+        "speaker": speaker,
         "sentences": list(sentences),
         "prompt_audio": sha256_file(prompt_audio) if prompt_audio is not None else None,
         "prompt_text": prompt_text,
@@ -49,7 +65,9 @@ def _preview_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _cached(out_dir: Path, key: str) -> list[Path] | None:
+def cached_previews(out_dir: str | os.PathLike, key: str) -> list[Path] | None:
+    """The wavs in ``out_dir`` when its ``previews.json`` records ``key`` and every wav hashes as written."""
+    out_dir = Path(out_dir)
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
         return None
@@ -66,6 +84,35 @@ def _cached(out_dir: Path, key: str) -> list[Path] | None:
     return paths
 
 
+def write_previews(
+    synth, sentences: Sequence[str], prompt_codes, prompt_text: str | None, out_dir: str | os.PathLike,
+    key: str, seed: int = 0, settings: SamplingSettings = SamplingSettings(), max_new_tokens: int = 1024,
+    info: Mapping | None = None,
+) -> list[Path]:
+    """Render with a loaded ``Synthesizer``: ``out_dir/NN.wav`` per sentence (seed ``seed + i``),
+    then ``previews.json`` (written last: it marks the set complete)."""
+    from fish_speech_core.synthesis import synthesize, write_wav
+
+    out_dir = Path(out_dir)
+    files, paths = [], []
+    for i, sentence in enumerate(sentences):
+        result = synthesize(
+            synth, sentence, prompt_codes, prompt_text if prompt_codes is not None else None,
+            settings, max_new_tokens, seed + i,
+        )
+        path = write_wav(out_dir / f"{i:02d}.wav", result.audio, result.sample_rate)
+        paths.append(path)
+        files.append({
+            "file": path.name, "text": sentence, "sha256": sha256_file(path),
+            "seconds": result.audio.numel() / result.sample_rate,
+            "new_tokens": result.new_tokens, "tokens_per_second": result.tokens_per_second,
+        })
+    manifest = {"key": key, **(info or {}), "seed": seed, "files": files}
+    with atomic_write(out_dir / MANIFEST, "w") as handle:
+        json.dump(manifest, handle, indent=2)
+    return paths
+
+
 def render_previews(
     model_dir: str | os.PathLike,
     lora_ckpt: str | os.PathLike | None,
@@ -79,50 +126,32 @@ def render_previews(
     max_new_tokens: int = 1024,
     codec_preset_or_config: str | os.PathLike | None = None,
     device: str = "auto",
+    speaker: str | None = None,
 ) -> list[Path]:
     """Render ``sentences`` to ``out_dir/NN.wav`` (one per sentence) and write ``previews.json``.
 
-    Cached by content: when ``previews.json`` records the same key (hashes of the model files,
-    adapter, codec and prompt clip, plus sentences, prompt text, seed and settings) and every
-    wav still hashes as written, nothing is rendered again. Sentence i uses seed ``seed + i``.
+    Cached by content: when ``previews.json`` records the same key (:func:`preview_key`: hashes
+    of the model files, adapter, codec and prompt clip, plus speaker, sentences, prompt text,
+    seed and settings) and every wav still hashes as written, nothing is rendered again.
+    Sentence i uses seed ``seed + i``.
     """
-    from fish_speech_core.synthesis import (
-        encode_reference,
-        load_synthesizer,
-        synthesize,
-        write_wav,
-    )
+    from fish_speech_core.synthesis import encode_reference, load_synthesizer
 
     model_dir, codec, out_dir = Path(model_dir), Path(codec), Path(out_dir)
     lora = Path(lora_ckpt) if lora_ckpt is not None else None
     prompt = Path(prompt_audio) if prompt_audio is not None else None
     if not sentences:
         raise ValueError("no sentences to render")
-    key = _preview_key(model_dir, lora, codec, sentences, prompt, prompt_text, seed, settings, max_new_tokens)
-    cached = _cached(out_dir, key)
+    key = preview_key(model_fingerprint(model_dir, lora, codec), sentences, prompt, prompt_text, seed, settings,
+                      max_new_tokens, speaker)
+    cached = cached_previews(out_dir, key)
     if cached is not None:
         return cached
     synth = load_synthesizer(model_dir, codec, codec_preset_or_config, lora, device)
     prompt_codes = encode_reference(synth, prompt) if prompt is not None else None
-    files = []
-    paths = []
-    for i, sentence in enumerate(sentences):
-        result = synthesize(
-            synth, sentence, prompt_codes, prompt_text if prompt is not None else None,
-            settings, max_new_tokens, seed + i,
-        )
-        path = write_wav(out_dir / f"{i:02d}.wav", result.audio, result.sample_rate)
-        paths.append(path)
-        files.append({
-            "file": path.name, "text": sentence, "sha256": sha256_file(path),
-            "seconds": result.audio.numel() / result.sample_rate,
-            "new_tokens": result.new_tokens, "tokens_per_second": result.tokens_per_second,
-        })
-    manifest = {"key": key, "model_dir": str(model_dir), "lora": str(lora) if lora else None,
-                "seed": seed, "files": files}
-    with atomic_write(out_dir / MANIFEST, "w") as handle:
-        json.dump(manifest, handle, indent=2)
-    return paths
+    info = {"model_dir": str(model_dir), "lora": str(lora) if lora else None, "speaker": speaker}
+    return write_previews(synth, sentences, prompt_codes, prompt_text, out_dir, key, seed, settings,
+                          max_new_tokens, info)
 
 
 def _read(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -138,14 +167,16 @@ MIN_SIMILARITY_SECONDS = 0.5  # the voice encoder needs at least a few of its 1.
 def score_previews(
     previews: Sequence[str | os.PathLike],
     texts: Sequence[str],
-    reference_clips: Sequence[str | os.PathLike],
+    reference_clips: Sequence[str | os.PathLike] | np.ndarray,
     embedder: SpeakerEmbedder | None = None,
     transcriber: Transcriber | None = None,
 ) -> dict:
     """Score rendered clips against what they should say and the speaker's real clips.
 
-    Returns ``{"files": [per-clip dict], "similarity", "duration_ratio", "ok_fraction",
-    "wer"}`` (means over clips; ``wer`` is None without a transcriber). Small and JSON-able.
+    ``reference_clips``: paths of the speaker's real clips, or their precomputed
+    :func:`~fish_speech_core.evaluate.speaker.reference_embedding`. Returns ``{"files": [per-clip
+    dict], "similarity", "duration_ratio", "ok_fraction", "wer"}`` (means over clips; ``wer`` is
+    None without a transcriber). Small and JSON-able.
     """
     if len(previews) != len(texts):
         raise ValueError("one text per preview clip is needed")
@@ -153,7 +184,10 @@ def score_previews(
         from fish_speech_core.evaluate.speaker import ResemblyzerEmbedder
 
         embedder = ResemblyzerEmbedder()
-    references = [_read(p) for p in reference_clips]
+    if isinstance(reference_clips, np.ndarray):
+        references = reference_clips
+    else:  # embedded once, below, when a clip has speech to compare
+        references = [_read(p) for p in reference_clips] or None
     rows = []
     for path, text in zip(previews, texts):
         audio, rate = _read(path)
@@ -166,9 +200,9 @@ def score_previews(
         if not speech:
             row["ok"] = False
             row["problems"].append("no speech to compare voices")
-        row["similarity"] = (
-            speaker_similarity(embedder, audio, rate, references) if references and speech else None
-        )
+        if references is not None and speech and not isinstance(references, np.ndarray):
+            references = reference_embedding(embedder, references)
+        row["similarity"] = speaker_similarity(embedder, audio, rate, references) if references is not None and speech else None
         if transcriber is not None:
             hypothesis = transcriber.transcribe(audio, rate)
             row["transcript"] = hypothesis

@@ -48,15 +48,23 @@ class ResemblyzerEmbedder:
         return emb / max(float(np.linalg.norm(emb)), 1e-12)
 
 
+def reference_embedding(embedder: SpeakerEmbedder, references: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
+    """The unit-length mean embedding of a speaker's real clips (computed once, compared many times)."""
+    if not references:
+        raise ValueError("speaker similarity needs at least one reference clip")
+    ref = np.mean([embedder.embed(a, sr) for a, sr in references], axis=0)
+    return ref / max(float(np.linalg.norm(ref)), 1e-12)
+
+
 def speaker_similarity(
     embedder: SpeakerEmbedder,
     audio: np.ndarray,
     sample_rate: int,
-    references: Sequence[tuple[np.ndarray, int]],
+    references: Sequence[tuple[np.ndarray, int]] | np.ndarray,
 ) -> float:
-    """Cosine similarity between ``audio`` and the mean embedding of the reference clips."""
-    if not references:
-        raise ValueError("speaker similarity needs at least one reference clip")
-    ref = np.mean([embedder.embed(a, sr) for a, sr in references], axis=0)
-    ref = ref / max(float(np.linalg.norm(ref)), 1e-12)
+    """Cosine similarity between ``audio`` and the mean embedding of the reference clips.
+
+    ``references``: (audio, rate) pairs, or their :func:`reference_embedding`.
+    """
+    ref = references if isinstance(references, np.ndarray) else reference_embedding(embedder, references)
     return float(np.dot(embedder.embed(audio, sample_rate), ref))

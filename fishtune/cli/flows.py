@@ -19,7 +19,9 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
     "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
     "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
     "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
-    "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+    "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate",
+    "preview_sentences_per_speaker": "--preview-sentences",
+    "preview_max_new_tokens": "--preview-max-tokens", "merge_step": "--merge-step", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
 }
 
 
@@ -57,6 +59,9 @@ def finetune_command(
     seed: int = typer.Option(_F["seed"].default, "--seed", help=_F["seed"].description),
     progress_every: int = typer.Option(_F["progress_every"].default, "--progress-every", help=_F["progress_every"].description),
     evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help=_F["evaluate"].description),
+    preview_sentences: int = typer.Option(_F["preview_sentences_per_speaker"].default, "--preview-sentences", help=_F["preview_sentences_per_speaker"].description),
+    preview_max_tokens: int = typer.Option(_F["preview_max_new_tokens"].default, "--preview-max-tokens", help=_F["preview_max_new_tokens"].description),
+    merge_step: int | None = typer.Option(None, "--merge-step", help=_F["merge_step"].description),
     warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
     gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
     loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
@@ -73,7 +78,8 @@ def finetune_command(
     console = Console(stderr=True)
     config = build_config(
         data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
-        preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, evaluate=evaluate, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
+        preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, evaluate=evaluate,
+        preview_sentences_per_speaker=preview_sentences, preview_max_new_tokens=preview_max_tokens, merge_step=merge_step, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
         peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
     )
     _prefect_defaults()
@@ -116,6 +122,7 @@ def demo_command(
     output: Path = typer.Option(Path("demo-output"), "--output", help="Folder for everything the demo makes: tiny models, the store (artifacts, merged model, run report) and Prefect's home."),
     max_steps: int = typer.Option(30, "--max-steps", min=1, max=10_000, help="Training steps (the tiny preset validates and checkpoints every 10)."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Render and score previews of the base and each checkpoint (random models: the clips are noise or empty)."),
+    preview_sentences: int = typer.Option(1, "--preview-sentences", min=1, max=20, help="Held-out sentences rendered per speaker and checkpoint with --evaluate (the finetune default is 3; 1 keeps the demo short)."),
     data: Path = typer.Option(REPO / "examples" / "demo-data", "--data", exists=True, file_okay=False, help="Dataset folder (one folder per speaker of audio + .lab transcripts)."),
 ) -> None:
     """Run the whole finetune flow on the demo data with a tiny random base model and codec (no download).
@@ -151,6 +158,8 @@ def demo_command(
     config = build_config(
         data=str(data), project="demo", storage=str(output / "store"), base=str(base), codec=str(codec),
         preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate, loudness=-23.0, peak=-1.0, format=AudioFormat.keep,
+        preview_sentences_per_speaker=preview_sentences,
+        preview_max_new_tokens=64,  # random models rarely stop on their own: keep their previews short
     )
     console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)")
     _run_and_print(config, console)

@@ -44,3 +44,16 @@ def test_plot_leaves_no_global_matplotlib_state(tmp_path):
     before = "matplotlib.pyplot" in sys.modules
     plot_checkpoints(ROWS[:1], tmp_path / "one.png")
     assert ("matplotlib.pyplot" in sys.modules) == before
+
+
+def test_plot_draws_a_line_per_speaker_when_rows_have_them(tmp_path):
+    def with_speakers(sims):
+        return [{**r, "speakers": [{"speaker": "alice", "similarity": sims[i]}, {"speaker": "bruno", "similarity": 0.5}]}
+                for i, r in enumerate(ROWS)]
+
+    plain = plot_checkpoints(ROWS, tmp_path / "plain.png").read_bytes()
+    a = plot_checkpoints(with_speakers([0.6, 0.7, 0.8, None]), tmp_path / "a.png").read_bytes()
+    b = plot_checkpoints(with_speakers([0.6, 0.7, 0.9, None]), tmp_path / "b.png").read_bytes()
+    assert _png_size(a) == (480, 256)
+    assert a != plain and a != b  # one speaker's similarity changed: another picture
+    assert plot_checkpoints(with_speakers([0.6, 0.7, 0.8, None]), tmp_path / "again.png").read_bytes() == a

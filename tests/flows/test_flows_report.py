@@ -8,14 +8,28 @@ from flows.config import FinetuneConfig
 from flows.finetune import plot_url, report_markdown
 
 
+SPEAKERS = ("alice", "bruno")
+
+
 def _rows() -> list[dict]:
     # what tasks.train.evaluate_task returns per model (previews relative to the evaluate artifact)
-    def row(name, step, sim, loss, ratio, ok):
-        return {"name": name, "step": step, "similarity": sim, "ok_fraction": ok, "duration_ratio": ratio,
-                "val_loss": loss, "previews": [f"{name}/00.wav", f"{name}/01.wav"], "problem": None}
+    def row(name, step, sims, loss, ratios, oks):
+        speakers = [{"speaker": spk, "similarity": sim, "duration_ratio": ratio, "ok_fraction": ok, "wer": None,
+                     "problem": None, "previews": [f"{name}/{spk}/00.wav", f"{name}/{spk}/01.wav"], "cached": False}
+                    for spk, sim, ratio, ok in zip(SPEAKERS, sims, ratios, oks)]
+        return {"name": name, "step": step, "similarity": sum(sims) / 2, "ok_fraction": sum(oks) / 2,
+                "duration_ratio": sum(ratios) / 2, "wer": None, "val_loss": loss,
+                "previews": [p for s in speakers for p in s["previews"]], "problem": None, "speakers": speakers}
 
-    return [row("base", 0, 0.612, None, 1.31, 1.0), row("step_000000010", 10, 0.701, 3.2, 0.97, 1.0),
-            row("step_000000020", 20, 0.755, 2.9, 1.12, 0.5)]
+    return [row("base", 0, (0.612, 0.580), None, (1.31, 1.2), (1.0, 1.0)),
+            row("step_000000010", 10, (0.701, 0.690), 3.2, (0.97, 1.01), (1.0, 1.0)),
+            row("step_000000020", 20, (0.755, 0.74), 2.9, (1.12, 1.3), (0.5, 1.0))]
+
+
+def _speakers() -> list[dict]:
+    return [{"speaker": spk, "prompt": f"prompts/{spk}/{spk}_000.wav", "prompt_text": f"I am {spk}.",
+             "sentences": ["One | two.", "Three."], "source": "validation split", "note": None, "references": 8}
+            for spk in SPEAKERS]
 
 
 def _manifest(store: str) -> tuple[RunManifest, StageRecord]:
@@ -27,7 +41,7 @@ def _manifest(store: str) -> tuple[RunManifest, StageRecord]:
                                  "recommended_step": 20, "recommended_note": "earliest within 2% of the best val loss"})
     evaluate = StageRecord("evaluate", key="def", url=f"{store}/evaluate/def",
                            outputs={"checkpoint": f"{train_url}/checkpoints/step_000000020.ckpt"},
-                           summary={"rows": rows, "recommended_step": 20, "plot": "plot.png",
+                           summary={"rows": rows, "speakers": _speakers(), "recommended_step": 20, "plot": "plot.png",
                                     "rule": "earliest within 0.02 of the best similarity (0.755)"})
     manifest = RunManifest("run-1", "finetune", {}, status="completed", stages=[train, evaluate])
     return manifest, evaluate
@@ -39,18 +53,30 @@ def test_report_shows_each_checkpoint_with_scores_previews_and_plot(tmp_path):
     plot = plot_checkpoints(evaluate.summary["rows"], tmp_path / "store" / "evaluate" / "def" / "plot.png")
     text = report_markdown(FinetuneConfig(data="examples/demo-data", storage=store), manifest)
 
-    assert "| model | step | val loss | similarity | duration | checks ok | previews |" in text
-    table = {m.group(1): m.group(0) for m in re.finditer(r"^\| (base|step_\d+) \| .*$", text, re.M)}
+    assert "| model | step | val loss | similarity | duration | checks ok |" in text
+    table = {m.group(1): m.group(0) for m in re.finditer(r"^\| (base|step_\d+) \| \d+ \| .*$", text, re.M)}
     assert set(table) == {"base", "step_000000010", "step_000000020"}
-    for r in _rows():
-        line = table[r["name"]]
-        cells = [c.strip() for c in line.strip("|").split("|")]
+    for r in _rows():  # per checkpoint: the means over speakers
+        cells = [c.strip() for c in table[r["name"]].strip("|").split("|")]
         assert cells[1] == str(r["step"])
         assert cells[2] == ("" if r["val_loss"] is None else f"{r['val_loss']:.4f}")
         assert cells[3] == f"{r['similarity']:.3f}"
         assert cells[4] == f"{r['duration_ratio']:.2f}"
-        for p in r["previews"]:  # links to the preview files on the store
-            assert f"({store}/evaluate/def/{p})" in cells[6]
+        assert cells[5] == f"{r['ok_fraction']:.0%}"
+    assert "| model | speaker | similarity | duration | checks ok | previews |" in text
+    per_speaker = {(m.group(1), m.group(2)): m.group(0)
+                   for m in re.finditer(r"^\| (base|step_\d+) \| (alice|bruno) \| .*$", text, re.M)}
+    assert len(per_speaker) == 3 * len(SPEAKERS)
+    for r in _rows():  # per checkpoint and speaker: scores and links to its preview files on the store
+        for s in r["speakers"]:
+            cells = [c.strip() for c in per_speaker[r["name"], s["speaker"]].strip("|").split("|")]
+            assert cells[2:5] == [f"{s['similarity']:.3f}", f"{s['duration_ratio']:.2f}", f"{s['ok_fraction']:.0%}"]
+            for p in s["previews"]:
+                assert f"[{p.rsplit('/', 1)[1]}]({store}/evaluate/def/{p})" in cells[5]
+    for spk in _speakers():  # each speaker's prompt clip (linked), its words and the held-out sentences
+        line = next(l for l in text.splitlines() if l.startswith(f"| {spk['speaker']} | [{spk['speaker']}_000.wav]"))
+        assert f"({store}/evaluate/def/{spk['prompt']})" in line and f'"{spk["prompt_text"]}"' in line
+        assert '"One \\| two." / "Three."' in line and "validation split" in line  # a pipe in a sentence is escaped
     assert plot_url(evaluate) == str(plot) and plot.is_file()
     assert f"![held-out loss and similarity vs step]({plot})" in text
     assert "**Merged checkpoint (previews):** step 20" in text
@@ -62,7 +88,7 @@ def test_report_on_s3_references_redacted_urls():
     text = report_markdown(FinetuneConfig(data="s3://voices/raw", storage="s3://voices/store"), manifest)
     assert "SECRET" not in text and "KEY:" not in text
     assert "![held-out loss and similarity vs step](s3://***@voices/store/evaluate/def/plot.png)" in text
-    assert "(s3://***@voices/store/evaluate/def/step_000000010/00.wav)" in text
+    assert "(s3://***@voices/store/evaluate/def/step_000000010/alice/00.wav)" in text
 
 
 def test_report_without_a_plot_still_lists_checkpoints(tmp_path):
@@ -70,4 +96,14 @@ def test_report_without_a_plot_still_lists_checkpoints(tmp_path):
     manifest, evaluate = _manifest(str(tmp_path))
     del evaluate.summary["plot"]
     text = report_markdown(FinetuneConfig(data="examples/demo-data", storage=str(tmp_path)), manifest)
-    assert "| step_000000020 | 20 | 2.9000 | 0.755 |" in text and "plot.png" not in text
+    assert "| step_000000020 | 20 | 2.9000 | 0.748 |" in text and "plot.png" not in text
+
+
+def test_report_of_rows_cached_before_per_speaker_previews(tmp_path):
+    # an evaluate result cached by an earlier version: rows without "speakers", no speaker plans
+    manifest, evaluate = _manifest(str(tmp_path))
+    for r in evaluate.summary["rows"]:
+        del r["speakers"]
+    del evaluate.summary["speakers"]
+    text = report_markdown(FinetuneConfig(data="examples/demo-data", storage=str(tmp_path)), manifest)
+    assert f"| step_000000010 |  | 0.696 | 0.99 | 100% | [00.wav]({tmp_path}/evaluate/def/step_000000010/alice/00.wav)" in text

@@ -76,6 +76,12 @@ class FinetuneConfig(BaseModel):
         1024, ge=8, le=8192,
         description="With evaluate: most code frames generated per preview sentence (~21.5 per second of audio).",
     )
+    asr: str | None = Field(
+        None, pattern=r"^(pocketsphinx|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="With evaluate: an ASR engine for a word-error-rate score of the previews: 'pocketsphinx' "
+                    "(English, offline; pip install 'fishtune[asr]') or 'package.module:factory' returning an object "
+                    "with transcribe(audio, sample_rate) -> str. Empty: no ASR score.",
+    )
     merge_step: int | None = Field(
         None, ge=0,
         description="Merge the kept checkpoint of this training step instead of the recommended one. Empty: the recommended one.",

@@ -68,21 +68,25 @@ def preview_section(evaluated: StageRecord, overridden: bool = False) -> list[st
     num = lambda v, f: "" if v is None else format(v, f)
     on_store = lambda p: storage.redact(storage.join(evaluated.url, p))
     link = lambda p: f"[{Path(p).name}]({on_store(p)})"
+    # word error rate only when an ASR engine was configured (the asr setting)
+    has_wer = any(r.get("wer") is not None for r in e["rows"])
+    wer_head, wer_rule = (" word error rate |", "---:|") if has_wer else ("", "")
+    wer = lambda row: f" {num(row.get('wer'), '.2f')} |" if has_wer else ""
     lines = ["## Previews", "",
              "Similarity = cosine between a voice embedding of the preview and of the speaker's real clips; "
              "duration = rendered / expected seconds for the text (sane in 0.5–2); checks ok = share of clips "
              "without silence, clipping or duration problems. Per checkpoint: means over the speakers "
              "(what chooses the checkpoint).", "",
-             "| model | step | val loss | similarity | duration | checks ok |", "|---|---:|---:|---:|---:|---:|"]
+             "| model | step | val loss | similarity | duration | checks ok |" + wer_head, "|---|---:|---:|---:|---:|---:|" + wer_rule]
     lines += [f"| {r['name']} | {r['step']} | {num(r.get('val_loss'), '.4f')} | {num(r.get('similarity'), '.3f')} | "
-              f"{num(r.get('duration_ratio'), '.2f')} | {num(r.get('ok_fraction'), '.0%')} |" for r in e["rows"]]
-    lines += ["", "### Per speaker", "", "| model | speaker | similarity | duration | checks ok | previews |",
-              "|---|---|---:|---:|---:|---|"]
+              f"{num(r.get('duration_ratio'), '.2f')} | {num(r.get('ok_fraction'), '.0%')} |" + wer(r) for r in e["rows"]]
+    lines += ["", "### Per speaker", "", "| model | speaker | similarity | duration | checks ok |" + wer_head + " previews |",
+              "|---|---|---:|---:|---:|" + wer_rule + "---|"]
     for r in e["rows"]:
         # rows cached before per-speaker previews carry no "speakers": one line for the model
         for s in r.get("speakers") or [{**r, "speaker": ""}]:
             lines += [f"| {r['name']} | {_cell(s['speaker'])} | {num(s.get('similarity'), '.3f')} | "
-                      f"{num(s.get('duration_ratio'), '.2f')} | {num(s.get('ok_fraction'), '.0%')} | "
+                      f"{num(s.get('duration_ratio'), '.2f')} | {num(s.get('ok_fraction'), '.0%')} |" + wer(s) + " "
                       + (", ".join(link(p) for p in s["previews"]) or "none")
                       + (f" ({_cell(s['problem'])})" if s.get("problem") else "") + " |"]
     if e.get("speakers"):
@@ -253,7 +257,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                                         work_dir=str(work_dir), pack_url=packed["url"],
                                         sentences_per_speaker=config.preview_sentences_per_speaker,
                                         max_new_tokens=config.preview_max_new_tokens, seed=config.seed,
-                                        text_extension=config.text_extension)
+                                        text_extension=config.text_extension, asr=config.asr)
                     chosen = scored["checkpoint"]
                     _plot_artifact(config.project, manifest.stages[-1])
                 if config.merge_step is not None:  # the user's choice overrides the recommendation

@@ -261,7 +261,7 @@ def _logger():
       persist_result=True)
 def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, store_root: str, work_dir: str,
                   pack_url: str | None = None, sentences_per_speaker: int = 3, max_new_tokens: int = 1024, seed: int = 0,
-                  max_references: int = 8, text_extension: str = ".lab") -> dict:
+                  max_references: int = 8, text_extension: str = ".lab", asr: str | None = None) -> dict:
     """Previews of the base and each kept checkpoint for every speaker, scored per speaker and per checkpoint.
 
     Per speaker (:mod:`fish_speech_core.evaluate.selection`): prompt = one of its real clips,
@@ -286,6 +286,8 @@ def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, st
         inputs["pack"] = storage.hash_tree(pack_url)
     params = {"max_new_tokens": max_new_tokens, "seed": seed, "sentences_per_speaker": sentences_per_speaker,
               "max_references": max_references, "text_extension": text_extension}
+    if asr:  # only then: keys of runs without ASR stay what they were
+        params["asr"] = asr
     key = storage.artifact_key("evaluate", inputs, params, storage.code_version())
     artifact = store.lookup("evaluate", key)
     if artifact is not None:
@@ -311,8 +313,13 @@ def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, st
     history = {r["step"]: r for r in json.loads((trained / "history.json").read_text())}
     candidates = [Candidate("base", 0)] + [
         Candidate(p.stem, _step(p), p) for p in sorted((trained / "checkpoints").glob("step_*.ckpt"))]
+    transcriber = None
+    if asr:
+        from fish_speech_core.evaluate.asr import load_transcriber
+
+        transcriber = load_transcriber(asr)
     evaluation = evaluate_checkpoints(base_dir, candidates, codec_file, plans, work / "evaluate" / "previews",
-                                      seed=seed, max_new_tokens=max_new_tokens, log=logger.info)
+                                      seed=seed, max_new_tokens=max_new_tokens, transcriber=transcriber, log=logger.info)
     rows = [{**r, "val_loss": history.get(r["step"], {}).get("val_loss")} for r in evaluation.rows]
     for row in rows:
         if row["problem"]:

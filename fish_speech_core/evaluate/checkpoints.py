@@ -55,10 +55,13 @@ SCORES = "scores.json"  # beside a cached preview set: its scores, with the key 
 SCORE_FORMAT = 1  # bump when scoring changes, so cached scores are recomputed
 
 
-def _scores_key(wavs: Sequence[Path], texts: Sequence[str], references: Sequence[Path], embedder: str) -> str:
+def _scores_key(wavs: Sequence[Path], texts: Sequence[str], references: Sequence[Path], embedder: str,
+                transcriber: str | None = None) -> str:
     """Scores depend on the clips' bytes (not only their render key: another device renders other bytes)."""
     parts = {"format": SCORE_FORMAT, "previews": [sha256_file(p) for p in wavs], "texts": list(texts),
              "references": [sha256_file(p) for p in references], "embedder": embedder}
+    if transcriber is not None:  # only then: keys of scores without ASR stay what they were
+        parts["transcriber"] = transcriber
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -124,6 +127,8 @@ def evaluate_checkpoints(
 
     kind = type(embedder) if embedder is not None else ResemblyzerEmbedder
     embedder_id = f"{kind.__module__}.{kind.__qualname__}"
+    # the engine's class names it in the score key (with or without ASR, scores of one set are cached apart)
+    transcriber_id = None if transcriber is None else f"{type(transcriber).__module__}.{type(transcriber).__qualname__}"
     loaded: dict[str, object] = {} if embedder is None else {"embedder": embedder}
     references: dict[str, np.ndarray] = {}
 
@@ -164,15 +169,13 @@ def evaluate_checkpoints(
                 evaluation.rendered += 1
             relative = [f"{candidate.name}/{plan.speaker}/{Path(w).name}" for w in wavs]
             evaluation.files |= dict(zip(relative, map(Path, wavs)))
-            # scores with an ASR engine are not cached: its settings are not part of any key
-            score_key = _scores_key(wavs, plan.sentences, plan.references, embedder_id) if transcriber is None else None
-            scores = _cached_scores(out / SCORES, score_key) if score_key else None
+            score_key = _scores_key(wavs, plan.sentences, plan.references, embedder_id, transcriber_id)
+            scores = _cached_scores(out / SCORES, score_key)
             if scores is None:
                 scores = _score_speaker(plan, wavs, reference(plan), scorer(), transcriber)
                 evaluation.scored += 1
-                if score_key:
-                    with atomic_write(out / SCORES, "w") as handle:
-                        json.dump({"key": score_key, "scores": scores}, handle, indent=2)
+                with atomic_write(out / SCORES, "w") as handle:
+                    json.dump({"key": score_key, "scores": scores}, handle, indent=2)
             speakers.append({"speaker": plan.speaker, **scores, "previews": relative, "cached": cached})
         del synth
         clips = sum(len(s["previews"]) for s in speakers)

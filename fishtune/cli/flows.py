@@ -21,7 +21,7 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
     "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
     "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate",
     "preview_sentences_per_speaker": "--preview-sentences",
-    "preview_max_new_tokens": "--preview-max-tokens", "merge_step": "--merge-step", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+    "preview_max_new_tokens": "--preview-max-tokens", "merge_step": "--merge-step", "asr": "--asr", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
 }
 
 
@@ -62,6 +62,7 @@ def finetune_command(
     preview_sentences: int = typer.Option(_F["preview_sentences_per_speaker"].default, "--preview-sentences", help=_F["preview_sentences_per_speaker"].description),
     preview_max_tokens: int = typer.Option(_F["preview_max_new_tokens"].default, "--preview-max-tokens", help=_F["preview_max_new_tokens"].description),
     merge_step: int | None = typer.Option(None, "--merge-step", help=_F["merge_step"].description),
+    asr: str | None = typer.Option(None, "--asr", help=_F["asr"].description),
     warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
     gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
     loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
@@ -79,7 +80,7 @@ def finetune_command(
     config = build_config(
         data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
         preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, evaluate=evaluate,
-        preview_sentences_per_speaker=preview_sentences, preview_max_new_tokens=preview_max_tokens, merge_step=merge_step, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
+        preview_sentences_per_speaker=preview_sentences, preview_max_new_tokens=preview_max_tokens, merge_step=merge_step, asr=asr, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
         peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
     )
     _prefect_defaults()

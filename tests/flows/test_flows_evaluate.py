@@ -120,6 +120,16 @@ def test_evaluate_renders_every_speaker_for_every_checkpoint_scores_them_and_cac
     assert all(s["cached"] for r in again["summary"]["rows"] for s in r["speakers"])
     assert strip(again["summary"]["rows"]) == strip(summary["rows"]) and again["checkpoint"] == scores["checkpoint"]
 
+    # an ASR engine configured (asr="pocketsphinx"): the same previews (nothing rendered), scored again once
+    # with a word error rate per model and speaker; those scores are cached under their own key
+    heard = evaluate_task.fn(**{**args, "store_root": str(tmp_path / "store-asr"), "asr": "pocketsphinx"})
+    assert heard["summary"]["rendered"] == 0 and heard["summary"]["scored"] == len(models) * len(SPEAKERS)
+    for row in heard["summary"]["rows"]:
+        assert all(isinstance(s["wer"], float) and s["wer"] >= 0 for s in row["speakers"])
+        assert row["wer"] == pytest.approx(sum(s["wer"] for s in row["speakers"]) / len(SPEAKERS))
+    reheard = evaluate_task.fn(**{**args, "store_root": str(tmp_path / "store-asr-2"), "asr": "pocketsphinx"})
+    assert reheard["summary"]["scored"] == 0 and reheard["summary"]["rows"][0]["wer"] == heard["summary"]["rows"][0]["wer"]
+
     # previews are keyed by model content, not by run: another training artifact that kept the same
     # step-10 checkpoint (and not step 20) evaluates from the cache, base included
     fewer = tmp_path / "train-fewer"

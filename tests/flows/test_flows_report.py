@@ -107,3 +107,20 @@ def test_report_of_rows_cached_before_per_speaker_previews(tmp_path):
     del evaluate.summary["speakers"]
     text = report_markdown(FinetuneConfig(data="examples/demo-data", storage=str(tmp_path)), manifest)
     assert f"| step_000000010 |  | 0.696 | 0.99 | 100% | [00.wav]({tmp_path}/evaluate/def/step_000000010/alice/00.wav)" in text
+
+
+def test_report_adds_word_error_rate_only_when_an_asr_engine_scored(tmp_path):
+    manifest, evaluate = _manifest(str(tmp_path))
+    rows = evaluate.summary["rows"]
+    for i, r in enumerate(rows):
+        r["wer"] = 0.5 - 0.1 * i
+        for s in r["speakers"]:
+            s["wer"] = r["wer"]
+    text = report_markdown(FinetuneConfig(data="examples/demo-data", storage=str(tmp_path)), manifest)
+    assert "| model | step | val loss | similarity | duration | checks ok | word error rate |" in text
+    assert "| step_000000020 | 20 | 2.9000 | 0.748 | 1.21 | 75% | 0.30 |" in text
+    assert "| model | speaker | similarity | duration | checks ok | word error rate | previews |" in text
+    line = next(l for l in text.splitlines() if l.startswith("| base | alice |"))
+    assert "| 0.50 | [00.wav]" in line
+    plain, _ = _manifest(str(tmp_path))
+    assert "word error rate" not in report_markdown(FinetuneConfig(data="examples/demo-data", storage=str(tmp_path)), plain)

@@ -8,10 +8,13 @@ rerun could take for finished work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -20,6 +23,53 @@ HASH_CHUNK = 1 << 20  # 1 MiB: streams large audio files without loading them wh
 
 class PathEscapeError(ValueError):
     """A path taken from data resolves outside the root it must stay in."""
+
+
+# ENOSPC: the file system is full; EDQUOT: the user's quota is; EFBIG: the process's file size
+# limit (ulimit -f / RLIMIT_FSIZE) stopped the write.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """An atomic write ran out of space; the message names the file and the bytes it needs.
+
+    The destination is untouched (an earlier version of it stays intact) and the temporary
+    file is removed. ``detail`` is the message without the advice, for callers that add their own.
+    """
+
+    def __init__(self, code: int, detail: str, advice: str, path: str) -> None:
+        super().__init__(code, f"{detail}. Nothing was written under that name; {advice}", path)
+        self.detail = detail
+        self.advice = advice
+
+    def __reduce__(self):  # OSError's would call __init__ with (errno, message, path)
+        return type(self), (self.errno, self.detail, self.advice, self.filename)
+
+    def __str__(self) -> str:
+        return self.strerror  # the message already names the file
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 1024 else f"{n / 2**20:.2f} MiB ({n} bytes)"
+
+
+def _disk_full(err: OSError, target: Path, written: int, size: int | None) -> DiskFullError:
+    try:
+        free = f"; {_size(shutil.disk_usage(target.parent).free)} free in {target.parent}"
+    except OSError:
+        free = ""
+    if size is not None:
+        needs = f"it needs {_size(size)}"
+    else:  # the writer streamed: all we know is that what it wrote was not enough
+        needs = f"it needs more than the {_size(written)} written before the write failed"
+    if err.errno == errno.EFBIG:
+        reason, advice = "the file size limit (ulimit -f) was reached", "raise the limit and rerun"
+    elif err.errno == errno.EDQUOT:
+        reason, advice = "the disk quota is exceeded", "free some space and rerun"
+    else:
+        reason, advice = "no space left on the device", "free some space and rerun"
+    detail = f"cannot write {target}: {reason} ({needs}{free})"
+    return DiskFullError(err.errno, detail, advice, str(target))
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = HASH_CHUNK) -> str:
@@ -36,37 +86,54 @@ def sha256_bytes(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path in the destination folder; rename it onto ``path`` on success.
 
     For writers that want a file name rather than a handle (soundfile, torch.save, numpy).
     The temporary name keeps the final suffix so format detection by extension still works.
     On any exception the temporary file is removed and ``path`` is left untouched.
+
+    Args:
+        size: bytes the caller is about to write, when known (only used in the error).
+
+    Raises:
+        DiskFullError: the disk, a quota or the file size limit ran out, naming ``path``
+            and the space it needs.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
+        )
+        os.close(fd)
+        tmp = Path(tmp_name)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other
         yield tmp
         with open(tmp, "rb+") as handle:  # make the bytes durable before the rename publishes them
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        written = 0
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                written = tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.errno in NO_SPACE_ERRNOS:
+            raise _disk_full(err, target, written, size) from err
         raise
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file for writing and rename it onto ``path`` when the block succeeds."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", size: int | None = None) -> Iterator[IO]:
+    """Open a temporary file for writing and rename it onto ``path`` when the block succeeds.
+
+    ``size`` and the :class:`DiskFullError` on a full disk are as for :func:`atomic_path`.
+    """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write supports modes 'w' and 'wb', not {mode!r}")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size) as tmp:
         encoding = None if "b" in mode else "utf-8"
         with open(tmp, mode, encoding=encoding) as handle:
             yield handle
@@ -75,6 +142,41 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 def is_temporary(path: Path) -> bool:
     """True for the leftovers of an interrupted :func:`atomic_path` (never real inputs)."""
     return path.name.startswith(".") and ".tmp" in path.name
+
+
+# ".<stem>.<8 random chars from mkstemp>.tmp<suffix>", as atomic_path names its temp files
+_TEMPORARY_RE = re.compile(r"^\.(?P<stem>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def temporary_target(path: Path) -> Path | None:
+    """The file an :func:`atomic_path` temporary would have become, or None for other files."""
+    match = _TEMPORARY_RE.match(path.name)
+    if match is None:
+        return None
+    return path.with_name(match["stem"] + (match["suffix"] or ""))
+
+
+def remove_temporaries(targets: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete what killed writes of ``targets`` left behind (their temp files); return them.
+
+    Only temporaries whose final name is one of ``targets`` are touched; each folder is listed once.
+    """
+    wanted: dict[Path, set[Path]] = {}
+    for target in targets:
+        target = Path(target)
+        wanted.setdefault(target.parent, set()).add(target)
+    removed = []
+    for folder, names in wanted.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_file(follow_symlinks=False) and temporary_target(path) in names:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def resolve_inside(root: str | os.PathLike, candidate: str | os.PathLike) -> Path:

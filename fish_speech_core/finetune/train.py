@@ -29,6 +29,7 @@ from fish_speech_core.finetune.checkpoints import (
     newest_valid_checkpoint,
     read_checkpoint,
     recommend,
+    remove_partial_checkpoints,
 )
 from fish_speech_core.finetune.lora import (
     LoraError,
@@ -158,7 +159,12 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         raise TrainError(f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: no model.pth")
     config = replace(config, base_sha256=sha256_file(base_model))
     resume_path, notes = find_resume(config, resume)
+    for partial in remove_partial_checkpoints(config.checkpoint_dir):
+        notes.append(f"removed {partial.name}, a checkpoint write that was interrupted")
 
+    # Seed before the adapters are created: their init draws from the global generator, so
+    # --seed (not whatever ran earlier in the process) decides it.
+    pl.seed_everything(config.seed, workers=True, verbose=False)
     model = build_model(config)
     try:
         data = FinetuneData(config, model.tokenizer, model.config.num_codebooks)
@@ -200,7 +206,6 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(run_dir), deterministic=False,
     )
-    pl.seed_everything(config.seed, workers=True, verbose=False)
     if resume_path is None:
         trainer.validate(module, datamodule=data, verbose=False)  # the loss before training
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_path) if resume_path else None)

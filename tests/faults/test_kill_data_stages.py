@@ -1,0 +1,116 @@
+"""SIGKILL during `fishtune normalize` and `fishtune extract`, then rerun: nothing half-written is
+ever trusted, and the rerun's outputs are byte-identical to an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fish_speech_core.codec import load_codec
+from fish_speech_core.codec.extract import ExtractSettings, extract, sidecar_path_for
+from fish_speech_core.files import is_temporary, sha256_file
+from fish_speech_core.normalize import STATE_DIR, normalize_tree
+from tests.audio_factory import tree_digest
+from tests.faults.helpers import ROOT, finish, fishtune, kill_when, temporaries
+from tests.finetune.helpers_train import run_cli
+
+DEMO = ROOT / "examples" / "demo-data"  # 28 clips in wav/flac/mp3, 3 speakers
+AUDIO = (".wav", ".flac", ".mp3")
+
+
+def demo_copies(root: Path, copies: int) -> Path:
+    for copy in range(copies):
+        shutil.copytree(DEMO, root / f"set{copy}", dirs_exist_ok=True)
+    return root
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every published file under ``root`` except normalize's bookkeeping."""
+    return {k: v for k, v in tree_digest(root).items() if not k.startswith(STATE_DIR)}
+
+
+def finished(records: Path) -> list[Path]:
+    """Completion records (a killed write of one leaves a temp file: that is no record)."""
+    return [p for p in records.rglob("*.json") if not is_temporary(p)]
+
+
+@pytest.mark.slow
+def test_sigkill_during_normalize_then_rerun_is_byte_identical(tmp_path):
+    src = demo_copies(tmp_path / "in", 2)
+    total = sum(1 for p in src.rglob("*") if p.suffix in AUDIO)
+    expected = tmp_path / "uninterrupted"
+    normalize_tree(src, expected, num_workers=1, show_progress=False)
+
+    out = tmp_path / "out"
+    records = out / STATE_DIR / "normalize"
+    proc = fishtune("normalize", src, out, "--num-workers", "1")
+    kill_when(proc, lambda: len(finished(records)) >= 3)
+
+    # Only files whose completion record matches their bytes count as done; everything else
+    # under a final name (killed between the audio and its record) is redone by the rerun.
+    done = {p.relative_to(records).with_suffix("").as_posix(): json.loads(p.read_text())
+            for p in finished(records)}
+    assert 3 <= len(done) < total, "the kill must land mid-run"
+    reference = outputs(expected)
+    for rel, record in done.items():
+        assert record["output_sha256"] == sha256_file(out / rel)
+        assert (out / rel).read_bytes() == reference[rel]
+    # A file torn after the fact (its record still there) is not trusted either.
+    torn = sorted(done)[0]
+    (out / torn).write_bytes((out / torn).read_bytes()[:1000])
+
+    rerun = fishtune("normalize", src, out, "--num-workers", "1")
+    status, log = finish(rerun)
+    assert status == 0, log
+    report = json.loads((out / STATE_DIR / "normalize-report.json").read_text())
+    assert report["skipped"] == len(done) - 1 and report["written"] == total - len(done) + 1
+    assert not temporaries(out)
+    assert outputs(out) == reference  # byte-identical, audio and transcripts
+
+
+@pytest.fixture(scope="module")
+def tiny_codec(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("codec") / "codec-tiny.pth"
+    result = run_cli("init-codec", path, "--preset", "tiny", "--seed", "0")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def codes_of(root: Path) -> dict[str, Path]:
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*.npy")) if not is_temporary(p)}
+
+
+@pytest.mark.slow
+def test_sigkill_during_extract_mid_batch_then_rerun_is_identical(tmp_path, tiny_codec):
+    data = demo_copies(tmp_path / "data", 1)
+    total = sum(1 for p in data.rglob("*") if p.suffix in AUDIO)
+    expected_root = demo_copies(tmp_path / "uninterrupted", 1)
+    model = load_codec(tiny_codec)
+    audio = sorted(p for p in expected_root.rglob("*") if p.suffix in AUDIO)
+    assert extract(model, audio, ExtractSettings(num_workers=0, batch_size=4)).count("extracted") == total
+    expected = codes_of(expected_root)
+
+    args = ("extract", data, "--checkpoint-path", tiny_codec, "--batch-size", "4", "--num-workers", "0")
+    proc = fishtune(*args)
+    kill_when(proc, lambda: len(codes_of(data)) >= 1)  # the first file of a batch of 4 is out
+    written = codes_of(data)
+    assert 1 <= len(written) < total, "the kill must land mid-run"
+    for rel, path in written.items():  # whatever is under a final name is whole
+        assert path.read_bytes() == expected[rel].read_bytes()
+
+    done_before = sum(sidecar_path_for(p).is_file() for p in written.values())
+    status, log = finish(fishtune(*args))
+    assert status == 0, log
+    assert f"skipped {done_before} up to date" in log
+    assert not temporaries(data)
+    got = codes_of(data)
+    assert sorted(got) == sorted(expected)
+    for rel, path in expected.items():
+        a, b = np.load(got[rel]), np.load(path)
+        assert a.dtype == b.dtype == np.int32 and np.array_equal(a, b), rel
+        assert got[rel].read_bytes() == path.read_bytes(), rel
+        assert json.loads(sidecar_path_for(got[rel]).read_text()) == json.loads(sidecar_path_for(path).read_text())

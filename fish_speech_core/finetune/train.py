@@ -189,10 +189,14 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend=config.process_group_backend)
+    # Saved when each validation ends (Lightning runs checkpoint callbacks after the others), so
+    # a checkpoint always comes after its history row: a run killed right after publishing
+    # step N never resumes from N with N's validation missing from history.json.
     checkpointing = ModelCheckpoint(
         dirpath=config.checkpoint_dir, filename="step_{step:09d}", auto_insert_metric_name=False,
-        every_n_train_steps=config.val_check_interval, save_top_k=config.save_top_k,
-        monitor="step", mode="max", save_last=False, save_weights_only=False,
+        every_n_train_steps=None, every_n_epochs=1, save_on_train_epoch_end=False,
+        save_top_k=config.save_top_k, monitor="step", mode="max", save_last=False,
+        save_weights_only=False,
     )
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy,

@@ -50,26 +50,43 @@ class DiskFullError(OSError):
 
 
 def _size(n: int) -> str:
-    return f"{n} bytes" if n < 1024 else f"{n / 2**20:.2f} MiB ({n} bytes)"
+    if n < 1024:
+        return f"{n} bytes"
+    return f"{n / 1024:.1f} KiB ({n} bytes)" if n < 2**20 else f"{n / 2**20:.2f} MiB ({n} bytes)"
 
 
-def _disk_full(err: OSError, target: Path, written: int, size: int | None) -> DiskFullError:
+def _disk_full(err: OSError, target: Path, needed: int, exact: bool) -> DiskFullError:
     try:
-        free = f"; {_size(shutil.disk_usage(target.parent).free)} free in {target.parent}"
+        free = f"{_size(shutil.disk_usage(target.parent).free)} free in {target.parent}"
     except OSError:
         free = ""
-    if size is not None:
-        needs = f"it needs {_size(size)}"
-    else:  # the writer streamed: all we know is that what it wrote was not enough
-        needs = f"it needs more than the {_size(written)} written before the write failed"
+    # A streaming writer's total is unknown: what it had handed over when the write failed
+    # is a lower bound.
+    needs = f"it needs {'' if exact else 'at least '}{_size(needed)}" if needed else ""
     if err.errno == errno.EFBIG:
         reason, advice = "the file size limit (ulimit -f) was reached", "raise the limit and rerun"
     elif err.errno == errno.EDQUOT:
         reason, advice = "the disk quota is exceeded", "free some space and rerun"
     else:
         reason, advice = "no space left on the device", "free some space and rerun"
-    detail = f"cannot write {target}: {reason} ({needs}{free})"
+    facts = "; ".join(part for part in (needs, free) if part)
+    detail = f"cannot write {target}: {reason}" + (f" ({facts})" if facts else "")
     return DiskFullError(err.errno, detail, advice, str(target))
+
+
+class _CountingWriter:
+    """A file handle that counts what is handed to ``write`` (bytes; text as UTF-8)."""
+
+    def __init__(self, handle: IO) -> None:
+        self._handle = handle
+        self.count = 0
+
+    def write(self, data) -> int:
+        self.count += len(data.encode("utf-8")) if isinstance(data, str) else memoryview(data).nbytes
+        return self._handle.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = HASH_CHUNK) -> str:
@@ -121,7 +138,7 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
                 written = tmp.stat().st_size
             tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.errno in NO_SPACE_ERRNOS:
-            raise _disk_full(err, target, written, size) from err
+            raise _disk_full(err, target, written if size is None else size, exact=size is not None) from err
         raise
 
 
@@ -133,10 +150,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", size: int | None = N
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write supports modes 'w' and 'wb', not {mode!r}")
-    with atomic_path(path, size) as tmp:
-        encoding = None if "b" in mode else "utf-8"
-        with open(tmp, mode, encoding=encoding) as handle:
-            yield handle
+    counter: _CountingWriter | None = None
+    try:
+        with atomic_path(path, size) as tmp:
+            encoding = None if "b" in mode else "utf-8"
+            with open(tmp, mode, encoding=encoding) as handle:
+                counter = _CountingWriter(handle)
+                yield counter
+    except DiskFullError as err:
+        # Buffered writes often fail only at close, with nothing on disk yet: the bytes handed
+        # to write() say better how much room the file needs.
+        if size is None and counter is not None and counter.count > 0:
+            raise _disk_full(err, Path(path), counter.count, exact=False) from err.__cause__
+        raise
 
 
 def is_temporary(path: Path) -> bool:

@@ -108,7 +108,7 @@ def normalize_command(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     except DiskFullError as exc:  # files finished before it are kept and skipped by a rerun
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     report_path = write_report(result, report or Path(output) / STATE_DIR / "normalize-report.json")
     s = result.summary()

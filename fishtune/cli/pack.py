@@ -76,7 +76,7 @@ def pack_command(
                 on_progress=lambda n: progress.advance(task, n),
             )
         except (ValueError, FileNotFoundError, DiskFullError) as err:
-            console.print(f"[red]pack failed:[/] {err}")
+            console.print(f"[red]pack failed:[/] {err}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
     table = Table(title=f"pack -> {output}", show_header=False)

@@ -16,6 +16,8 @@ from pathlib import Path
 from fish_speech_core.files import is_temporary
 
 ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "examples" / "demo-data"  # 28 clips (wav/flac/mp3) of 3 speakers
+AUDIO = (".wav", ".flac", ".mp3")
 
 
 def fishtune(*args, env: dict | None = None, preexec_fn=None) -> subprocess.Popen:

@@ -52,7 +52,9 @@ class DiskFullError(OSError):
 def _size(n: int) -> str:
     if n < 1024:
         return f"{n} bytes"
-    return f"{n / 1024:.1f} KiB ({n} bytes)" if n < 2**20 else f"{n / 2**20:.2f} MiB ({n} bytes)"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.{1 if unit == 'KiB' else 2}f} {unit} ({n} bytes)"
 
 
 def _disk_full(err: OSError, target: Path, needed: int, exact: bool) -> DiskFullError:

@@ -27,7 +27,7 @@ from tests.faults.helpers import DEMO, SmallDisk, finish, fishtune, temporaries
 from tests.finetune.helpers_train import FAST, make_base_and_data
 
 ALICE = DEMO / "alice"  # 10 clips
-NEEDS = re.compile(r"it needs (?:at least )?(?:[\d.]+ [KM]iB \()?(\d+) bytes")
+NEEDS = re.compile(r"it needs (?:at least )?(?:[\d.]+ [KMG]iB \()?(\d+) bytes")
 
 
 @pytest.fixture()

@@ -120,7 +120,8 @@ def _output_subtype(container: str, input_subtype: str) -> str | None:
 
 
 def normalize_file(job: _Job) -> FileResult:
-    """Normalize one file; errors become a ``failed`` result, never an exception."""
+    """Normalize one file; errors become a ``failed`` result, except a full disk, which
+    would fail every later file too and is raised (:class:`DiskFullError`)."""
     if not job.overwrite and _is_current(job):
         return FileResult(job.rel_path, "skipped", str(job.output_path))
     try:

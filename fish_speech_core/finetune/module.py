@@ -258,7 +258,8 @@ class LoraFinetune(pl.LightningModule):
         # LoRA dropout draws from the global generators, which DataLoader iterators also draw
         # from. Seeding them per micro-batch from (seed, micro-batch, rank) makes the masks a
         # function of the step alone, so a resumed run trains exactly like an uninterrupted one.
-        torch.manual_seed((self.config.seed * 1_000_003 + self._micro_batch) * 1009 + self.global_rank)
+        mixed = (self.config.seed * 1_000_003 + self._micro_batch) * 1009 + self.global_rank
+        torch.manual_seed(mixed % 2**63)
         self._micro_batch += 1
 
     def training_step(self, batch, batch_idx):

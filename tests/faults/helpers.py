@@ -102,4 +102,4 @@ class SmallDisk:
 
     def close(self) -> None:
         if self.mode == "tmpfs":
-            subprocess.run(["umount", str(self.root)], check=True)
+            subprocess.run(["umount", "--lazy", str(self.root)], check=True)  # even if a child lingers

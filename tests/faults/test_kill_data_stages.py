@@ -1,4 +1,4 @@
-"""SIGKILL during `fishtune normalize` and `fishtune extract`, then rerun: nothing half-written is
+"""SIGKILL during `fishtune normalize`, `fishtune extract` and `fishtune pack`, then rerun: nothing half-written is
 ever trusted, and the rerun's outputs are byte-identical to an uninterrupted run's."""
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import pytest
 
 from fish_speech_core.codec.extract import sidecar_path_for
 from fish_speech_core.files import is_temporary, sha256_file
+from fish_speech_core.formats.protos import find_proto_files
 from fish_speech_core.normalize import STATE_DIR
+from fish_speech_core.pack import pack
 from tests.audio_factory import tree_digest
 from tests.faults.helpers import AUDIO, DEMO, finish, fishtune, kill_when, temporaries
+from tests.finetune.helpers_train import make_speakers
 
 
 def demo_copies(root: Path, copies: int) -> Path:
@@ -97,3 +100,23 @@ def test_sigkill_during_extract_mid_batch_then_rerun_is_identical(tmp_path, tiny
         assert a.dtype == b.dtype == np.int32 and np.array_equal(a, b), rel
         assert got[rel].read_bytes() == path.read_bytes(), rel
         assert json.loads(sidecar_path_for(got[rel]).read_text()) == json.loads(sidecar_path_for(path).read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_during_pack_then_rerun_is_byte_identical(tmp_path):
+    data = make_speakers(tmp_path / "data", speakers=4, sentences=500)
+    expected = tmp_path / "uninterrupted"
+    pack([data], expected, shard_size_mb=0.01)
+
+    out = tmp_path / "out"
+    args = ("pack", "-i", data, "-o", out, "-j", "1", "--shard-size", "0.01")
+    kill_when(fishtune(*args), lambda: out.is_dir() and any(p.stat().st_size > 0 for p in temporaries(out)))
+    # Shards are published only when the pack completes: a killed pack leaves no shard that
+    # training could read, only hidden temp files.
+    with pytest.raises(FileNotFoundError, match="no \\*.proto or \\*.protos shards"):
+        find_proto_files(out)
+
+    status, log = finish(fishtune(*args))
+    assert status == 0, log
+    assert not temporaries(out)
+    assert tree_digest(out) == tree_digest(expected)  # packed bytes identical

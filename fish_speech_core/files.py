@@ -8,10 +8,13 @@ rerun could take for finished work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -20,6 +23,72 @@ HASH_CHUNK = 1 << 20  # 1 MiB: streams large audio files without loading them wh
 
 class PathEscapeError(ValueError):
     """A path taken from data resolves outside the root it must stay in."""
+
+
+# ENOSPC: the file system is full; EDQUOT: the user's quota is; EFBIG: the process's file size
+# limit (ulimit -f / RLIMIT_FSIZE) stopped the write.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """An atomic write ran out of space; the message names the file and the bytes it needs.
+
+    The destination is untouched (an earlier version of it stays intact) and the temporary
+    file is removed. ``detail`` is the message without the advice, for callers that add their own.
+    """
+
+    def __init__(self, code: int, detail: str, advice: str, path: str) -> None:
+        super().__init__(code, f"{detail}. Nothing was written under that name; {advice}", path)
+        self.detail = detail
+        self.advice = advice
+
+    def __reduce__(self):  # OSError's would call __init__ with (errno, message, path)
+        return type(self), (self.errno, self.detail, self.advice, self.filename)
+
+    def __str__(self) -> str:
+        return self.strerror  # the message already names the file
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.{1 if unit == 'KiB' else 2}f} {unit} ({n} bytes)"
+
+
+def _disk_full(err: OSError, target: Path, needed: int, exact: bool) -> DiskFullError:
+    try:
+        free = f"{_size(shutil.disk_usage(target.parent).free)} free in {target.parent}"
+    except OSError:
+        free = ""
+    # A streaming writer's total is unknown: what it had handed over when the write failed
+    # is a lower bound.
+    needs = f"it needs {'' if exact else 'at least '}{_size(needed)}" if needed else ""
+    if err.errno == errno.EFBIG:
+        reason, advice = "the file size limit (ulimit -f) was reached", "raise the limit and rerun"
+    elif err.errno == errno.EDQUOT:
+        reason, advice = "the disk quota is exceeded", "free some space and rerun"
+    else:
+        reason, advice = "no space left on the device", "free some space and rerun"
+    facts = "; ".join(part for part in (needs, free) if part)
+    detail = f"cannot write {target}: {reason}" + (f" ({facts})" if facts else "")
+    return DiskFullError(err.errno, detail, advice, str(target))
+
+
+class _CountingWriter:
+    """A file handle that counts what is handed to ``write`` (bytes; text as UTF-8)."""
+
+    def __init__(self, handle: IO) -> None:
+        self._handle = handle
+        self.count = 0
+
+    def write(self, data) -> int:
+        self.count += len(data.encode("utf-8")) if isinstance(data, str) else memoryview(data).nbytes
+        return self._handle.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = HASH_CHUNK) -> str:
@@ -36,45 +105,106 @@ def sha256_bytes(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path in the destination folder; rename it onto ``path`` on success.
 
     For writers that want a file name rather than a handle (soundfile, torch.save, numpy).
     The temporary name keeps the final suffix so format detection by extension still works.
     On any exception the temporary file is removed and ``path`` is left untouched.
+
+    Args:
+        size: bytes the caller is about to write, when known (only used in the error).
+
+    Raises:
+        DiskFullError: the disk, a quota or the file size limit ran out, naming ``path``
+            and the space it needs.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
+        )
+        os.close(fd)
+        tmp = Path(tmp_name)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other
         yield tmp
         with open(tmp, "rb+") as handle:  # make the bytes durable before the rename publishes them
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        written = 0
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                written = tmp.stat().st_size
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.errno in NO_SPACE_ERRNOS:
+            raise _disk_full(err, target, written if size is None else size, exact=size is not None) from err
         raise
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file for writing and rename it onto ``path`` when the block succeeds."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", size: int | None = None) -> Iterator[IO]:
+    """Open a temporary file for writing and rename it onto ``path`` when the block succeeds.
+
+    ``size`` and the :class:`DiskFullError` on a full disk are as for :func:`atomic_path`.
+    """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write supports modes 'w' and 'wb', not {mode!r}")
-    with atomic_path(path) as tmp:
-        encoding = None if "b" in mode else "utf-8"
-        with open(tmp, mode, encoding=encoding) as handle:
-            yield handle
+    counter: _CountingWriter | None = None
+    try:
+        with atomic_path(path, size) as tmp:
+            encoding = None if "b" in mode else "utf-8"
+            with open(tmp, mode, encoding=encoding) as handle:
+                counter = _CountingWriter(handle)
+                yield counter
+    except DiskFullError as err:
+        # Buffered writes often fail only at close, with nothing on disk yet: the bytes handed
+        # to write() say better how much room the file needs.
+        if size is None and counter is not None and counter.count > 0:
+            raise _disk_full(err, Path(path), counter.count, exact=False) from err.__cause__
+        raise
 
 
 def is_temporary(path: Path) -> bool:
     """True for the leftovers of an interrupted :func:`atomic_path` (never real inputs)."""
     return path.name.startswith(".") and ".tmp" in path.name
+
+
+# ".<stem>.<8 random chars from mkstemp>.tmp<suffix>", as atomic_path names its temp files
+_TEMPORARY_RE = re.compile(r"^\.(?P<stem>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def temporary_target(path: Path) -> Path | None:
+    """The file an :func:`atomic_path` temporary would have become, or None for other files."""
+    match = _TEMPORARY_RE.match(path.name)
+    if match is None:
+        return None
+    return path.with_name(match["stem"] + (match["suffix"] or ""))
+
+
+def remove_temporaries(targets: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete what killed writes of ``targets`` left behind (their temp files); return them.
+
+    Only temporaries whose final name is one of ``targets`` are touched; each folder is listed once.
+    """
+    wanted: dict[Path, set[Path]] = {}
+    for target in targets:
+        target = Path(target)
+        wanted.setdefault(target.parent, set()).add(target)
+    removed = []
+    for folder, names in wanted.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_file(follow_symlinks=False) and temporary_target(path) in names:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def resolve_inside(root: str | os.PathLike, candidate: str | os.PathLike) -> Path:

@@ -9,6 +9,7 @@ default), a bad file is reported instead of killing the pool, and every write is
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 import soundfile
 
 from fish_speech_core.audio import read_audio
-from fish_speech_core.files import atomic_path, atomic_write, is_temporary, sha256_file
+from fish_speech_core.files import DiskFullError, atomic_path, atomic_write, is_temporary, sha256_file
 from fish_speech_core.parallel import map_with_progress
 from fish_speech_core.validate import Record, ValidationSettings, accepted_items, validate
 
@@ -119,7 +120,8 @@ def _output_subtype(container: str, input_subtype: str) -> str | None:
 
 
 def normalize_file(job: _Job) -> FileResult:
-    """Normalize one file; errors become a ``failed`` result, never an exception."""
+    """Normalize one file; errors become a ``failed`` result, except a full disk, which
+    would fail every later file too and is raised (:class:`DiskFullError`)."""
     if not job.overwrite and _is_current(job):
         return FileResult(job.rel_path, "skipped", str(job.output_path))
     try:
@@ -136,8 +138,12 @@ def normalize_file(job: _Job) -> FileResult:
                 out = out * (10.0 ** (s.peak / 20.0) / top)
                 result.limited = True
         container = _CONTAINER[job.output_path.suffix.lower()]
-        with atomic_path(job.output_path) as tmp:
-            soundfile.write(str(tmp), out, sample_rate, subtype=_output_subtype(container, info.subtype), format=container)
+        # Encoded in memory, then written: libsndfile reports a full disk as a generic error,
+        # a plain write() as ENOSPC, which atomic_write turns into a DiskFullError.
+        encoded = io.BytesIO()
+        soundfile.write(encoded, out, sample_rate, subtype=_output_subtype(container, info.subtype), format=container)
+        with atomic_write(job.output_path, size=encoded.getbuffer().nbytes) as handle:
+            handle.write(encoded.getbuffer())
         with atomic_path(job.transcript_out) as tmp:
             if job.transcript_src is not None:
                 shutil.copyfile(job.transcript_src, tmp)
@@ -147,6 +153,8 @@ def normalize_file(job: _Job) -> FileResult:
         with atomic_write(job.state_path, "w") as handle:
             json.dump({**_state(job), "output_sha256": sha256_file(job.output_path)}, handle)
         return result
+    except DiskFullError:
+        raise  # every later file would fail the same way: stop the run
     except Exception as exc:  # one bad file must not stop the others
         return FileResult(job.rel_path, "failed", detail=f"{type(exc).__name__}: {exc}")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
-from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
+from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside, temporary_target
 from fish_speech_core.formats.protos import ShardWriter, frame_record
 from fish_speech_core.formats.text import clean_pack_transcript, has_spoken_content
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
@@ -207,6 +207,7 @@ def pack(
         for root in inputs:
             groups.extend(discover_folder(root, text_extension))
 
+    _remove_interrupted_shards(Path(output))
     items = [item for group in groups for item in group.items]
     per_task = -(-len(items) // (4 * num_workers))
     chunks = _chunks(items, min(max(per_task, _MIN_ITEMS_PER_TASK), _MAX_ITEMS_PER_TASK))
@@ -253,6 +254,15 @@ def _flatten(results, on_progress):
         if on_progress:
             on_progress(len(chunk))
         yield from chunk
+
+
+def _remove_interrupted_shards(output: Path) -> None:
+    """Delete the temp shards a killed pack left (hidden, never read: this frees their space)."""
+    if output.is_dir():
+        for path in output.iterdir():
+            target = temporary_target(path)
+            if target is not None and _SHARD_FILE.fullmatch(target.name) and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def _remove_stale_shards(output: Path, keep: list[Path]) -> list[Path]:

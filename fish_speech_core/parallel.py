@@ -40,7 +40,8 @@ def map_with_progress(
     """``[fn(x) for x in inputs]`` on ``num_workers`` processes; results in input order.
 
     ``fn`` must catch its own per-item errors and return them as values: one bad item must
-    never stop the others (an exception escaping ``fn`` is a bug and is re-raised).
+    never stop the others. An exception escaping ``fn`` (a bug, or an error that would stop
+    every item, like a full disk) is re-raised and the items not yet started are dropped.
     """
     results: list[R | None] = [None] * len(inputs)
     with progress_bar() as progress:
@@ -53,6 +54,10 @@ def map_with_progress(
             with ProcessPoolExecutor(max_workers=min(num_workers, len(inputs))) as pool:
                 futures = {pool.submit(fn, value): index for index, value in enumerate(inputs)}
                 for future in as_completed(futures):
-                    results[futures[future]] = future.result()
+                    try:
+                        results[futures[future]] = future.result()
+                    except BaseException:
+                        pool.shutdown(wait=False, cancel_futures=True)  # don't start the rest
+                        raise
                     progress.advance(task)
     return results  # type: ignore[return-value]

@@ -14,6 +14,7 @@ rerun redoes that file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -27,7 +28,7 @@ import torch
 from fish_speech_core.audio import audio_info, read_audio, resample, to_mono
 from fish_speech_core.codec.checkpoint import codec_hash
 from fish_speech_core.codec.model import FireflyCodec
-from fish_speech_core.files import atomic_path, atomic_write, sha256_bytes, sha256_file
+from fish_speech_core.files import atomic_write, remove_temporaries, sha256_bytes, sha256_file
 
 SIDECAR_SUFFIX = ".json"  # x.npy -> x.npy.json
 SIDECAR_FORMAT = "fishtune-codes/1"
@@ -373,8 +374,10 @@ def extract_codes(
 
 def write_codes(job: Job, codes: np.ndarray, audio_sha256: str, model_hash: str, settings: dict) -> None:
     """Atomically write ``x.npy`` then its sidecar (the sidecar is what marks it done)."""
-    with atomic_path(job.npy_path) as tmp:
-        np.save(tmp, codes)
+    buffer = io.BytesIO()  # in memory first: small, and a full disk then names the exact size
+    np.save(buffer, codes)
+    with atomic_write(job.npy_path, size=buffer.getbuffer().nbytes) as handle:
+        handle.write(buffer.getbuffer())
     record = {
         "format": SIDECAR_FORMAT,
         "audio": job.audio_path.name,
@@ -403,6 +406,9 @@ def run_extraction(
     """
     model_hash = model_hash or codec_hash(model)
     code_settings = settings.code_settings()
+    # Temp files a killed run left beside the audio are never read; clear those of our outputs.
+    npys = [job.npy_path for job in plan.todo] + [r.npy_path for r in plan.skipped if r.npy_path]
+    remove_temporaries([p for npy in npys for p in (npy, sidecar_path_for(npy))])
     results: list[FileResult] = [*plan.skipped, *plan.rejected]
     start = time.perf_counter()
     for job, codes, digest, error in encode_batches(model, plan.todo, settings):

@@ -7,9 +7,10 @@ A checkpoint is Lightning's dict with ``state_dict`` reduced to the LoRA tensors
 
 from __future__ import annotations
 
-import errno
 import io
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,20 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from fish_speech_core.files import atomic_write
+from fish_speech_core.files import DiskFullError, atomic_write, temporary_target
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.ckpt$")
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states", "fishtune_config")
 WITHIN = 0.02  # recommend the earliest checkpoint within 2 % of the best val loss
+# Test-only fault injection (tests/faults): set to a step number, the checkpoint of that step
+# stops half-written in its temp file for STALL_SECONDS so a test can SIGKILL the process
+# mid-write. Read per call, never set outside tests.
+STALL_ENV = "FISHTUNE_TEST_STALL_CHECKPOINT"
+STALL_SECONDS = 300
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (e.g. disk full); earlier checkpoints are intact."""
+class CheckpointWriteError(DiskFullError):
+    """A checkpoint could not be written (disk full); earlier checkpoints are intact."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -42,17 +48,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # OSError with its errno from write(), not as torch's generic RuntimeError.
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        data = buffer.getbuffer()
+        stall = os.environ.get(STALL_ENV) == str(checkpoint.get("global_step"))
         try:
-            with atomic_write(path) as handle:
-                handle.write(buffer.getbuffer())
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CheckpointWriteError(
-                    err.errno,
-                    f"no space left to write {path}: free some disk space or lower --save-top-k, "
-                    f"then rerun with --resume auto (earlier checkpoints are intact)",
-                ) from None
-            raise
+            with atomic_write(path, size=len(data)) as handle:
+                half = len(data) // 2 if stall else len(data)
+                handle.write(data[:half])
+                if stall:
+                    handle.flush()
+                    time.sleep(STALL_SECONDS)
+                handle.write(data[half:])
+        except DiskFullError as err:
+            raise CheckpointWriteError(
+                err.errno, err.detail,
+                "free some disk space or lower --save-top-k, then rerun with --resume auto "
+                "(earlier checkpoints are intact)",
+                str(path),
+            ) from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -69,6 +81,24 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
         if match and path.is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def remove_partial_checkpoints(folder: str | Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that a killed run left in ``folder``.
+
+    They are never loaded (:func:`list_checkpoints` only sees complete ``step_*.ckpt`` files);
+    this only gives their space back.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        target = temporary_target(path)
+        if target is not None and CHECKPOINT_RE.match(target.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

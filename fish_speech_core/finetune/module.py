@@ -242,6 +242,7 @@ class LoraFinetune(pl.LightningModule):
         self.strict_loading = False
         self.tokens_seen = 0
         self.num_truncated = 0
+        self._micro_batch = 0  # micro-batches trained so far (restored from global_step on resume)
         self._t0: float | None = None
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
@@ -249,6 +250,17 @@ class LoraFinetune(pl.LightningModule):
     def _losses(self, batch):
         out = self.model(batch["inputs"], batch["attention_masks"])
         return lm_losses(out.token_logits.float(), out.codebook_logits.float(), batch["labels"])
+
+    def on_train_start(self) -> None:
+        self._micro_batch = self.trainer.global_step * self.config.accumulate_grad_batches
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # LoRA dropout draws from the global generators, which DataLoader iterators also draw
+        # from. Seeding them per micro-batch from (seed, micro-batch, rank) makes the masks a
+        # function of the step alone, so a resumed run trains exactly like an uninterrupted one.
+        mixed = (self.config.seed * 1_000_003 + self._micro_batch) * 1009 + self.global_rank
+        torch.manual_seed(mixed % 2**63)
+        self._micro_batch += 1
 
     def training_step(self, batch, batch_idx):
         if self._t0 is None:

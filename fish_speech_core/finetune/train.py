@@ -29,6 +29,7 @@ from fish_speech_core.finetune.checkpoints import (
     newest_valid_checkpoint,
     read_checkpoint,
     recommend,
+    remove_partial_checkpoints,
 )
 from fish_speech_core.finetune.lora import (
     LoraError,
@@ -158,7 +159,12 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         raise TrainError(f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: no model.pth")
     config = replace(config, base_sha256=sha256_file(base_model))
     resume_path, notes = find_resume(config, resume)
+    for partial in remove_partial_checkpoints(config.checkpoint_dir):
+        notes.append(f"removed {partial.name}, a checkpoint write that was interrupted")
 
+    # Seed before the adapters are created: their init draws from the global generator, so
+    # --seed (not whatever ran earlier in the process) decides it.
+    pl.seed_everything(config.seed, workers=True, verbose=False)
     model = build_model(config)
     try:
         data = FinetuneData(config, model.tokenizer, model.config.num_codebooks)
@@ -183,10 +189,14 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend=config.process_group_backend)
+    # Saved when each validation ends (Lightning runs checkpoint callbacks after the others), so
+    # a checkpoint always comes after its history row: a run killed right after publishing
+    # step N never resumes from N with N's validation missing from history.json.
     checkpointing = ModelCheckpoint(
         dirpath=config.checkpoint_dir, filename="step_{step:09d}", auto_insert_metric_name=False,
-        every_n_train_steps=config.val_check_interval, save_top_k=config.save_top_k,
-        monitor="step", mode="max", save_last=False, save_weights_only=False,
+        every_n_train_steps=None, every_n_epochs=1, save_on_train_epoch_end=False,
+        save_top_k=config.save_top_k, monitor="step", mode="max", save_last=False,
+        save_weights_only=False,
     )
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy,
@@ -200,7 +210,6 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(run_dir), deterministic=False,
     )
-    pl.seed_everything(config.seed, workers=True, verbose=False)
     if resume_path is None:
         trainer.validate(module, datamodule=data, verbose=False)  # the loss before training
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_path) if resume_path else None)

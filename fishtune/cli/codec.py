@@ -110,6 +110,7 @@ def extract_command(
     from fish_speech_core.codec import CodecCheckpointError, load_codec
     from fish_speech_core.codec.extract import ExtractSettings, plan_extraction, run_extraction
     from fish_speech_core.codec.checkpoint import codec_hash
+    from fish_speech_core.files import DiskFullError
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +163,12 @@ def extract_command(
             done += 1
             progress.update(task, advance=result.seconds / 3600, files=f"{done}/{len(plan.todo)}")
 
-        summary = run_extraction(model, plan, settings, model_hash, on_result)
+        try:
+            summary = run_extraction(model, plan, settings, model_hash, on_result)
+        except DiskFullError as error:  # files finished before it are kept and skipped by a rerun
+            progress.stop()
+            typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(1) from None
 
     for result in summary.results:
         if result.status in ("rejected", "failed"):

@@ -39,6 +39,7 @@ def pack_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
     from rich.table import Table
 
+    from fish_speech_core.files import DiskFullError
     from fish_speech_core.pack import discover_folder, pack
 
     console = Console(stderr=True)
@@ -74,8 +75,8 @@ def pack_command(
                 shard_size_mb=shard_size, filelist=filelist,
                 on_progress=lambda n: progress.advance(task, n),
             )
-        except (ValueError, FileNotFoundError) as err:
-            console.print(f"[red]pack failed:[/] {err}")
+        except (ValueError, FileNotFoundError, DiskFullError) as err:
+            console.print(f"[red]pack failed:[/] {err}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
     table = Table(title=f"pack -> {output}", show_header=False)

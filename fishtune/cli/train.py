@@ -58,7 +58,7 @@ def train_command(
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (0 = in the main process)."),
 ) -> None:
     """Finetune a Fish Speech 1.4 text2semantic checkpoint with LoRA on packed shards."""
-    from fish_speech_core.finetune.checkpoints import CheckpointWriteError
+    from fish_speech_core.files import DiskFullError
     from fish_speech_core.finetune.lora import LoraError
     from fish_speech_core.finetune.module import TrainConfig
     from fish_speech_core.finetune.train import TrainError, train
@@ -78,8 +78,8 @@ def train_command(
         result = train(config, resume=resume)
     except (TrainError, LoraError) as err:
         _fail(str(err))
-    except CheckpointWriteError as err:
-        _fail(err.strerror or str(err))
+    except DiskFullError as err:  # a checkpoint (CheckpointWriteError) or history/summary file
+        _fail(str(err))
     _print_summary(result)
 
 

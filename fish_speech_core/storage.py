@@ -163,6 +163,9 @@ def list_files(url: str) -> dict[str, dict]:
     """Relative POSIX path -> fsspec info of every file under a folder URL (hidden files skipped)."""
     fs, root = filesystem(url)
     root = root.rstrip("/")
+    # Other writers change the data (new clips land, transcripts get fixed): a listing cached by an
+    # earlier call would hand out stale ETags, and reading those files fails with FileExpired.
+    fs.invalidate_cache()
     found = retry_io(lambda: fs.find(root, detail=True))
     files = {}
     for path, info in found.items():
@@ -183,6 +186,7 @@ def hash_tree(url: str) -> str:
 def hash_any(url: str) -> str:
     """Content hash of a file or a folder URL."""
     fs, path = filesystem(url)
+    fs.invalidate_cache()  # see list_files: never trust a listing made before this call
     if retry_io(lambda: fs.isdir(path)):
         return hash_tree(url)
     return hash_url(url)

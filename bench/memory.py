@@ -1,7 +1,7 @@
 """Peak memory (RSS) of every stage, each in a fresh process, and what fits in 24 GB.
 
     python bench/memory.py            # demo stages + real-size extraction (60 s) and LM step (1x1024)
-    python bench/memory.py --full     # also the real-size LM step at batch 2 (another ~3-5 min)
+    python bench/memory.py --full     # also batch 2 (measured slope) and a fixed glibc mmap threshold
     python bench/memory.py --skip-real  # demo stages only (~1 min)
 
 Demo stages run the ``fishtune`` CLI on ``examples/demo-data`` (normalize -> extract with the
@@ -32,12 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "demo-data"
 BUDGET_GIB = 24.0
 HEADROOM_GIB = 1.0  # OS, page cache and allocator slack we do not plan to use
+MMAP_THRESHOLD = 1 << 20  # glibc: allocations >= 1 MiB get their own mapping, unmapped on free
 
 
-def run_measured(command: list[str], cwd: Path = ROOT) -> dict:
+def run_measured(command: list[str], cwd: Path = ROOT, extra_env: dict | None = None) -> dict:
     """Run ``command``; its peak RSS (MiB, via wait4), wall seconds and stdout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "COLUMNS": "200", "NO_COLOR": "1"}
+           "COLUMNS": "200", "NO_COLOR": "1", **(extra_env or {})}
     with tempfile.TemporaryFile() as out:
         started = time.perf_counter()
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -135,7 +136,7 @@ def demo_stages(tmp: Path) -> list[dict]:
     return rows
 
 
-def real_stages(tmp: Path, batches: list[int], threads: int) -> list[dict]:
+def real_stages(tmp: Path, batches: list[int], threads: int, allocator: bool, baseline: float) -> list[dict]:
     codec = tmp / "codec-real.pth"
     if not codec.is_file():
         subprocess.run(fishtune("init-codec", str(codec), "--preset", "fish-speech-1.4"), check=True, capture_output=True, cwd=ROOT)
@@ -146,16 +147,20 @@ def real_stages(tmp: Path, batches: list[int], threads: int) -> list[dict]:
     rows = [{"stage": "extract", "what": "60 s clip, real-size codec", **_drop_output(run_measured(fishtune(
         "extract", str(tmp / "long"), "--checkpoint-path", str(codec), "--num-workers", "0", "--device", "cpu",
         "--max-seconds", "61")))}]
-    for batch in batches:
-        for checkpointing in (True, False):
-            if batch > 1 and not checkpointing:
-                continue  # the 24 GB estimate uses the checkpointed step
-            r = run_measured([sys.executable, __file__, "--lm-step", "--batch", str(batch), "--seq", "1024",
-                              "--threads", str(threads)] + (["--checkpointing"] if checkpointing else []))
-            figures = json.loads(r["output"].strip().splitlines()[-1])
-            rows.append({"stage": "train step", "what": f"real-size LM {batch}x1024, checkpointing "
-                         f"{'on' if checkpointing else 'off'}", "batch": batch, "seq": 1024,
-                         "checkpointing": checkpointing, "peak_mib": r["peak_mib"], "wall_s": r["wall_s"], **figures})
+    _print_rows(rows, baseline)
+    cases = [(1, True, None), (1, False, None)] + [(b, True, None) for b in batches if b > 1]
+    if allocator:  # glibc keeps freed activation memory mapped; a fixed mmap threshold returns it
+        cases.append((1, True, MMAP_THRESHOLD))
+    for batch, checkpointing, threshold in cases:
+        env = {"MALLOC_MMAP_THRESHOLD_": str(threshold)} if threshold else {}
+        r = run_measured([sys.executable, __file__, "--lm-step", "--batch", str(batch), "--seq", "1024",
+                          "--threads", str(threads)] + (["--checkpointing"] if checkpointing else []), extra_env=env)
+        figures = json.loads(r["output"].strip().splitlines()[-1])
+        what = (f"real-size LM {batch}x1024, checkpointing {'on' if checkpointing else 'off'}"
+                + (f", MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else ""))
+        rows.append({"stage": "train step", "what": what, "batch": batch, "seq": 1024, "checkpointing": checkpointing,
+                     "mmap_threshold": threshold, "peak_mib": r["peak_mib"], "wall_s": r["wall_s"], **figures})
+        _print_rows(rows[-1:], baseline)
     return rows
 
 
@@ -170,7 +175,8 @@ def fits_24gb(rows: list[dict]) -> dict | None:
     peak(B) = fixed + B * per_sample; with two measured batches the slope is measured, with one
     it is peak(1) - RSS after building (weights, LoRA, optimizer, batch).
     """
-    steps = sorted((r for r in rows if r["stage"] == "train step" and r["checkpointing"]), key=lambda r: r["batch"])
+    steps = sorted((r for r in rows if r["stage"] == "train step" and r["checkpointing"] and not r["mmap_threshold"]),
+                   key=lambda r: r["batch"])
     if not steps:
         return None
     if len(steps) >= 2:
@@ -218,9 +224,8 @@ def main() -> None:
         rows = [dict(r, scope="demo") for r in demo_stages(tmp)]
         _print_rows(rows, baseline)
         if not args.skip_real:
-            real = [dict(r, scope="real-size") for r in real_stages(tmp, [1, 2] if args.full else [1], args.threads)]
-            _print_rows(real, baseline)
-            rows += real
+            real = real_stages(tmp, [1, 2] if args.full else [1], args.threads, args.full, baseline)
+            rows += [dict(r, scope="real-size") for r in real]
     fit = fits_24gb(rows)
     if fit:
         print(f"\nwhat fits in {BUDGET_GIB:g} GiB (keeping {HEADROOM_GIB:g} GiB free), real-size LoRA training on CPU, "
@@ -228,12 +233,16 @@ def main() -> None:
               f"({fit['method']}) -> batch <= {fit['max_batch_at_1024']} at seq 1024 with checkpointing"
               + (f"; <= {fit['max_batch_at_1024_no_checkpointing']} without "
                  f"({fit['per_sample_1024_mib_no_checkpointing']} MiB per sample)" if "max_batch_at_1024_no_checkpointing" in fit else ""))
-    on = next((r for r in rows if r.get("checkpointing") is True and r["batch"] == 1), None)
-    off = next((r for r in rows if r.get("checkpointing") is False), None)
+    steps = {(r["batch"], r["checkpointing"], r["mmap_threshold"]): r for r in rows if r["stage"] == "train step"}
+    on, off, mmap = steps.get((1, True, None)), steps.get((1, False, None)), steps.get((1, True, MMAP_THRESHOLD))
     figures = {"stage": "memory", "baseline_mib": round(baseline), "rows": rows, "fits_24gb": fit,
-               "no_checkpointing_over_checkpointing": round(off["peak_mib"] / on["peak_mib"], 3) if on and off else None}
+               "no_checkpointing_over_checkpointing": round(off["peak_mib"] / on["peak_mib"], 3) if on and off else None,
+               "mmap_threshold_over_default": round(mmap["peak_mib"] / on["peak_mib"], 3) if on and mmap else None}
     if figures["no_checkpointing_over_checkpointing"]:
         print(f"train step peak, checkpointing off / on: {figures['no_checkpointing_over_checkpointing']:.2f}x")
+    if figures["mmap_threshold_over_default"]:
+        print(f"train step peak, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} / default allocator: "
+              f"{figures['mmap_threshold_over_default']:.2f}x (step {mmap['step_s']:.0f} s vs {on['step_s']:.0f} s)")
     if args.json:
         from fish_speech_core.files import atomic_write
 

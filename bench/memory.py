@@ -136,7 +136,7 @@ def demo_stages(tmp: Path) -> list[dict]:
     return rows
 
 
-def real_stages(tmp: Path, batches: list[int], threads: int, allocator: bool, baseline: float) -> list[dict]:
+def real_stages(tmp: Path, threads: int, full: bool, baseline: float) -> list[dict]:
     codec = tmp / "codec-real.pth"
     if not codec.is_file():
         subprocess.run(fishtune("init-codec", str(codec), "--preset", "fish-speech-1.4"), check=True, capture_output=True, cwd=ROOT)
@@ -147,10 +147,13 @@ def real_stages(tmp: Path, batches: list[int], threads: int, allocator: bool, ba
     rows = [{"stage": "extract", "what": "60 s clip, real-size codec", **_drop_output(run_measured(fishtune(
         "extract", str(tmp / "long"), "--checkpoint-path", str(codec), "--num-workers", "0", "--device", "cpu",
         "--max-seconds", "61")))}]
+    if not (clip_dir / "clip.npy").is_file():
+        raise RuntimeError("extract wrote no codes for the 60 s clip")
     _print_rows(rows, baseline)
-    cases = [(1, True, None), (1, False, None)] + [(b, True, None) for b in batches if b > 1]
-    if allocator:  # glibc keeps freed activation memory mapped; a fixed mmap threshold returns it
-        cases.append((1, True, MMAP_THRESHOLD))
+    cases = [(1, True, None), (1, False, None)]
+    if full:  # glibc keeps freed activation memory mapped; a fixed mmap threshold returns it at once,
+        # so the peak follows live tensors and the batch slope is measurable (see fits_24gb)
+        cases += [(1, True, MMAP_THRESHOLD), (2, True, MMAP_THRESHOLD)]
     for batch, checkpointing, threshold in cases:
         env = {"MALLOC_MMAP_THRESHOLD_": str(threshold)} if threshold else {}
         r = run_measured([sys.executable, __file__, "--lm-step", "--batch", str(batch), "--seq", "1024",
@@ -169,35 +172,51 @@ def _drop_output(r: dict) -> dict:
 
 
 def fits_24gb(rows: list[dict]) -> dict | None:
-    """Largest batch at seq 1024 whose step fits 24 GiB (minus headroom), from the measured steps.
+    """Largest batch at seq 1024 whose checkpointed step fits 24 GiB (minus headroom).
 
-    Activations scale linearly with batch at a fixed sequence length, so
-    peak(B) = fixed + B * per_sample; with two measured batches the slope is measured, with one
-    it is peak(1) - RSS after building (weights, LoRA, optimizer, batch).
+    Activations scale linearly with batch at a fixed sequence length: peak(B) = fixed + B * per_sample.
+    With the glibc default allocator, freed activation memory stays mapped and the peak depends
+    on fragmentation (2x1024 can peak lower than 1x1024), so: with the ``--full`` rows (fixed mmap
+    threshold, batch 1 and 2) the slope is measured; otherwise per_sample = peak(1) - RSS after
+    building, an overestimate with the default allocator (conservative).
     """
-    steps = sorted((r for r in rows if r["stage"] == "train step" and r["checkpointing"] and not r["mmap_threshold"]),
-                   key=lambda r: r["batch"])
-    if not steps:
-        return None
-    if len(steps) >= 2:
-        a, b = steps[0], steps[-1]
-        per_sample = (b["peak_mib"] - a["peak_mib"]) / (b["batch"] - a["batch"])
-        fixed = a["peak_mib"] - a["batch"] * per_sample
-        how = f"slope between batch {a['batch']} and {b['batch']}"
-    else:
-        a = steps[0]
-        fixed = a["built_mib"]
-        per_sample = (a["peak_mib"] - fixed) / a["batch"]
-        how = "peak minus RSS after building, at batch 1"
+    steps = {(r["batch"], r["checkpointing"], r["mmap_threshold"]): r for r in rows if r["stage"] == "train step"}
     budget = (BUDGET_GIB - HEADROOM_GIB) * 1024
-    out = {"fixed_mib": round(fixed), "per_sample_1024_mib": round(per_sample), "method": how,
-           "max_batch_at_1024": max(0, int((budget - fixed) // per_sample)), "checkpointing": True}
-    off = next((r for r in rows if r["stage"] == "train step" and not r["checkpointing"]), None)
-    if off:
-        per_sample_off = off["peak_mib"] - off["built_mib"]
-        out["per_sample_1024_mib_no_checkpointing"] = round(per_sample_off)
-        out["max_batch_at_1024_no_checkpointing"] = max(0, int((budget - off["built_mib"]) // per_sample_off))
+    out: dict = {}
+    a, b = steps.get((1, True, MMAP_THRESHOLD)), steps.get((2, True, MMAP_THRESHOLD))
+    if a and b:
+        per_sample = b["peak_mib"] - a["peak_mib"]
+        fixed = a["peak_mib"] - per_sample
+        out = {"fixed_mib": round(fixed), "per_sample_1024_mib": round(per_sample),
+               "method": f"slope between batch 1 and 2 with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
+               "max_batch_at_1024": max(0, int((budget - fixed) // per_sample)) if per_sample > 0 else None}
+    for checkpointing, suffix in ((True, "_default_allocator"), (False, "_no_checkpointing")):
+        r = steps.get((1, checkpointing, None))
+        if r:
+            per_sample = r["peak_mib"] - r["built_mib"]
+            out[f"per_sample_1024_mib{suffix}"] = round(per_sample)
+            out[f"max_batch_at_1024{suffix}"] = max(0, int((budget - r["built_mib"]) // per_sample))
+            out.setdefault("fixed_mib", round(r["built_mib"]))
+    if not out:
+        return None
+    if "max_batch_at_1024" not in out and "max_batch_at_1024_default_allocator" in out:
+        out["max_batch_at_1024"] = out["max_batch_at_1024_default_allocator"]
+        out["per_sample_1024_mib"] = out["per_sample_1024_mib_default_allocator"]
+        out["method"] = "peak minus RSS after building, batch 1, default allocator (conservative)"
     return out
+
+
+def describe_fit(fit: dict) -> str:
+    text = (f"real-size LoRA training on CPU, fp32, checkpointing on: {fit['fixed_mib']:,} MiB fixed (weights, "
+            f"adapters, optimizer, batch) + {fit['per_sample_1024_mib']:,} MiB per 1024-token sample "
+            f"({fit['method']}) -> batch <= {fit['max_batch_at_1024']} at seq 1024")
+    if "max_batch_at_1024_default_allocator" in fit and "MALLOC" in fit["method"]:
+        text += (f"; with the default allocator at batch 1, {fit['per_sample_1024_mib_default_allocator']:,} MiB "
+                 f"-> batch <= {fit['max_batch_at_1024_default_allocator']}")
+    if "max_batch_at_1024_no_checkpointing" in fit:
+        text += (f"; checkpointing off (default allocator): {fit['per_sample_1024_mib_no_checkpointing']:,} MiB "
+                 f"per sample -> batch <= {fit['max_batch_at_1024_no_checkpointing']}")
+    return text
 
 
 def main() -> None:
@@ -224,15 +243,11 @@ def main() -> None:
         rows = [dict(r, scope="demo") for r in demo_stages(tmp)]
         _print_rows(rows, baseline)
         if not args.skip_real:
-            real = real_stages(tmp, [1, 2] if args.full else [1], args.threads, args.full, baseline)
+            real = real_stages(tmp, args.threads, args.full, baseline)
             rows += [dict(r, scope="real-size") for r in real]
     fit = fits_24gb(rows)
     if fit:
-        print(f"\nwhat fits in {BUDGET_GIB:g} GiB (keeping {HEADROOM_GIB:g} GiB free), real-size LoRA training on CPU, "
-              f"fp32: fixed {fit['fixed_mib']} MiB + {fit['per_sample_1024_mib']} MiB per 1024-token sample "
-              f"({fit['method']}) -> batch <= {fit['max_batch_at_1024']} at seq 1024 with checkpointing"
-              + (f"; <= {fit['max_batch_at_1024_no_checkpointing']} without "
-                 f"({fit['per_sample_1024_mib_no_checkpointing']} MiB per sample)" if "max_batch_at_1024_no_checkpointing" in fit else ""))
+        print(f"\nwhat fits in {BUDGET_GIB:g} GiB (keeping {HEADROOM_GIB:g} GiB free): {describe_fit(fit)}")
     steps = {(r["batch"], r["checkpointing"], r["mmap_threshold"]): r for r in rows if r["stage"] == "train step"}
     on, off, mmap = steps.get((1, True, None)), steps.get((1, False, None)), steps.get((1, True, MMAP_THRESHOLD))
     figures = {"stage": "memory", "baseline_mib": round(baseline), "rows": rows, "fits_24gb": fit,

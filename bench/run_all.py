@@ -1,7 +1,8 @@
 """Run every stage benchmark and write one results file plus a Markdown table.
 
-    python bench/run_all.py            # quick modes (~15 min on 2 busy CPU cores; the real-size
-                                       # training steps of bench/memory.py take most of it)
+    python bench/run_all.py            # default: every bench in its short mode, incl. the real-size
+                                       # memory steps and the 20x flow (< 15 min on 2 CPU cores)
+    python bench/run_all.py --quick    # smoke run (~5 min): no real-size LM steps, flow 1x/5x only
     python bench/run_all.py --full     # the full benchmarks (much longer)
     python bench/run_all.py --only pack train --out bench/results
 
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's packages, not an installed copy
 
 # name -> (quick arguments, full arguments); every bench also gets --json FILE.
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
@@ -38,6 +40,11 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "flow": (["--repeat", "1"], ["--repeat", "5"]),
     "memory": ([], ["--full"]),
     "scaling": (["--max-steps", "2", "--extract-seconds", "60"], []),
+}
+# --quick: these replace the default arguments.
+QUICK: dict[str, list[str]] = {
+    "memory": ["--skip-real"],
+    "scaling": ["--scales", "1", "5", "--max-steps", "2", "--extract-seconds", "30", "--normalize-copies", "5"],
 }
 
 
@@ -146,7 +153,7 @@ def headline(name: str, f: dict | None) -> tuple[str, str, str]:
         figure = "; ".join(f"real-size 1x1024 step, checkpointing {'on' if r['checkpointing'] else 'off'}: "
                            f"{r['peak_mib']:,.0f} MiB" for r in steps) or "demo stages only"
         if fit:
-            figure += f"; 24 GiB fits batch {fit['max_batch_at_1024']} x 1024 (checkpointing on)"
+            figure += f"; 24 GiB fits batch <= {fit['max_batch_at_1024']} x 1024 (checkpointing on)"
         ratio = (f"{f['no_checkpointing_over_checkpointing']:.2f}x checkpointing off vs on"
                  if f.get("no_checkpointing_over_checkpointing") else f"python+torch baseline {f['baseline_mib']} MiB")
         return figure, ratio, f"{max(r['peak_mib'] for r in f['rows']):,.0f} MiB"
@@ -178,11 +185,9 @@ def memory_table(f: dict) -> list[str]:
                      f"{r['peak_mib'] / f['baseline_mib']:.1f}x | {r['wall_s']:.0f} |")
     fit = f.get("fits_24gb")
     if fit:
-        lines += ["", f"What fits in 24 GiB (1 GiB kept free), real-size LoRA training on CPU in fp32: "
-                  f"{fit['fixed_mib']:,} MiB fixed (weights, adapters, optimizer) + {fit['per_sample_1024_mib']:,} MiB "
-                  f"per 1024-token sample with checkpointing ({fit['method']}) -> **batch <= {fit['max_batch_at_1024']} "
-                  f"at seq 1024**" + (f"; without checkpointing {fit['per_sample_1024_mib_no_checkpointing']:,} MiB per "
-                  f"sample -> batch <= {fit['max_batch_at_1024_no_checkpointing']}" if "max_batch_at_1024_no_checkpointing" in fit else "") + "."]
+        from bench.memory import describe_fit
+
+        lines += ["", f"What fits in 24 GiB (1 GiB kept free): {describe_fit(fit)}."]
     if f.get("mmap_threshold_over_default"):
         lines += ["", f"With `MALLOC_MMAP_THRESHOLD_=1048576` the 1x1024 checkpointed step's peak is "
                   f"{f['mmap_threshold_over_default']:.2f}x of the default allocator's (same run)."]
@@ -236,7 +241,9 @@ def to_markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="Full benchmarks instead of the quick modes.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="Full benchmarks instead of the short modes (an hour or more).")
+    mode.add_argument("--quick", action="store_true", help="Smoke run: skip the real-size LM steps and the 20x flow.")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="Run only these benchmarks.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="Results folder.")
     parser.add_argument("--timeout", type=float, default=None,
@@ -247,12 +254,17 @@ def main() -> int:
 
     info = machine_info()
     started = time.perf_counter()
-    benches = {name: run_bench(name, BENCHES[name][1 if args.full else 0], timeout) for name in names}
+    def arguments(name: str) -> list[str]:
+        if args.quick and name in QUICK:
+            return QUICK[name]
+        return BENCHES[name][1 if args.full else 0]
+
+    benches = {name: run_bench(name, arguments(name), timeout) for name in names}
     now = datetime.now(timezone.utc)
     report = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "mode": "full" if args.full else "quick",
-        "command": "python bench/run_all.py" + (" --full" if args.full else "")
+        "mode": "full" if args.full else "quick" if args.quick else "default",
+        "command": "python bench/run_all.py" + (" --full" if args.full else " --quick" if args.quick else "")
         + (f" --only {' '.join(args.only)}" if args.only else ""),
         "machine": info,
         "total_wall_s": round(time.perf_counter() - started, 1),

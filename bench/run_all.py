@@ -247,9 +247,10 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="Run only these benchmarks.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="Results folder.")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="Seconds per benchmark before it is stopped (default 600 quick, 3600 full).")
+                        help="Seconds per benchmark before it is stopped, a guard against hangs "
+                        "(default 1800, 7200 with --full).")
     args = parser.parse_args()
-    timeout = args.timeout or (3600.0 if args.full else 600.0)
+    timeout = args.timeout or (7200.0 if args.full else 1800.0)
     names = [n for n in BENCHES if (args.only is None or n in args.only) and (ROOT / "bench" / f"{n}.py").is_file()]
 
     info = machine_info()

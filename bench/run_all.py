@@ -119,7 +119,7 @@ def headline(name: str, f: dict | None) -> tuple[str, str, str]:
     if name == "extract":
         best = max(f["configs"], key=lambda c: c["audio_s_per_s"])
         ratios = ", ".join(f"{v:.2f}x {k.split('_')[0]}" for k, v in f["ratios"].items())
-        return (f"{best['audio_s_per_s']:.1f} audio-s/s (batch {best['batch_size']}, {best['order']}; tiny codec)",
+        return (f"{best['audio_s_per_s']:.1f} audio-s/s (batch {best['batch_size']}, {best['order']}; real-size codec)",
                 f"bucketed vs file-order: {ratios}", f"{max(c['peak_rss_mb'] for c in f['configs'])} MB")
     if name == "pack":
         small = f.get("small")

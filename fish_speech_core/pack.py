@@ -33,6 +33,19 @@ _SENTENCE_FIELD = 4  # TextData.sentences
 # Items per worker task: big enough to amortise inter-process overhead, small enough to keep
 # every worker busy to the end (about 4 tasks per worker). The output never depends on it.
 _MIN_ITEMS_PER_TASK, _MAX_ITEMS_PER_TASK = 16, 256
+# One worker packs ~2,000-3,000 items/s on a 2-core EPYC, and a pool costs ~30 ms to start and
+# feed (bench/pack.py: 28 items run 4x slower with 2 workers than with 1). Below ~0.5 s of work
+# per worker that overhead, and competing with the writing parent on few cores, eat the gain.
+ITEMS_PER_WORKER = 1000
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_pack_workers(items: int | None, cpus: int) -> int:
+    """Worker processes to use when the user gives none: one per ``ITEMS_PER_WORKER`` items,
+    at most ``cpus`` and ``MAX_DEFAULT_WORKERS``; ``items=None`` (unknown, e.g. a filelist) -> one
+    per CPU."""
+    limit = max(1, min(cpus, MAX_DEFAULT_WORKERS))
+    return limit if items is None else max(1, min(limit, items // ITEMS_PER_WORKER))
 
 
 @dataclass(frozen=True)

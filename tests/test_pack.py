@@ -160,3 +160,15 @@ def test_filelist_refuses_a_symlink_that_leaves_the_folder(reference, tmp_path):
     summary = pack([data], tmp_path / "out", filelist=filelist)
     assert [r.reason.split(":")[0] for r in summary.rejects] == ["path-escapes-root"]
     assert summary.sentences == 1
+
+
+def test_default_pack_workers_grow_with_items_and_stay_within_cpus():
+    from fish_speech_core.pack import ITEMS_PER_WORKER, default_pack_workers
+
+    assert default_pack_workers(28, cpus=2) == 1  # the demo set: a pool would cost more than it saves
+    assert default_pack_workers(2 * ITEMS_PER_WORKER - 1, cpus=2) == 1
+    assert default_pack_workers(2 * ITEMS_PER_WORKER, cpus=2) == 2
+    assert default_pack_workers(10**6, cpus=2) == 2
+    assert default_pack_workers(10**6, cpus=64) == 8
+    assert default_pack_workers(None, cpus=4) == 4  # unknown count (filelist): one per CPU
+    assert default_pack_workers(0, cpus=4) == 1

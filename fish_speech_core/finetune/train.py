@@ -219,7 +219,8 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     if step not in saved:  # max_steps not a multiple of the interval: keep the final state too
         if not history or history[-1]["step"] != step:
             trainer.validate(module, datamodule=data, verbose=False)
-        trainer.save_checkpoint(config.checkpoint_dir / checkpoint_name(step))
+        # a full checkpoint (optimizer, schedule, loops) so it can be resumed; loading is weights_only=True
+        trainer.save_checkpoint(config.checkpoint_dir / checkpoint_name(step), weights_only=False)
     result = TrainResult(
         run_dir=run_dir, final_step=step, history=recorder.history,
         recommendation=recommend(recorder.history, config.checkpoint_dir),

@@ -58,6 +58,9 @@ class TrainConfig:
     val_check_interval: int = 100
     val_fraction: float = 0.05
     val_batch_size: int = 8
+    # Validation reads at most this many batches (the first ones: the loader does not shuffle), so
+    # its cost stays flat as the data grows; 0 = the whole held-out set.
+    max_val_batches: int = 10
     interactive_prob: float = 0.7
     use_speaker: bool = False
     devices: str = "auto"
@@ -74,7 +77,7 @@ class TrainConfig:
     RESUMABLE_CHANGES = (
         "base",  # the folder may move; base_sha256 must still match
         "max_steps", "devices", "precision", "process_group_backend", "save_top_k",
-        "results_dir", "num_workers", "val_check_interval", "val_batch_size",
+        "results_dir", "num_workers", "val_check_interval", "val_batch_size", "max_val_batches",
     )
 
     @property
@@ -111,6 +114,7 @@ class TrainConfig:
             ("--accumulate-grad-batches", self.accumulate_grad_batches, 1),
             ("--val-check-interval", self.val_check_interval, 1), ("--save-top-k", self.save_top_k, 1),
             ("--max-length", self.max_length, 20), ("--lora-r", self.lora_r, 1),
+            ("--max-val-batches", self.max_val_batches, 0),
         ):
             if value < low:
                 p.append(f"{flag} must be >= {low}, got {value}")

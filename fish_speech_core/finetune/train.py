@@ -204,7 +204,8 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         accumulate_grad_batches=config.accumulate_grad_batches,
         gradient_clip_val=config.gradient_clip, gradient_clip_algorithm="norm",
         val_check_interval=config.val_check_interval * config.accumulate_grad_batches,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        limit_val_batches=config.max_val_batches or None, log_every_n_steps=1,
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
         callbacks=[checkpointing, recorder, StepProgress(config.max_steps, progress, progress_every, show_progress)],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
@@ -272,6 +273,7 @@ class HistoryRecorder(_pl.Callback):
             "train_loss": pl_module.last_train.get("loss"),
             "val_loss": float(metrics["val/loss"]),
             "top_5_accuracy": float(metrics["val/top_5_accuracy"]),
+            "val_batches": int(sum(trainer.num_val_batches)),  # after the max_val_batches cap
         }
         self.history = [r for r in self.history if r["step"] != row["step"]] + [row]
         if trainer.is_global_zero:

@@ -209,3 +209,15 @@ def test_full_disk_during_training_is_a_clear_error(setup, tmp_path):
         assert not [p for p in (mount / "full" / "checkpoints").iterdir() if ".tmp" in p.name]
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_validation_reads_at_most_max_val_batches(tmp_path, setup):
+    """Validation cost stays flat as the data grows: the first N held-out batches, the same each time."""
+    base, protos = setup
+    common = dict(base=str(base), data=(str(protos),), max_steps=1, val_check_interval=1, batch_size=2,
+                  max_length=128, val_fraction=0.3, val_batch_size=1, results_dir=str(tmp_path))
+    capped = train(TrainConfig(project="capped", max_val_batches=3, **common), show_progress=False)
+    whole = train(TrainConfig(project="whole", max_val_batches=0, **common), show_progress=False)
+    assert [r["val_batches"] for r in capped.history] == [3, 3]  # before training and at step 1
+    held_out = whole.history[0]["val_batches"]
+    assert held_out > 3 and [r["val_batches"] for r in whole.history] == [held_out, held_out]

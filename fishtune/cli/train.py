@@ -47,7 +47,7 @@ def train_command(
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (constant after 10 warmup steps)."),
     val_check_interval: int = typer.Option(100, "--val-check-interval", help="Validate and checkpoint every N steps."),
     max_val_batches: int = typer.Option(
-        10, "--max-val-batches", min=0,
+        10, "--max-val-batches",
         help="Validate on at most this many held-out batches (the same ones each time); 0 = all of them.",
     ),
     val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of sentences held out for validation (by content hash)."),

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/memory.py`: this checkout's packages
 DEMO = ROOT / "examples" / "demo-data"
 BUDGET_GIB = 24.0
 HEADROOM_GIB = 1.0  # OS, page cache and allocator slack we do not plan to use

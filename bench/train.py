@@ -16,10 +16,13 @@ import argparse
 import json
 import multiprocessing
 import resource
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/train.py` and its pool workers
 
 SHAPES = {"tiny": (4, 256), "mid": (2, 1024)}
 CASES = {"ours": ("sdpa", False), "reference-like": ("explicit", True)}

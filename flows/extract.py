@@ -26,7 +26,7 @@ def extract_flow(
     text_extension: str = ".lab",
     dtype: str = "fp32",
     max_seconds: float = 30.0,
-    batch_size: int = 16,
+    batch_size: int | None = None,  # None: 1 on CPU, 16 on CUDA (default_batch_size)
     num_workers: int = 1,
 ) -> dict:
     """Extract Firefly semantic tokens for a normalize artifact; publish transcripts + codes."""
@@ -49,7 +49,7 @@ def extract_on_pool(
     text_extension: str = ".lab",
     dtype: str = "fp32",
     max_seconds: float = 30.0,
-    batch_size: int = 16,
+    batch_size: int | None = None,  # None: 1 on CPU, 16 on CUDA (default_batch_size)
     num_workers: int = 1,
 ) -> dict:
     """Run :func:`extract_flow` as a child deployment (GPU pool); a cache hit launches nothing."""

@@ -44,7 +44,7 @@ def extract_task(
     text_extension: str = ".lab",
     dtype: str = "fp32",
     max_seconds: float = 30.0,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     num_workers: int = 1,
     device: str = "auto",
 ) -> dict:
@@ -53,7 +53,7 @@ def extract_task(
 
     from fish_speech_core.audio import AUDIO_EXTENSIONS
     from fish_speech_core.codec import load_codec
-    from fish_speech_core.codec.extract import ExtractSettings, extract
+    from fish_speech_core.codec.extract import ExtractSettings, default_batch_size, extract
 
     store = Store(store_root)
     inputs = {"normalized": storage.hash_tree(normalized_url), "codec": storage.hash_any(codec)}
@@ -71,7 +71,8 @@ def extract_task(
     model = load_codec(_local_file(codec, local.parent / "checkpoints"), device=device)
     audio = sorted(p for p in local.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(local).parts))
-    summary = extract(model, audio, ExtractSettings(batch_size=batch_size, num_workers=num_workers,
+    summary = extract(model, audio, ExtractSettings(batch_size=batch_size or default_batch_size(device),
+                                                    num_workers=num_workers,
                                                     max_seconds=max_seconds, dtype=dtype))
     bad = [r for r in summary.results if r.status in ("failed", "rejected")]
     if bad:

@@ -63,7 +63,10 @@ def extract_command(
         None, "--config", help="JSON of codec constructor arguments (like small-config.json), "
         "for codecs of other shapes. Excludes --preset.", exists=True, dir_okay=False,
     ),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Files per encoder batch."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1,
+        help="Files per encoder batch. Default: 1 on CPU (batching only adds padding work there), 16 on CUDA.",
+    ),
     num_workers: int = typer.Option(
         1, "--num-workers", min=0, help="Processes decoding/resampling audio while the model "
         "encodes (0: decode in the main process).",
@@ -108,7 +111,7 @@ def extract_command(
     import torch
 
     from fish_speech_core.codec import CodecCheckpointError, load_codec
-    from fish_speech_core.codec.extract import ExtractSettings, plan_extraction, run_extraction
+    from fish_speech_core.codec.extract import ExtractSettings, default_batch_size, plan_extraction, run_extraction
     from fish_speech_core.codec.checkpoint import codec_hash
     from fish_speech_core.files import DiskFullError
 
@@ -127,6 +130,7 @@ def extract_command(
         typer.echo(f"Cannot load codec: {error}", err=True)
         raise typer.Exit(2) from None
 
+    batch_size = batch_size or default_batch_size(device)
     if max_batch_seconds == 0:
         max_batch_seconds = CPU_BATCH_SECONDS if device == "cpu" else None
     settings = ExtractSettings(

@@ -69,25 +69,13 @@ def make_clip(path: Path, seconds: float, rate: int = 44100) -> None:
 
 def lm_step(batch: int, seq_len: int, checkpointing: bool, preset: str, threads: int) -> None:
     """Child mode: build the LM with LoRA, run one training step, print a JSON line."""
-    from dataclasses import replace
-
     import torch
 
-    from bench.forward import make_batch
-    from fish_speech_core.finetune.lora import LoraSettings, add_lora, lora_parameters
-    from fish_speech_core.lm import PRESETS, DualARTransformer, init_weights, lm_losses
+    from bench.train import build_lora_step
+    from fish_speech_core.lm import lm_losses
 
-    torch.set_num_threads(threads)
-    config = replace(PRESETS[preset], use_gradient_checkpointing=checkpointing)
-    with torch.device("meta"):
-        model = DualARTransformer(config, semantic_token_id=5)
-    model.to_empty(device="cpu")
-    model.reset_buffers("cpu")
-    init_weights(model, torch.Generator().manual_seed(0))
-    add_lora(model, LoraSettings(dropout=0.01)).train()
-    params = [p for _, p in lora_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
-    inputs, labels, padding = make_batch(batch, seq_len, config.vocab_size, 5, torch.Generator().manual_seed(0))
+    model, params, optimizer, (inputs, labels, padding) = build_lora_step(
+        preset, checkpointing, batch, seq_len, threads=threads)
     built_mib = vm_kib("VmRSS") / 1024
     started = time.perf_counter()
     out = model(inputs, padding)

@@ -28,26 +28,42 @@ SHAPES = {"tiny": (4, 256), "mid": (2, 1024)}
 CASES = {"ours": ("sdpa", False), "reference-like": ("explicit", True)}
 
 
-def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
+def build_lora_step(preset: str, checkpointing: bool, batch: int, seq_len: int, attention_impl: str = "sdpa",
+                    threads: int = 0):
+    """A random-init LM of ``preset`` with LoRA (r 8, dropout 0.01), its AdamW, and one batch.
+
+    Returns ``(model, params, optimizer, (inputs, labels, padding))``; shared with bench/memory.py.
+    """
     import torch
 
     from bench.forward import make_batch
     from fish_speech_core.finetune.lora import LoraSettings, add_lora, lora_parameters
-    from fish_speech_core.lm import PRESETS, DualARTransformer, init_weights, lm_losses
+    from fish_speech_core.lm import PRESETS, DualARTransformer, init_weights
 
-    torch.set_num_threads(threads)
-    impl, checkpointing = CASES[case]
+    if threads:
+        torch.set_num_threads(threads)
     config = replace(PRESETS[preset], use_gradient_checkpointing=checkpointing)
     with torch.device("meta"):
-        model = DualARTransformer(config, semantic_token_id=5, attention_impl=impl)
+        model = DualARTransformer(config, semantic_token_id=5, attention_impl=attention_impl)
     model.to_empty(device="cpu")
     model.reset_buffers("cpu")
     init_weights(model, torch.Generator().manual_seed(0))
     add_lora(model, LoraSettings(dropout=0.01)).train()
     params = [p for _, p in lora_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
+    data = make_batch(batch, seq_len, config.vocab_size, 5, torch.Generator().manual_seed(0))
+    return model, params, optimizer, data
+
+
+def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
+    import torch
+
+    from fish_speech_core.lm import lm_losses
+
+    impl, checkpointing = CASES[case]
     batch, seq_len = SHAPES[preset]
-    inputs, labels, padding = make_batch(batch, seq_len, config.vocab_size, 5, torch.Generator().manual_seed(0))
+    model, params, optimizer, (inputs, labels, padding) = build_lora_step(
+        preset, checkpointing, batch, seq_len, impl, threads)
 
     def step() -> None:
         out = model(inputs, padding)

@@ -400,6 +400,25 @@ def upload(src: str | os.PathLike, url: str) -> str:
     return url
 
 
+def local_file(url: str, cache: str | os.PathLike) -> Path:
+    """A local path for a file URL: itself when local, else downloaded once per content into ``cache``."""
+    if is_local(url):
+        return local_path(url)
+    target = Path(cache) / hash_url(url) / Path(url).name
+    if not target.is_file():
+        download(url, target)
+    return target
+
+
+def local_tree(url: str, cache: str | os.PathLike) -> Path:
+    """A local folder for a folder URL: itself when local, else a mirror under ``cache`` synced now."""
+    if is_local(url):
+        return local_path(url)
+    target = Path(cache) / digest_listing({"url": normalize_url(url)})[:16]
+    sync_tree(url, target)
+    return target
+
+
 def sync_tree(
     url: str, dest: str | os.PathLike, only: Iterable[str] | None = None, keep_suffixes: tuple[str, ...] = ()
 ) -> dict[str, str]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from fish_speech_core.storage import Store
-from tasks.caching import content_policy
-from tasks.codec import extract_task
+from tasks.codec import EXTRACT_CACHE, extract_task
 from tasks.remote import run_child
 from tasks.runtime import bind
 
@@ -38,7 +37,7 @@ def extract_flow(
 
 @task(
     name="extract-on-pool",
-    cache_policy=content_policy(["normalized_url", "codec"], ignore=["work_dir", "num_workers", "batch_size"]),
+    cache_policy=EXTRACT_CACHE,
     persist_result=True,
 )
 def extract_on_pool(

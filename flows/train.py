@@ -12,10 +12,9 @@ from pathlib import Path
 from prefect import flow, task
 
 from fish_speech_core.storage import Store
-from tasks.caching import content_policy
 from tasks.remote import run_child
 from tasks.runtime import bind
-from tasks.train import train_task
+from tasks.train import TRAIN_CACHE, train_task
 
 DEPLOYMENT = "train/train"  # flow name / deployment name in deployments/prefect.yaml
 
@@ -40,7 +39,7 @@ def train_flow(
 
 @task(
     name="train-on-pool",
-    cache_policy=content_policy(["pack_url", "base", "init_lora"], ignore=["work_dir", "progress_every", "project"]),
+    cache_policy=TRAIN_CACHE,
     persist_result=True,
 )
 def train_on_pool(

@@ -15,25 +15,19 @@ from pathlib import Path
 from prefect import task
 
 from fish_speech_core import storage
-from fish_speech_core.storage import Store
+from fish_speech_core.storage import Store, local_file
 from tasks.caching import content_policy
 
 DERIVED = (".npy", ".npy.json")  # made here, kept across syncs
 
 
-def _local_file(url: str, cache: Path) -> Path:
-    """A local path for a checkpoint URL (downloaded once per content into ``cache``)."""
-    if storage.is_local(url):
-        return storage.local_path(url)
-    target = cache / storage.hash_url(url) / Path(url).name
-    if not target.is_file():
-        storage.download(url, target)
-    return target
+# Also the key of flows.extract.extract_on_pool: one definition of what invalidates an extraction.
+EXTRACT_CACHE = content_policy(["normalized_url", "codec"], ignore=["work_dir", "num_workers", "batch_size", "device"])
 
 
 @task(
     name="extract",
-    cache_policy=content_policy(["normalized_url", "codec"], ignore=["work_dir", "num_workers", "batch_size", "device"]),
+    cache_policy=EXTRACT_CACHE,
     persist_result=True,
 )
 def extract_task(
@@ -68,7 +62,7 @@ def extract_task(
     storage.sync_tree(normalized_url, local, keep_suffixes=DERIVED)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_codec(_local_file(codec, local.parent / "checkpoints"), device=device)
+    model = load_codec(local_file(codec, local.parent / "checkpoints"), device=device)
     audio = sorted(p for p in local.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(local).parts))
     summary = extract(model, audio, ExtractSettings(batch_size=batch_size or default_batch_size(device),

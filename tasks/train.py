@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from fish_speech_core import storage
-from fish_speech_core.storage import Store
+from fish_speech_core.storage import Store, local_file, local_tree
 from tasks.caching import content_policy
 
 # Test-only fault injection: with this set to N, train raises once (per run folder) at the first
@@ -44,24 +44,6 @@ class WarmStartError(ValueError):
 
 def preset_settings(preset: str) -> dict:
     return dict(PRESETS[preset])
-
-
-def local_tree(url: str, cache: Path) -> Path:
-    """A local folder for ``url``: itself when local, else a content-keyed synced mirror."""
-    if storage.is_local(url):
-        return storage.local_path(url)
-    target = cache / storage.digest_listing({"url": storage.normalize_url(url)})[:16]
-    storage.sync_tree(url, target)
-    return target
-
-
-def local_file(url: str, cache: Path) -> Path:
-    if storage.is_local(url):
-        return storage.local_path(url)
-    target = cache / storage.hash_url(url) / Path(url).name
-    if not target.is_file():
-        storage.download(url, target)
-    return target
 
 
 class _Progress:
@@ -88,9 +70,13 @@ def _artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())[:100]
 
 
+# Also the key of flows.train.train_on_pool: one definition of what invalidates a training run.
+TRAIN_CACHE = content_policy(["pack_url", "base", "init_lora"], ignore=["work_dir", "progress_every", "project"])
+
+
 @task(
     name="train",
-    cache_policy=content_policy(["pack_url", "base", "init_lora"], ignore=["work_dir", "progress_every", "project"]),
+    cache_policy=TRAIN_CACHE,
     persist_result=True,
 )
 def train_task(

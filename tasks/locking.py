@@ -24,6 +24,14 @@ from prefect.locking.filesystem import FileSystemLockManager
 POLL_SECONDS = 0.1
 
 
+def _deadline(timeout: float | None) -> float | None:
+    return time.monotonic() + timeout if timeout is not None else None
+
+
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -82,27 +90,18 @@ class CrashSafeLockManager(FileSystemLockManager):
 
     # -- acquiring ----------------------------------------------------------------------------
 
-    def acquire_lock(
-        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
-    ) -> bool:
-        self._ensure_lock_files_directory_exists()
-        path = self._lock_path_for_key(key)
+    def _try_acquire(self, key: str, holder: str, hold_timeout: float | None) -> bool:
+        """One attempt: True if ``holder`` holds the lock now (it already did, or created it)."""
+        info = self._read(key)
+        if info is not None:
+            return info.get("holder") == holder
         record = {
             "holder": holder,
             "host": self._host,
             "pid": os.getpid(),
             "expiration": time.time() + hold_timeout if hold_timeout is not None else None,
         }
-        deadline = time.monotonic() + acquire_timeout if acquire_timeout is not None else None
-        while True:
-            info = self._read(key)
-            if info is not None and info.get("holder") == holder:
-                return True
-            if info is None and self._create(path, record):
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(POLL_SECONDS)
+        return self._create(self._lock_path_for_key(key), record)
 
     @staticmethod
     def _create(path: Path, record: dict) -> bool:
@@ -117,16 +116,26 @@ class CrashSafeLockManager(FileSystemLockManager):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        self._ensure_lock_files_directory_exists()
+        deadline = _deadline(acquire_timeout)
+        while not self._try_acquire(key, holder, hold_timeout):
+            if _passed(deadline):
+                return False
+            time.sleep(POLL_SECONDS)
+        return True
+
     async def aacquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        # Same steps as acquire_lock, sleeping without blocking the event loop.
-        while not self.acquire_lock(key, holder, acquire_timeout=0, hold_timeout=hold_timeout):
-            if acquire_timeout is not None:
-                return await self.await_for_lock(key, acquire_timeout) and self.acquire_lock(
-                    key, holder, acquire_timeout=0, hold_timeout=hold_timeout
-                )
-            await self.await_for_lock(key)
+        self._ensure_lock_files_directory_exists()
+        deadline = _deadline(acquire_timeout)
+        while not self._try_acquire(key, holder, hold_timeout):
+            if _passed(deadline):
+                return False
+            await anyio.sleep(POLL_SECONDS)
         return True
 
     def release_lock(self, key: str, holder: str) -> None:
@@ -135,17 +144,17 @@ class CrashSafeLockManager(FileSystemLockManager):
         self._lock_path_for_key(key).unlink(missing_ok=True)
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        deadline = time.monotonic() + timeout if timeout is not None else None
+        deadline = _deadline(timeout)
         while self.is_locked(key):
-            if deadline is not None and time.monotonic() >= deadline:
+            if _passed(deadline):
                 return False
             time.sleep(POLL_SECONDS)
         return True
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        deadline = time.monotonic() + timeout if timeout is not None else None
+        deadline = _deadline(timeout)
         while self.is_locked(key):
-            if deadline is not None and time.monotonic() >= deadline:
+            if _passed(deadline):
                 return False
             await anyio.sleep(POLL_SECONDS)
         return True

@@ -44,8 +44,8 @@ def main() -> None:
     import soundfile
     from prefect import flow
 
-    from flows.config import FinetuneConfig
-    from flows.finetune import finetune
+    from fishtune.flows.config import FinetuneConfig
+    from fishtune.flows.finetune import finetune
 
     @flow
     def warm_up() -> None:  # starts the ephemeral server outside the timed runs

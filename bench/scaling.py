@@ -110,8 +110,8 @@ def flow_scaling(scales: list[int], max_steps: int) -> dict:
         from fish_speech_core.codec.config import FireflyConfig
         from fish_speech_core.lm import PRESETS
         from fish_speech_core.lm.init_base import init_base
-        from flows.config import FinetuneConfig
-        from flows.finetune import finetune
+        from fishtune.flows.config import FinetuneConfig
+        from fishtune.flows.finetune import finetune
 
         @flow
         def warm_up() -> None:  # starts the ephemeral server outside the timed runs

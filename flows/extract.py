@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import flow, task
 
 from fish_speech_core.storage import Store
-from tasks.codec import EXTRACT_CACHE, extract_task
-from tasks.remote import run_child
-from tasks.runtime import bind
+from fishtune.tasks.codec import EXTRACT_CACHE, extract_task
+from fishtune.tasks.remote import run_child
+from fishtune.tasks.runtime import bind
 
 DEPLOYMENT = "extract/extract"  # flow name / deployment name in deployments/prefect.yaml
 

@@ -22,13 +22,13 @@ from prefect.runtime import flow_run
 from fish_speech_core import storage
 from fish_speech_core.doctor import check_compatibility, read_codec_config
 from fish_speech_core.storage import RunManifest, StageRecord, Store
-from flows.config import FinetuneConfig
-from flows.extract import extract_on_pool
-from flows.train import train_on_pool
-from tasks import data as data_tasks
-from tasks.codec import extract_task
-from tasks.runtime import bind, default_work_dir
-from tasks.train import evaluate_task, latest_lora, merge_task, train_task
+from fishtune.flows.config import FinetuneConfig
+from fishtune.flows.extract import extract_on_pool
+from fishtune.flows.train import train_on_pool
+from fishtune.tasks import data as data_tasks
+from fishtune.tasks.codec import extract_task
+from fishtune.tasks.runtime import bind, default_work_dir
+from fishtune.tasks.train import evaluate_task, latest_lora, merge_task, train_task
 
 
 def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) -> dict:

@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import flow, task
 
 from fish_speech_core.storage import Store
-from tasks.remote import run_child
-from tasks.runtime import bind
-from tasks.train import TRAIN_CACHE, train_task
+from fishtune.tasks.remote import run_child
+from fishtune.tasks.runtime import bind
+from fishtune.tasks.train import TRAIN_CACHE, train_task
 
 DEPLOYMENT = "train/train"  # flow name / deployment name in deployments/prefect.yaml
 

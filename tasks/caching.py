@@ -17,7 +17,7 @@ from typing import Any
 from prefect.cache_policies import TASK_SOURCE, CachePolicy, Inputs
 
 from fish_speech_core import storage
-from tasks.locking import CrashSafeLockManager
+from fishtune.tasks.locking import CrashSafeLockManager
 
 
 @dataclass

@@ -16,7 +16,7 @@ from prefect import task
 
 from fish_speech_core import storage
 from fish_speech_core.storage import Store, local_file
-from tasks.caching import content_policy
+from fishtune.tasks.caching import content_policy
 
 DERIVED = (".npy", ".npy.json")  # made here, kept across syncs
 

@@ -15,7 +15,7 @@ from prefect import task
 
 from fish_speech_core import storage
 from fish_speech_core.storage import Store
-from tasks.caching import content_policy
+from fishtune.tasks.caching import content_policy
 
 MAX_LISTED_REJECTS = 50  # the report lists this many rejected files; the manifest has them all
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import Task
 
 from fish_speech_core.storage import Store, local_path, s3_options
-from tasks.caching import locked
+from fishtune.tasks.caching import locked
 
 RESULTS = "prefect-results"  # cache records (one small file per task result) under the store root
 

@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 
 from fish_speech_core import storage
 from fish_speech_core.storage import Store, local_file, local_tree
-from tasks.caching import content_policy
+from fishtune.tasks.caching import content_policy
 
 # Test-only fault injection: with this set to N, train raises once (per run folder) at the first
 # step past a saved checkpoint once N steps are done, to exercise resume. Never set in production.

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import typer
 
-from flows.config import AudioFormat, FinetuneConfig, NormalizeOptions, Preset
+from fishtune.flows.config import AudioFormat, FinetuneConfig, NormalizeOptions, Preset
 
 _F = FinetuneConfig.model_fields
 _N = NormalizeOptions.model_fields
-REPO = Path(__file__).resolve().parents[2]
+# Package data, so the demo and deploy work the same from a wheel as from a checkout.
+DEMO_DATA = Path(str(files("fishtune.examples") / "demo-data"))
+PREFECT_FILE = Path(str(files("fishtune.deployments") / "prefect.yaml"))
 FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag to fix
     "project": "--project", "data": "--data", "speaker": "--speaker", "storage": "--storage",
     "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
@@ -85,7 +89,7 @@ def finetune_command(
     )
     _prefect_defaults()
     from fish_speech_core.storage import redact
-    from flows.finetune import finetune
+    from fishtune.flows.finetune import finetune
 
     _run_and_print(config, console)
 
@@ -95,7 +99,7 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     from rich.table import Table
 
     from fish_speech_core.storage import redact
-    from flows.finetune import finetune
+    from fishtune.flows.finetune import finetune
 
     state = finetune(config, return_state=True)
     if not state.is_completed():
@@ -124,7 +128,7 @@ def demo_command(
     max_steps: int = typer.Option(30, "--max-steps", min=1, max=10_000, help="Training steps (the tiny preset validates and checkpoints every 10)."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Render and score previews of the base and each checkpoint (random models: the clips are noise or empty)."),
     preview_sentences: int = typer.Option(1, "--preview-sentences", min=1, max=20, help="Held-out sentences rendered per speaker and checkpoint with --evaluate (the finetune default is 3; 1 keeps the demo short)."),
-    data: Path = typer.Option(REPO / "examples" / "demo-data", "--data", exists=True, file_okay=False, help="Dataset folder (one folder per speaker of audio + .lab transcripts)."),
+    data: Path = typer.Option(DEMO_DATA, "--data", exists=True, file_okay=False, help="Dataset folder (one folder per speaker of audio + .lab transcripts)."),
 ) -> None:
     """Run the whole finetune flow on the demo data with a tiny random base model and codec (no download).
 
@@ -166,26 +170,33 @@ def demo_command(
     _run_and_print(config, console)
 
 
-def _deployable(prefect_file: Path, source: Path) -> tuple[list[str], list[str]]:
-    """Deployment names whose entrypoint exists in ``source``, and those skipped."""
+def _deployable(prefect_file: Path) -> tuple[list[str], list[str]]:
+    """Deployment names whose entrypoint module is importable here, and those skipped."""
     import yaml
 
     spec = yaml.safe_load(prefect_file.read_text())
     ready, missing = [], []
     for deployment in spec.get("deployments", []):
-        path = deployment["entrypoint"].split(":", 1)[0]
-        (ready if (source / path).is_file() else missing).append(deployment["name"])
+        module = deployment["entrypoint"].split(":", 1)[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        (ready if found else missing).append(deployment["name"])
     return ready, missing
 
 
 def deploy_command(
     data: str = typer.Option(..., "--data", help="Data prefix the watch flow scans and finetune reads (FISHTUNE_DATA)."),
     storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs (FISHTUNE_STORAGE); use a location every worker can reach."),
-    source: Path = typer.Option(REPO, "--source", help="Folder with the flow code as the workers see it (FISHTUNE_SOURCE); /opt/fishtune in the Docker images."),
-    prefect_file: Path = typer.Option(REPO / "deployments" / "prefect.yaml", "--prefect-file", exists=True, dir_okay=False, help="The deployments file."),
+    prefect_file: Path = typer.Option(PREFECT_FILE, "--prefect-file", exists=True, dir_okay=False, help="The deployments file (default: the one installed with fishtune)."),
     create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the cpu and cuda process work pools when missing."),
 ) -> None:
-    """Create the work pools and deployments (finetune, extract, train, watch) on the Prefect server."""
+    """Create the work pools and deployments (finetune, extract, train, watch) on the Prefect server.
+
+    Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
+    installed (the Docker images, or the same lock), not a copy of this repository.
+    """
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -193,18 +204,19 @@ def deploy_command(
             "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
         )
     prefect = [sys.executable, "-m", "prefect"]
-    env = {**os.environ, "FISHTUNE_SOURCE": str(source), "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
+    env = {**os.environ, "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
     if create_pools:
         for pool in ("cpu", "cuda"):
             exists = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
             if not exists:
                 subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
-    ready, missing = _deployable(prefect_file, source)
+    ready, missing = _deployable(prefect_file)
     for name in missing:
-        typer.echo(f"skipped deployment {name!r}: its flow has not landed in {source} yet", err=True)
+        typer.echo(f"skipped deployment {name!r}: its flow module is not installed here", err=True)
     names = [arg for name in ready for arg in ("--name", name)]
     done = subprocess.run(
-        [*prefect, "--no-prompt", "deploy", "--prefect-file", str(prefect_file.resolve()), *names], env=env, cwd=source
+        [*prefect, "--no-prompt", "deploy", "--prefect-file", str(prefect_file.resolve()), *names], env=env,
+        cwd=prefect_file.resolve().parent,
     )
     if done.returncode:
         typer.echo("prefect deploy failed (see above)", err=True)

@@ -138,7 +138,6 @@ class PrefectServer:
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
-        repo = str(Path(__file__).parents[2])
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(root / "home"),
@@ -149,7 +148,6 @@ class PrefectServer:
             "PREFECT_WORKER_QUERY_SECONDS": "2",  # fast pickup, without keeping SQLite busy
             "PREFECT_WORKER_PREFETCH_SECONDS": "2",
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"),  # parent and children read the same results
-            "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),  # this checkout, not the installed copy
         }
 
     def spawn(self, *args: str, log: str) -> subprocess.Popen:

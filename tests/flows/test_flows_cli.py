@@ -1,13 +1,12 @@
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from fishtune.cli import app
-from fishtune.cli.flows import FLAGS, REPO, _deployable
-from flows.config import FinetuneConfig
+from fishtune.cli.flows import FLAGS, PREFECT_FILE, _deployable
+from fishtune.flows.config import FinetuneConfig
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 runner = CliRunner()
@@ -40,12 +39,14 @@ def test_finetune_reports_every_bad_value_by_flag(tmp_path):
 
 
 def test_deploy_finds_every_flow_and_skips_missing_ones(tmp_path):
-    ready, missing = _deployable(REPO / "deployments" / "prefect.yaml", REPO)
+    ready, missing = _deployable(PREFECT_FILE)
     assert (set(ready), missing) == ({"finetune", "extract", "train", "watch"}, [])
-    source = tmp_path / "src"  # a source tree without flows/train.py: that deployment is skipped
-    shutil.copytree(REPO / "flows", source / "flows")
-    (source / "flows" / "train.py").unlink()
-    ready, missing = _deployable(REPO / "deployments" / "prefect.yaml", source)
+    # entry points are module paths (a worker imports the installed fishtune), never repository files
+    text = PREFECT_FILE.read_text()
+    assert "entrypoint: fishtune.flows.train:train_flow" in text and ".py:" not in text
+    edited = tmp_path / "prefect.yaml"  # a deployment whose module is not installed is skipped
+    edited.write_text(text.replace("fishtune.flows.train:train_flow", "fishtune.flows.not_landed:train_flow"))
+    ready, missing = _deployable(edited)
     assert missing == ["train"] and set(ready) == {"finetune", "extract", "watch"}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from flows.config import FinetuneConfig
+from fishtune.flows.config import FinetuneConfig
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 SPEAKERS = ("alice", "bruno")  # two of the demo's three speakers keep the test short
@@ -37,8 +37,8 @@ def _mtimes(folder: Path) -> dict[Path, int]:
 def test_evaluate_renders_every_speaker_for_every_checkpoint_scores_them_and_caches(
     prefect_env, tmp_path, speaking_models
 ):
-    from flows.finetune import finetune
-    from tasks.train import evaluate_task
+    from fishtune.flows.finetune import finetune
+    from fishtune.tasks.train import evaluate_task
 
     base, codec = speaking_models
     data = tmp_path / "data"

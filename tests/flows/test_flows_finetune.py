@@ -8,8 +8,8 @@ import soundfile
 
 from fish_speech_core import storage
 from fish_speech_core.storage import MARKER, Store
-from flows.config import FinetuneConfig
-from tasks.caching import CodeVersion, ContentHash, content_policy
+from fishtune.flows.config import FinetuneConfig
+from fishtune.tasks.caching import CodeVersion, ContentHash, content_policy
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 
@@ -54,7 +54,7 @@ def _stages(result: dict) -> dict[str, dict]:
 def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.finetune import finetune
+    from fishtune.flows.finetune import finetune
 
     data = tmp_path / "data"
     shutil.copytree(DEMO, data)
@@ -121,7 +121,7 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
 
 @pytest.mark.slow
 def test_failed_stage_fails_the_flow_and_records_it(prefect_env, tmp_path):
-    from flows.finetune import finetune
+    from fishtune.flows.finetune import finetune
 
     data = tmp_path / "data" / "spk"
     data.mkdir(parents=True)
@@ -142,7 +142,7 @@ def test_failed_stage_fails_the_flow_and_records_it(prefect_env, tmp_path):
 def test_s3_storage_and_data_end_to_end(prefect_env, s3_bucket, tmp_path):
     import fsspec
 
-    from flows.finetune import finetune
+    from fishtune.flows.finetune import finetune
 
     fs = fsspec.filesystem("s3")
     fs.put(str(DEMO), f"{s3_bucket}/raw", recursive=True)
@@ -168,7 +168,7 @@ def test_s3_storage_and_data_end_to_end(prefect_env, s3_bucket, tmp_path):
     # The result-storage block holds only the base URL; no secret reaches the block, manifest or report.
     from prefect.filesystems import RemoteFileSystem
 
-    from tasks.runtime import result_storage
+    from fishtune.tasks.runtime import result_storage
 
     block = RemoteFileSystem.load(result_storage(Store(config.storage)).split("/", 1)[1])
     assert block.basepath == f"{s3_bucket}/store/prefect-results"
@@ -182,8 +182,8 @@ def test_concurrent_runs_of_one_key_compute_once(prefect_env, tmp_path):
     """SERIALIZABLE isolation + file lock: the second caller waits and reads the first one's result."""
     from prefect import flow
 
-    from tasks.data import validate_task
-    from tasks.runtime import bind
+    from fishtune.tasks.data import validate_task
+    from fishtune.tasks.runtime import bind
 
     data = tmp_path / "data"
     shutil.copytree(DEMO / "alice", data / "alice")

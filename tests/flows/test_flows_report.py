@@ -4,8 +4,8 @@ import re
 
 from fish_speech_core.evaluate.plot import plot_checkpoints
 from fish_speech_core.storage import RunManifest, StageRecord
-from flows.config import FinetuneConfig
-from flows.finetune import plot_url, report_markdown
+from fishtune.flows.config import FinetuneConfig
+from fishtune.flows.finetune import plot_url, report_markdown
 
 
 SPEAKERS = ("alice", "bruno")

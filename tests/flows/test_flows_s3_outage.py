@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import FinetuneConfig
+from fishtune.flows.config import FinetuneConfig
 
 from tests.flows.conftest import free_port
 
@@ -131,7 +131,7 @@ def _watch_and_cut(moto_endpoint: str, bucket: str, proxy: TcpProxy, fired: thre
 def test_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(prefect_env, moto_s3, s3_bucket, tmp_path, monkeypatch):
     from fish_speech_core.codec import init_codec, save_codec
     from fish_speech_core.codec.config import FireflyConfig
-    from flows.finetune import finetune
+    from fishtune.flows.finetune import finetune
 
     data = tmp_path / "data"
     shutil.copytree(DEMO / "bruno", data / "bruno")

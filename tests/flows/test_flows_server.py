@@ -14,7 +14,6 @@ import pytest
 from tests.flows.conftest import free_port
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
-REPO = Path(__file__).parents[2]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
@@ -28,8 +27,8 @@ def deployed(prefect_server, tmp_path_factory):
     data, store = root / "data", root / "store"
     shutil.copytree(DEMO, data)
     result = subprocess.run(
-        [sys.executable, "-m", "fishtune", "deploy", "--data", str(data), "--storage", str(store), "--source", str(REPO)],
-        env=prefect_server.env, capture_output=True, text=True, cwd=REPO,
+        [sys.executable, "-m", "fishtune", "deploy", "--data", str(data), "--storage", str(store)],
+        env=prefect_server.env, capture_output=True, text=True, cwd=root,  # not the checkout
     )
     assert result.returncode == 0, result.stdout + result.stderr
     with temporary_settings({PREFECT_API_URL: prefect_server.api,
@@ -63,7 +62,7 @@ def _wait_run(client, deployment_id, project: str, timeout: float = 120.0):
 def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from tasks.remote import ChildRunFailed, run_child
+    from fishtune.tasks.remote import ChildRunFailed, run_child
 
     data, store = deployed.data, deployed.store
     pools = deployed.server.prefect("work-pool", "ls").stdout
@@ -167,7 +166,7 @@ def test_parent_on_cpu_runs_extract_as_a_child_on_the_cuda_pool(deployed, tmp_pa
 
     from fish_speech_core.codec import init_codec, save_codec
     from fish_speech_core.codec.config import FireflyConfig
-    from tasks.remote import ChildRunFailed, run_child
+    from fishtune.tasks.remote import ChildRunFailed, run_child
 
     from fish_speech_core.lm.config import PRESETS
     from fish_speech_core.lm.init_base import init_base

@@ -7,7 +7,7 @@ import numpy as np
 
 from fish_speech_core.formats.protos import iter_text_data
 from fish_speech_core.storage import Store
-from tasks.data import normalize_task, pack_task, validate_task
+from fishtune.tasks.data import normalize_task, pack_task, validate_task
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 

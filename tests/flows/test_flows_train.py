@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import FinetuneConfig
+from fishtune.flows.config import FinetuneConfig
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 
@@ -28,8 +28,8 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_path, tiny_models, monkeypatch):
     from fish_speech_core.lm.checkpoint import load_pretrained
-    from flows.finetune import finetune
-    from tasks.train import FAULT_ENV
+    from fishtune.flows.finetune import finetune
+    from fishtune.tasks.train import FAULT_ENV
 
     base, codec = tiny_models
     data = tmp_path / "data"
@@ -152,7 +152,7 @@ def test_warm_start_refuses_another_base(tmp_path, tiny_models):
 
     from fish_speech_core import storage
     from fish_speech_core.storage import Store
-    from tasks.train import WarmStartError, latest_lora
+    from fishtune.tasks.train import WarmStartError, latest_lora
 
     base, _ = tiny_models
     store = Store(str(tmp_path / "store"))
@@ -171,7 +171,7 @@ def test_warm_start_refuses_another_base(tmp_path, tiny_models):
 
 
 def test_a_base_and_codec_that_do_not_belong_together_fail_before_any_stage(prefect_env, tmp_path, tiny_models):
-    from flows.finetune import finetune
+    from fishtune.flows.finetune import finetune
 
     base, codec = tiny_models
     mismatched = tmp_path / "base-2048"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.watch import EVENT, fingerprints, variable_name
+from fishtune.flows.watch import EVENT, fingerprints, variable_name
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 
@@ -45,7 +45,7 @@ def _wait_for_events(since, count: int, timeout: float = 20.0) -> list:
 def test_watch_emits_once_then_not_then_again_after_a_change(prefect_env, tmp_path):
     from prefect.types._datetime import now
 
-    from flows.watch import watch
+    from fishtune.flows.watch import watch
 
     data = tmp_path / "data"
     shutil.copytree(DEMO, data)

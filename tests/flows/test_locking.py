@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from tasks.locking import CrashSafeLockManager
+from fishtune.tasks.locking import CrashSafeLockManager
 
 
 def test_threads_hold_the_lock_one_at_a_time(tmp_path: Path):
@@ -55,7 +55,7 @@ def test_lock_file_names_its_owner_and_never_appears_empty(tmp_path: Path):
 def test_lock_of_a_killed_process_is_taken_over(tmp_path: Path):
     """What a SIGKILLed flow leaves behind must not make the rerun wait for ever."""
     code = (
-        "import sys, time; from pathlib import Path; from tasks.locking import CrashSafeLockManager;"
+        "import sys, time; from pathlib import Path; from fishtune.tasks.locking import CrashSafeLockManager;"
         f"CrashSafeLockManager(Path({str(tmp_path)!r})).acquire_lock('k', holder='victim');"
         "print('locked', flush=True); time.sleep(600)"
     )

@@ -1,0 +1,155 @@
+"""fishtune as a distribution: the lock, declared dependencies, the package namespace, a wheel install."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+RUNTIME_TREES = ("fish_speech_core", "fishtune", "tasks", "flows", "deployments", "examples")
+# Declared but never imported by name: loaded as plugins by what we do import.
+PLUGINS = {"s3fs": "fsspec's s3:// protocol", "tensorboard": "Lightning's TensorBoardLogger"}
+
+
+def _imports(trees: tuple[str, ...]) -> dict[str, set[str]]:
+    """Top-level module name -> files importing it (absolute imports only)."""
+    found: dict[str, set[str]] = {}
+    for tree in trees:
+        for path in (ROOT / tree).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for name in names:
+                    found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_no_module_imports_top_level_tasks_or_flows():
+    # Installed, they are fishtune.tasks / fishtune.flows; a bare `tasks` would be a user's module.
+    imports = _imports((*RUNTIME_TREES, "tests", "bench"))
+    assert "tasks" not in imports and "flows" not in imports, {k: imports.get(k) for k in ("tasks", "flows")}
+
+
+def test_every_imported_distribution_is_declared_and_every_declared_one_is_used():
+    declared = {_canonical(Requirement(r).name) for r in PYPROJECT["project"]["dependencies"]}
+    optional = {_canonical(Requirement(r).name) for r in PYPROJECT["project"]["optional-dependencies"]["asr"]}
+    owners = packages_distributions()
+    stdlib = set(sys.stdlib_module_names)
+    imported: dict[str, set[str]] = {}
+    for module, files in _imports(RUNTIME_TREES).items():
+        if module in stdlib or module in {"fish_speech_core", "fishtune"}:
+            continue
+        assert module in owners, f"{module} (imported by {sorted(files)}) belongs to no installed distribution"
+        for dist in owners[module]:
+            imported.setdefault(_canonical(dist), set()).update(files)
+    undeclared = {d: sorted(f) for d, f in imported.items() if d not in declared | optional}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+    unused = declared - set(imported) - set(PLUGINS)
+    assert not unused, f"declared in pyproject.toml but imported nowhere: {sorted(unused)}"
+
+
+def test_the_makefile_bootstraps_the_uv_the_lock_pins():
+    pinned = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["test"] if r.startswith("uv")]
+    make_version = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert [str(r.specifier) for r in pinned] == [f"=={make_version}"]
+    lock = (ROOT / "uv.lock").read_text()
+    assert f'name = "uv"\nversion = "{make_version}"' in lock
+
+
+def test_the_torch_pair_is_exact_in_pyproject_and_the_lock():
+    deps = {Requirement(r).name: str(Requirement(r).specifier) for r in PYPROJECT["project"]["dependencies"]}
+    assert deps["torch"] == "==2.11.0" and deps["torchaudio"] == "==2.11.0"
+    lock = (ROOT / "uv.lock").read_text()
+    assert 'name = "torch"\nversion = "2.11.0"' in lock and 'name = "torchaudio"\nversion = "2.11.0"' in lock
+
+
+def test_the_lock_agrees_with_pyproject():
+    # The same check `make` runs before installing: a pyproject edit without `make lock` fails here.
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or "uv"
+    done = subprocess.run([uv, "lock", "--locked", "--offline"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_setup_check_names_the_broken_package_in_one_line(capsys):
+    from fishtune import setup_check
+
+    broken = (("torch", ("torch",)), ("no-such-dist", ("fishtune_missing_module",)))
+    assert setup_check.main(broken) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "fishtune setup: no-such-dist (not installed) does not import (ModuleNotFoundError: No module named "
+        "'fishtune_missing_module'); reinstall from the lock: `make clean-venv && make test` "
+        "(or `uv sync --locked --extra test`)"
+    ]
+    # a compiled part that fails to load (what torchaudio 2.11.1 beside torch 2.11.0 does) is one line too
+    (item,) = setup_check.check((("torch", ("torch.no_such_extension",)),))
+    assert item.distribution == "torch" and item.version == "2.11.0" and "\n" not in item.line()
+
+
+def test_setup_check_passes_in_this_environment():
+    done = subprocess.run([sys.executable, "-m", "fishtune.setup_check"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("fishtune setup: ok (torch 2.11.0, torchaudio 2.11.0, prefect ")
+
+
+@pytest.mark.slow
+def test_wheel_installs_from_the_lock_and_runs_the_demo_outside_the_repository(tmp_path):
+    """Build the wheel, install it with the locked dependencies into a fresh venv, run the demo elsewhere."""
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
+    assert uv, "uv comes with the test extra"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_PROJECT", "VIRTUAL_ENV", "PYTHONPATH"))}
+    dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "empty"
+    work.mkdir()
+
+    def run(*args, cwd=tmp_path, timeout=900):
+        done = subprocess.run([*args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    # sdist first, then the wheel from the sdist: what a user installs is built from what we publish
+    run(uv, "build", "--out-dir", str(dist), str(ROOT))
+    (wheel,) = dist.glob("fishtune-*.whl")
+    requirements = tmp_path / "requirements.txt"
+    run(uv, "export", "--frozen", "--no-emit-project", "--no-dev", "--output-file", str(requirements), cwd=ROOT)
+    run(uv, "venv", "--python", sys.executable, str(venv))
+    python = venv / "bin" / "python"
+    run(uv, "pip", "install", "--python", str(python), "--compile-bytecode", "-r", str(requirements))
+    run(uv, "pip", "install", "--python", str(python), "--no-deps", str(wheel))
+
+    # Inside the fishtune namespace only: no top-level `tasks` / `flows` in site-packages.
+    for name in ("tasks", "flows", "deployments", "examples"):
+        probe = subprocess.run([str(python), "-c", f"import {name}"], cwd=work, env=env, capture_output=True)
+        assert probe.returncode != 0, f"`import {name}` works in a wheel install"
+    where = run(str(python), "-c", "import fishtune.flows.finetune as f, fishtune.cli.flows as c; "
+                "print(f.__file__); print(c.DEMO_DATA); print(c.PREFECT_FILE)", cwd=work).stdout.split()
+    site = str(venv / "lib")
+    assert all(path.startswith(site) for path in where), where
+    assert sorted(p.name for p in Path(where[1]).iterdir()) == ["alice", "bruno", "carmen"]
+    assert "fishtune.flows.finetune:finetune" in Path(where[2]).read_text()
+    run(str(python), "-m", "fishtune.setup_check", cwd=work)
+
+    demo = run(str(venv / "bin" / "fishtune"), "demo", "--max-steps", "10", cwd=work, timeout=1200)
+    out = work / "demo-output" / "store"
+    models = list((out / "models" / "demo").glob("*/model.pth"))
+    reports = list((out / "runs").glob("*/report.md"))
+    assert len(models) == 1 and models[0].stat().st_size > 0, demo.stderr[-2000:]
+    assert (models[0].parent / "config.json").is_file() and (models[0].parent / "tokenizer.json").is_file()
+    assert len(reports) == 1 and "| alice |" in reports[0].read_text()
+    assert str(models[0].parent) in " ".join(demo.stderr.split()) or models[0].parent.name in demo.stderr

@@ -19,6 +19,7 @@ import os
 import platform
 import posixpath
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -93,6 +94,16 @@ def redact(url: str) -> str:
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# scheme://user[:password]@ inside any text (an exception message, a log line): the user info goes,
+# up to the token's last '@' (secrets may hold '/'; redacting too much is the safe side).
+_USERINFO_IN_TEXT = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^\s'\"]+@)")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user info of every URL in it replaced by ``***`` (errors echo URLs)."""
+    return _USERINFO_IN_TEXT.sub(lambda m: m.group("scheme") + "***@", str(text))
 
 
 def is_local(url: str) -> bool:

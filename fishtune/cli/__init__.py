@@ -5,6 +5,9 @@ modules stay short and heavy imports (torch, prefect) happen only inside the com
 needs them: ``fishtune --help`` stays fast.
 """
 
+import os
+import sys
+
 import typer
 
 from fishtune.cli import codec, data, doctor, flows, lm, pack, synth, train
@@ -15,7 +18,7 @@ app = typer.Typer(
     "extract, pack, train, merge.",
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,  # main() turns an unexpected error into one line, never a traceback
 )
 
 for module in (data, codec, pack, lm, synth, train, flows, doctor):
@@ -33,5 +36,28 @@ def _root(
         raise typer.Exit()
 
 
+DEBUG_ENV = "FISHTUNE_DEBUG"
+
+
+def unexpected_error_line(exc: BaseException) -> str:
+    """One line for an error no command anticipated: its type and first line, credentials removed."""
+    from fish_speech_core.storage import redact_text
+
+    lines = str(exc).strip().splitlines()
+    detail = redact_text(lines[0][:500]) if lines else ""
+    what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return f"fishtune: error: {what} (unexpected; rerun with {DEBUG_ENV}=1 for the traceback and report it)"
+
+
 def main() -> None:
-    app()
+    """The console script: every command's own errors are one line; so is anything unforeseen."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("fishtune: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - a traceback shown to a user is a bug; this is the last net
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(unexpected_error_line(exc), file=sys.stderr)
+        raise SystemExit(1) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fish_speech_core.codes import DEFAULT_SPEC, array_problem, recorded_spec
 from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
 from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside, temporary_target
 from fish_speech_core.formats.protos import ShardWriter, frame_record
@@ -27,7 +28,6 @@ from fish_speech_core.formats.text import clean_pack_transcript, has_spoken_cont
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
 
 CODES_SUFFIX = ".npy"
-MAX_CODE = 2**32 - 1  # Semantics.values is uint32
 _SHARD_FILE = re.compile(r"\d{8}\.protos")
 _SENTENCE_FIELD = 4  # TextData.sentences
 # Items per worker task: big enough to amortise inter-process overhead, small enough to keep
@@ -121,15 +121,20 @@ def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tupl
 
 
 def load_codes(path: Path) -> np.ndarray:
-    """A (num_codebooks, frames) integer array from ``path``; ValueError says what is wrong."""
-    codes = np.load(path, allow_pickle=False)
-    if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
-        raise ValueError(f"codes have shape {codes.shape}, expected (num_codebooks, frames) with both > 0")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"codes have dtype {codes.dtype}, expected integers")
-    if codes.min() < 0 or codes.max() > MAX_CODE:
-        raise ValueError(f"codes outside [0, {MAX_CODE}]")
-    return codes
+    """A (num_codebooks, frames) integer array from ``path``, checked against the codec that made
+    it (its sidecar) or, without one, the Fish Speech 1.4 shape; ValueError says what is wrong."""
+    codes = np.load(path, allow_pickle=False, mmap_mode="r")  # a lying header costs no memory
+    spec = recorded_spec(path)
+    problem = array_problem(codes, spec or DEFAULT_SPEC)
+    if problem:
+        source = "its sidecar" if spec else "Fish Speech 1.4 codes (no sidecar)"
+        raise CodesError(f"{problem} ({source}: {(spec or DEFAULT_SPEC).num_codebooks} rows, "
+                         f"values < {(spec or DEFAULT_SPEC).codebook_size})")
+    return np.array(codes)  # a copy: the memory map is closed with it
+
+
+class CodesError(ValueError):
+    """A readable ``.npy`` whose array is not codes of the codec that made it."""
 
 
 def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
@@ -150,6 +155,8 @@ def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
         return Reject(item.label, "transcript has no letters or digits after cleaning")
     try:
         codes = load_codes(item.codes)
+    except CodesError as err:
+        return Reject(item.label, f"bad codes {item.codes.name}: {err}")
     except Exception as err:  # np.load raises many types for damaged files
         return Reject(item.label, f"unreadable codes {item.codes.name}: {err}")
     sentence = Sentence(

@@ -27,12 +27,13 @@ import torch
 
 from fish_speech_core.audio import audio_info, read_audio, resample, to_mono
 from fish_speech_core.codec.checkpoint import codec_hash
-from fish_speech_core.codec.model import FireflyCodec
+from fish_speech_core.codec.model import FireflyCodec, NonFiniteEncodingError
+from fish_speech_core.codes import SIDECAR_SUFFIX, CodeSpec, sidecar_path_for
 from fish_speech_core.files import atomic_write, remove_temporaries, sha256_bytes, sha256_file
 
-SIDECAR_SUFFIX = ".json"  # x.npy -> x.npy.json
 SIDECAR_FORMAT = "fishtune-codes/1"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+ENCODER_NOT_FINITE = "the encoder output is not finite (NaN/Inf) for this audio: no codes written"
 
 
 # Files per encoder batch when none is given. On CPU a batch only adds padding work: batch 1 ran
@@ -131,8 +132,24 @@ def npy_path_for(audio_path: Path) -> Path:
     return audio_path.with_suffix(".npy")
 
 
-def sidecar_path_for(npy_path: Path) -> Path:
-    return npy_path.with_name(npy_path.name + SIDECAR_SUFFIX)
+def code_spec(model: FireflyCodec) -> CodeSpec:
+    """Rows and value range of the codes ``model`` makes (recorded in every sidecar)."""
+    return CodeSpec.from_levels(model.config.num_codebooks, tuple(model.config.quantizer.levels))
+
+
+def check_finite_weights(model: FireflyCodec) -> None:
+    """Refuse a codec whose encoding weights hold NaN/Inf: every code it made would be garbage.
+
+    Raises:
+        ValueError: naming how many tensors and the first few.
+    """
+    bad = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+           if not name.startswith("head.") and tensor.is_floating_point()
+           and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ValueError(f"the codec's weights are not finite (NaN or Inf in {len(bad)} tensor(s): "
+                         f"{shown}); the checkpoint is damaged, use the released generator .pth")
 
 
 # --------------------------------------------------------------------------- planning
@@ -276,6 +293,8 @@ class _AudioDataset(torch.utils.data.Dataset):
             if audio.shape[-1] > self.max_seconds * rate:  # header lied (e.g. some mp3s)
                 return _Loaded(index, None, digest, f"decoded length {audio.shape[-1] / rate:.1f} s "
                                f"exceeds --max-seconds {self.max_seconds:g}")
+            if not np.isfinite(audio).all():  # would encode to garbage codes (INT32_MIN)
+                return _Loaded(index, None, digest, "audio holds NaN or infinite samples")
             mono = torch.from_numpy(to_mono(audio))
             return _Loaded(index, resample(mono, rate, self.sample_rate), digest)
         except Exception as error:  # corrupt or unsupported: reported, never fatal
@@ -337,6 +356,10 @@ def encode_batches(
             continue
         try:
             arrays = _encode(model, [item.audio for item in good], device, autocast_dtype)
+        except NonFiniteEncodingError as error:  # only the clips it names; the rest again
+            rest = [i for i in range(len(good)) if i not in error.indices]
+            encoded = iter(_encode(model, [good[i].audio for i in rest], device, autocast_dtype) if rest else [])
+            arrays = [ENCODER_NOT_FINITE if i in error.indices else next(encoded) for i in range(len(good))]
         except RuntimeError:  # e.g. out of memory: retry one by one so only the culprit fails
             if len(good) == 1:
                 raise
@@ -344,6 +367,8 @@ def encode_batches(
             for item in good:
                 try:
                     arrays.append(_encode(model, [item.audio], device, autocast_dtype)[0])
+                except NonFiniteEncodingError:
+                    arrays.append(ENCODER_NOT_FINITE)
                 except RuntimeError as error:
                     arrays.append(f"encoding failed: {type(error).__name__}: {error}")
         for item, array in zip(good, arrays, strict=True):
@@ -383,8 +408,13 @@ def extract_codes(
     return {Path(p): out[Path(p)] for p in audio_paths}
 
 
-def write_codes(job: Job, codes: np.ndarray, audio_sha256: str, model_hash: str, settings: dict) -> None:
-    """Atomically write ``x.npy`` then its sidecar (the sidecar is what marks it done)."""
+def write_codes(job: Job, codes: np.ndarray, audio_sha256: str, model_hash: str, settings: dict,
+                spec: CodeSpec | None = None) -> None:
+    """Atomically write ``x.npy`` then its sidecar (the sidecar is what marks it done).
+
+    ``spec`` (the codec's rows and codebook size) goes into the sidecar, so pack can check the
+    array against the codec that made it.
+    """
     buffer = io.BytesIO()  # in memory first: small, and a full disk then names the exact size
     np.save(buffer, codes)
     with atomic_write(job.npy_path, size=buffer.getbuffer().nbytes) as handle:
@@ -398,6 +428,8 @@ def write_codes(job: Job, codes: np.ndarray, audio_sha256: str, model_hash: str,
         "npy_sha256": sha256_file(job.npy_path),
         "shape": list(codes.shape),
     }
+    if spec is not None:
+        record |= {"num_codebooks": spec.num_codebooks, "codebook_size": spec.codebook_size}
     with atomic_write(sidecar_path_for(job.npy_path), "w") as handle:
         json.dump(record, handle, indent=1)
         handle.write("\n")
@@ -417,6 +449,7 @@ def run_extraction(
     """
     model_hash = model_hash or codec_hash(model)
     code_settings = settings.code_settings()
+    spec = code_spec(model)
     # Temp files a killed run left beside the audio are never read; clear those of our outputs.
     npys = [job.npy_path for job in plan.todo] + [r.npy_path for r in plan.skipped if r.npy_path]
     remove_temporaries([p for npy in npys for p in (npy, sidecar_path_for(npy))])
@@ -424,9 +457,11 @@ def run_extraction(
     start = time.perf_counter()
     for job, codes, digest, error in encode_batches(model, plan.todo, settings):
         if codes is None:
+            # An older sidecar must not vouch for this file any more: a rerun redoes it.
+            sidecar_path_for(job.npy_path).unlink(missing_ok=True)
             result = FileResult(job.audio_path, "failed", error, job.seconds)
         else:
-            write_codes(job, codes, digest, model_hash, code_settings)
+            write_codes(job, codes, digest, model_hash, code_settings, spec)
             result = FileResult(job.audio_path, "extracted", "", job.seconds, job.npy_path)
         results.append(result)
         if on_result is not None:
@@ -442,6 +477,7 @@ def extract(
 ) -> ExtractSummary:
     """Plan and run: the whole incremental extraction of ``audio_paths``."""
     settings = settings or ExtractSettings()
+    check_finite_weights(model)
     model_hash = codec_hash(model)
     plan = plan_extraction(audio_paths, model, settings, model_hash)
     return run_extraction(model, plan, settings, model_hash, on_result)
@@ -451,6 +487,9 @@ __all__ = [
     "ExtractPlan",
     "ExtractSettings",
     "ExtractSummary",
+    "SIDECAR_SUFFIX",
+    "check_finite_weights",
+    "code_spec",
     "FileResult",
     "Job",
     "encode_batches",

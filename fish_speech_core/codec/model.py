@@ -374,6 +374,14 @@ class HiFiGANGenerator(nn.Module):
 # --------------------------------------------------------------------------- whole codec
 
 
+class NonFiniteEncodingError(ValueError):
+    """The encoder produced NaN/Inf features for the clips at ``indices`` of the batch."""
+
+    def __init__(self, indices: tuple[int, ...]) -> None:
+        super().__init__(f"encoder output is not finite for batch item(s) {list(indices)}")
+        self.indices = indices
+
+
 class FireflyCodec(nn.Module):
     """Audio <-> semantic codes. Submodule names match the reference state dict."""
 
@@ -394,8 +402,16 @@ class FireflyCodec(nn.Module):
         return self.config.spec_transform.sample_rate
 
     def encode_mels(self, mels: Tensor) -> Tensor:
-        """(B, n_mels, T) -> int32 codes (B, G * R, ceil(T / 4)); frame t sees mels < 4 (t+1)."""
-        return self.quantizer.encode(self.backbone(mels))
+        """(B, n_mels, T) -> int32 codes (B, G * R, ceil(T / 4)); frame t sees mels < 4 (t+1).
+
+        Raises:
+            NonFiniteEncodingError: NaN/Inf features (FSQ would round them to INT32_MIN codes).
+        """
+        features = self.backbone(mels)
+        finite = torch.isfinite(features).flatten(1).all(1)
+        if not bool(finite.all()):
+            raise NonFiniteEncodingError(tuple(int(i) for i in torch.nonzero(~finite).flatten()))
+        return self.quantizer.encode(features)
 
     def encode(
         self, audios: Sequence[Tensor], autocast_dtype: torch.dtype | None = None

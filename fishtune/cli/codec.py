@@ -111,7 +111,9 @@ def extract_command(
     import torch
 
     from fish_speech_core.codec import CodecCheckpointError, load_codec
-    from fish_speech_core.codec.extract import ExtractSettings, default_batch_size, plan_extraction, run_extraction
+    from fish_speech_core.codec.extract import (
+        ExtractSettings, check_finite_weights, default_batch_size, plan_extraction, run_extraction,
+    )
     from fish_speech_core.codec.checkpoint import codec_hash
     from fish_speech_core.files import DiskFullError
 
@@ -126,8 +128,9 @@ def extract_command(
         raise typer.Exit(1)
     try:
         model = load_codec(checkpoint_path, config if config is not None else preset, device=device)
+        check_finite_weights(model)
     except (CodecCheckpointError, ValueError, RuntimeError) as error:
-        typer.echo(f"Cannot load codec: {error}", err=True)
+        typer.echo(f"Cannot load codec {checkpoint_path}: {error}", err=True)
         raise typer.Exit(2) from None
 
     batch_size = batch_size or default_batch_size(device)
@@ -142,6 +145,7 @@ def extract_command(
     plan = plan_extraction(paths, model, settings, model_hash)
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
     )
@@ -177,7 +181,7 @@ def extract_command(
     for result in summary.results:
         if result.status in ("rejected", "failed"):
             rel = result.audio_path.relative_to(data) if result.audio_path.is_relative_to(data) else result.audio_path
-            console.print(f"[yellow]{result.status}[/yellow] {rel}: {result.reason}")
+            console.print(f"[yellow]{result.status}[/yellow] {escape(str(rel))}: {escape(result.reason)}")
     hours = summary.extracted_seconds / 3600
     speed = summary.speed
     pace = f" ({speed:.1f}x real time, RTF {1 / speed:.4f})" if speed else ""

@@ -1,0 +1,90 @@
+"""The rule for semantic codes: how many rows, which values, and where that is recorded.
+
+Codes are an integer array (num_codebooks, frames) with every value in ``[0, codebook_size)``.
+A codec *produces* codes of a :class:`CodeSpec` (rows = ``n_groups x n_codebooks``, size =
+``prod(levels)``); a base LM *accepts* codes of its ``num_codebooks`` and ``codebook_size``.
+Extraction records the producing spec in each ``<stem>.npy.json`` sidecar; pack checks every
+array against it; train and doctor check that what is produced fits what the base accepts.
+One module, so the three stages cannot disagree about the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SIDECAR_SUFFIX = ".json"  # x.npy -> x.npy.json
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """Codes have ``num_codebooks`` rows; every value lies in ``[0, codebook_size)``."""
+
+    num_codebooks: int
+    codebook_size: int
+
+    @classmethod
+    def from_levels(cls, num_codebooks: int, levels: tuple[int, ...]) -> "CodeSpec":
+        """What an FSQ quantizer with ``levels`` per codebook produces."""
+        return cls(num_codebooks, math.prod(levels))
+
+
+# Codes without a sidecar (e.g. written by Fish Speech's own extract): what a Fish Speech 1.4
+# base accepts, 8 rows in its 1024-way head (its codec only makes values < 1000).
+DEFAULT_SPEC = CodeSpec(num_codebooks=8, codebook_size=1024)
+
+
+def sidecar_path_for(npy_path: Path) -> Path:
+    return npy_path.with_name(npy_path.name + SIDECAR_SUFFIX)
+
+
+def recorded_spec(npy_path: Path) -> CodeSpec | None:
+    """The spec that extraction recorded beside ``npy_path``, or None (no or old sidecar)."""
+    try:
+        record = json.loads(sidecar_path_for(npy_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    rows, size = record.get("num_codebooks"), record.get("codebook_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (rows, size)):
+        return None
+    return CodeSpec(rows, size)
+
+
+def array_problem(codes: np.ndarray, spec: CodeSpec) -> str | None:
+    """Why ``codes`` cannot be codes of ``spec`` (dtype, shape, rows, value range), or None."""
+    if not np.issubdtype(codes.dtype, np.integer):
+        return f"codes have dtype {codes.dtype}, expected integers"
+    if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
+        return f"codes have shape {codes.shape}, expected (num_codebooks, frames) with both > 0"
+    if codes.shape[0] != spec.num_codebooks:
+        return f"codes have {codes.shape[0]} codebook rows, the codec makes {spec.num_codebooks}"
+    low, high = int(codes.min()), int(codes.max())
+    if low < 0 or high >= spec.codebook_size:
+        bad = low if low < 0 else high
+        return f"code value {bad} is outside [0, {spec.codebook_size}) (codebook size {spec.codebook_size})"
+    return None
+
+
+def fit_problems(produced: CodeSpec, num_codebooks: int, codebook_size: int) -> list[str]:
+    """Why codes of ``produced`` do not fit a base LM with these two config fields.
+
+    The LM embeds each row in its own codebook and predicts ``num_codebooks`` rows, so the row
+    counts must be equal; a value at or past ``codebook_size`` indexes outside its embedding.
+    """
+    problems = []
+    if produced.num_codebooks != num_codebooks:
+        problems.append(f"codes have {produced.num_codebooks} codebook rows but the base model's "
+                        f"num_codebooks is {num_codebooks}")
+    if produced.codebook_size > codebook_size:
+        problems.append(f"codes up to {produced.codebook_size - 1} would index past the base "
+                        f"model's codebook_size {codebook_size}")
+    return problems
+
+
+__all__ = ["DEFAULT_SPEC", "CodeSpec", "array_problem", "fit_problems", "recorded_spec", "sidecar_path_for"]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fish_speech_core.codes import CodeSpec, fit_problems
+
 Level = Literal["ok", "info", "warning", "error"]
 
 
@@ -109,6 +111,34 @@ def _base_config(base_dir: Path, found: list[Finding]):
         return None
 
 
+def _check_weights(weights: Path, config) -> list[Finding]:
+    """model.pth opens as tensors (weights_only, memory-mapped) with the keys and shapes of ``config``."""
+    import torch
+
+    from fish_speech_core.lm.checkpoint import (
+        CheckpointError, normalize_state_dict, read_weights, state_dict_problems,
+    )
+    from fish_speech_core.lm.model import DualARTransformer
+
+    fix = "download the checkpoint again (or re-run `fishtune init-base` / `fishtune merge`)"
+    try:
+        state = normalize_state_dict(read_weights(weights))
+    except CheckpointError as err:
+        return [Finding("error", str(err) if str(weights) in str(err) else f"{weights}: {err}", fix)]
+    if not state:
+        return [Finding("error", f"{weights} holds no tensors", fix)]
+    if config is None:
+        return [Finding("info", f"{weights}: {len(state)} tensors (config.json unreadable: keys not checked)")]
+    with torch.device("meta"):  # shapes only: nothing allocated
+        expected = DualARTransformer(config, 0).state_dict()
+    problems = state_dict_problems(state, expected)
+    if problems:
+        shown = "; ".join(p if len(p) < 300 else p[:300] + "...]" for p in problems[:3])
+        return [Finding("error", f"{weights} does not fit config.json: {shown}",
+                        "config.json and model.pth must come from the same checkpoint; " + fix)]
+    return [Finding("ok", f"{weights}: {len(state)} tensors match config.json")]
+
+
 def check_base(base_dir: str | os.PathLike) -> list[Finding]:
     """config.json readable, model.pth present, tokenizer holds every required special token."""
     from tokenizers import Tokenizer
@@ -125,6 +155,8 @@ def check_base(base_dir: str | os.PathLike) -> list[Finding]:
     if not weights.is_file():
         found.append(Finding("error", f"{weights} not found",
                              "download the checkpoint again; the folder must hold model.pth"))
+    else:
+        found += _check_weights(weights, config)
     tok_file = base_dir / "tokenizer.json"
     if not tok_file.is_file():
         found.append(Finding("error", f"{tok_file} not found",
@@ -216,20 +248,21 @@ def check_compatibility(base_dir: str | os.PathLike, codec_path: str | os.PathLi
         return found
     rows = codec.num_codebooks
     levels = tuple(codec.quantizer.levels)
-    values = math.prod(levels)
+    produced = CodeSpec.from_levels(rows, levels)
+    values = produced.codebook_size
     want = expected_codebook_size(levels)
     fix = ("use the base checkpoint and codec from the same Fish Speech release (1.4: "
            "fish-speech-1.4/model.pth with firefly-gan-vq-fsq-8x1024-21hz-generator.pth)")
+    problems = fit_problems(produced, config.num_codebooks, config.codebook_size)
     if config.num_codebooks != rows:
         found.append(
-            Finding("error", f"base model num_codebooks is {config.num_codebooks} "
-                    f"({base_dir / 'config.json'}) but the codec makes {rows} code rows "
+            Finding("error", f"base model and codec disagree: {problems[0]} ({base_dir / 'config.json'}); the codec makes {rows} code rows "
                     f"(n_groups {codec.quantizer.n_groups} x n_codebooks {codec.quantizer.n_codebooks}; {note})",
                     fix)
         )
     if config.codebook_size != want:
-        why = (f"codes up to {values - 1} would index past the model's codebook"
-               if config.codebook_size < values else "the model was made for a different quantizer")
+        too_small = [p for p in problems if p.startswith("codes up to")]
+        why = too_small[0] if too_small else "the model was made for a different quantizer"
         found.append(
             Finding("error", f"base model codebook_size is {config.codebook_size} "
                     f"({base_dir / 'config.json'}) but the codec's quantizer levels {list(levels)} "

@@ -57,7 +57,7 @@ class FishTokenizer:
         missing = [t for t in REQUIRED_SPECIAL_TOKENS if self.tokenizer.token_to_id(t) is None]
         if missing:
             raise TokenizerError(
-                f"tokenizer{f' in {self.source_dir}' if self.source_dir else ''} lacks the "
+                f"tokenizer{f' {self.source_dir / TOKENIZER_FILES[0]}' if self.source_dir else ''} lacks the "
                 f"special tokens {missing}; use the tokenizer shipped with fish-speech-1.4"
             )
 
@@ -69,7 +69,15 @@ class FishTokenizer:
             raise TokenizerError(
                 f"{file} not found: a Fish Speech checkpoint folder must contain tokenizer.json"
             )
-        return cls(Tokenizer.from_file(str(file)), source_dir=folder)
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise TokenizerError(
+                f"{file} is not a tokenizers JSON file ({reason}); copy tokenizer.json from the "
+                "released fish-speech-1.4 checkpoint"
+            ) from None
+        return cls(tokenizer, source_dir=folder)
 
     def encode(self, text: str) -> list[int]:
         """Ids without added special tokens (special tokens inside ``text`` stay single ids)."""

@@ -113,6 +113,32 @@ def find_resume(config: TrainConfig, resume: str) -> tuple[Path | None, list[str
     return path, notes
 
 
+def check_data_fits_base(config: TrainConfig) -> None:
+    """The shards' codes fit the base's ``num_codebooks`` and ``codebook_size``, before any model
+    is built (else an IndexError deep in the first step, naming no file).
+
+    Raises:
+        TrainError: naming the shard and sentence, or the unreadable config.json / shard.
+    """
+    from fish_speech_core.finetune.shards import describe, shard_problems
+    from fish_speech_core.lm import ConfigError, DualARConfig
+
+    try:
+        base = DualARConfig.from_file(Path(config.base) / "config.json")
+    except (ConfigError, OSError) as err:
+        raise TrainError(f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: {err}") from None
+    try:
+        problems = shard_problems(config.data, base.num_codebooks, base.codebook_size)
+    except (ValueError, OSError) as err:  # missing or damaged shards
+        raise TrainError(f"--data: {err}") from None
+    if problems:
+        raise TrainError(
+            f"--data does not fit the base model {config.base} (num_codebooks {base.num_codebooks}, "
+            f"codebook_size {base.codebook_size}): {describe(problems)}; extract the codes with the "
+            "codec that belongs to this base and pack again"
+        )
+
+
 def build_model(config: TrainConfig):
     """Load the base folder in fp32 with fresh adapters (and --init-lora weights if given)."""
     from fish_speech_core.lm import CheckpointError, ConfigError, DualARTransformer
@@ -162,6 +188,7 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     for partial in remove_partial_checkpoints(config.checkpoint_dir):
         notes.append(f"removed {partial.name}, a checkpoint write that was interrupted")
 
+    check_data_fits_base(config)
     # Seed before the adapters are created: their init draws from the global generator, so
     # --seed (not whatever ran earlier in the process) decides it.
     pl.seed_everything(config.seed, workers=True, verbose=False)

@@ -135,7 +135,24 @@ def parse_text_data(payload: bytes, where: str) -> TextData:
         )
     if not message.sentences:
         raise ProtoStreamError(f"{where}: TextData {message.name!r} holds no sentences")
+    for index, sentence in enumerate(message.sentences):
+        problem = _sentence_problem(sentence)
+        if problem:
+            raise ProtoStreamError(f"{where}: TextData {message.name!r} sentence {index}: {problem}; "
+                                   "re-run `fishtune pack` on the data")
     return message
+
+
+def _sentence_problem(sentence) -> str | None:
+    """Why a sentence cannot be trained on: no text, no codes, or code rows of unequal length."""
+    if not any(text.strip() for text in sentence.texts):
+        return "has no text"
+    lengths = {len(row.values) for row in sentence.semantics}
+    if not lengths or lengths == {0}:
+        return "has no semantic codes"
+    if len(lengths) > 1:
+        return f"codebook rows have different lengths {sorted(lengths)}"
+    return None
 
 
 def iter_text_data(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[TextData]:

@@ -15,7 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fish_speech_core.formats.prompt import TOKENS_PER_SENTENCE_ESTIMATE
+
 MODEL_TYPE = "dual_ar"
+# A context shorter than the sampler's smallest sample (one sentence estimate) cannot train or
+# generate anything; such a config.json is damaged, not a tiny model.
+MIN_MAX_SEQ_LEN = TOKENS_PER_SENTENCE_ESTIMATE
+# Fields that must be integers >= 1 (None: derived); n_local_heads also allows -1 (= n_head).
+_POSITIVE_INTS = ("vocab_size", "n_layer", "n_head", "dim", "intermediate_size", "n_local_heads",
+                  "head_dim", "max_seq_len", "codebook_size", "num_codebooks", "n_fast_layer",
+                  "fast_dim", "fast_n_head", "fast_n_local_heads", "fast_head_dim",
+                  "fast_intermediate_size")
+_POSITIVE_FLOATS = ("rope_base", "norm_eps")
+_BOOLS = ("tie_word_embeddings", "attention_qkv_bias", "use_gradient_checkpointing", "is_reward_model",
+          "share_codebook_embeddings", "fast_attention_qkv_bias")
 
 
 class ConfigError(ValueError):
@@ -64,13 +77,42 @@ class DualARConfig:
     fast_intermediate_size: int | None = None
     fast_attention_qkv_bias: bool | None = None
 
+    def _type_problems(self) -> list[str]:
+        """Wrong types and ranges, checked before anything is derived from them."""
+        problems = []
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is None or (name == "n_local_heads" and value == -1):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        for name in _POSITIVE_FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                problems.append(f"{name} must be a number > 0, got {value!r}")
+        for name, low, high in (("dropout", 0.0, 1.0), ("initializer_range", 0.0, float("inf"))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+                problems.append(f"{name} must be a number in [{low:g}, {high:g}), got {value!r}")
+        for name in _BOOLS:
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name.startswith("fast_")):
+                problems.append(f"{name} must be true or false, got {value!r}")
+        if not problems and self.max_seq_len < MIN_MAX_SEQ_LEN:
+            problems.append(f"max_seq_len {self.max_seq_len} is too small: a sample needs at least "
+                            f"{MIN_MAX_SEQ_LEN} positions")
+        return problems
+
     def __post_init__(self) -> None:
-        if self.model_type != MODEL_TYPE:
+        if not isinstance(self.model_type, str) or self.model_type != MODEL_TYPE:
             raise ConfigError(
                 f"model_type is {self.model_type!r}, but fishtune only supports {MODEL_TYPE!r} "
                 "(the Fish Speech 1.4 text2semantic model); check that this is a fish-speech-1.4 "
                 "checkpoint folder"
             )
+        problems = self._type_problems()
+        if problems:
+            raise ConfigError("invalid dual-AR config: " + "; ".join(problems))
         # Derived fields, in the reference's order (head_dim always follows dim / n_head).
         derived = {"head_dim": self.dim // self.n_head}
         if self.n_local_heads == -1:
@@ -114,15 +156,18 @@ class DualARConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             warnings.warn(f"{source}: ignoring unknown config fields {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "DualARConfig":
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
         return cls.from_dict(data, source=str(path))

@@ -11,8 +11,9 @@ a rename, no transpose. Merging is explicit (:func:`merge_lora`); ``.eval()`` ne
 from __future__ import annotations
 
 import json
+import math
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -100,9 +101,28 @@ class LoraMetadata:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoraMetadata":
-        data = dict(data)
-        data["targets"] = tuple(data.get("targets", TARGET_NAMES))
-        return cls(**data)
+        """Raises LoraError naming every missing, unknown or mistyped field."""
+        if not isinstance(data, dict):
+            raise LoraError(f"metadata must be a JSON object, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        problems = [f"unknown fields {sorted(set(data) - known)}"] if set(data) - known else []
+        problems += [f"missing field {name!r}" for name in ("r", "alpha", "dropout") if name not in data]
+        if problems:
+            raise LoraError("; ".join(problems))
+        targets = data.get("targets", TARGET_NAMES)
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise LoraError(f"targets must be a list of module names, got {targets!r}")
+        for name in ("base_sha256", "prompt_format"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise LoraError(f"{name} must be a string, got {data[name]!r}")
+        r, alpha, dropout = data["r"], data["alpha"], data["dropout"]
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise LoraError(f"r must be an integer, got {r!r}")
+        for name, value in (("alpha", alpha), ("dropout", dropout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LoraError(f"{name} must be a finite number, got {value!r}")
+        LoraSettings(r, alpha, dropout)  # the ranges: r >= 1, alpha > 0, dropout in [0, 1)
+        return cls(**{**data, "targets": tuple(targets)})
 
     def check(self, settings: LoraSettings | None = None, base_sha256: str | None = None) -> None:
         """Raise :class:`LoraError` naming every field that differs from what the caller has."""
@@ -253,8 +273,6 @@ def read_adapter(path: str | Path) -> AdapterFile:
     Metadata comes from the checkpoint's ``fishtune_lora`` entry, else from a ``lora.json``
     beside it, else is None (reference checkpoints carry none).
     """
-    from fish_speech_core.lm.checkpoint import CheckpointError
-
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"{path} not found")
@@ -278,11 +296,20 @@ def read_adapter(path: str | Path) -> AdapterFile:
     tensors = {k.removeprefix("model."): v for k, v in state.items() if is_lora_name(k)}
     if not tensors:
         raise LoraError(f"{path} holds no LoRA tensors (no key contains 'lora_')")
-    raw = data.get("fishtune_lora")
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise LoraError(f"{path}: LoRA tensors hold NaN or Inf ({len(bad)} tensor(s): {shown}); "
+                        "the training diverged or the file is damaged: use an earlier checkpoint")
+    raw, source = data.get("fishtune_lora"), f"{path} (fishtune_lora)"
     if raw is None and (path.parent / METADATA_FILE).is_file():
-        raw = json.loads((path.parent / METADATA_FILE).read_text())
+        source = str(path.parent / METADATA_FILE)
+        try:
+            raw = json.loads((path.parent / METADATA_FILE).read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            raise LoraError(f"{source} is not valid JSON ({err}); delete it or restore it from the run") from None
     try:
         meta = LoraMetadata.from_dict(raw) if raw is not None else None
-    except TypeError as err:
-        raise CheckpointError(f"{path}: unreadable LoRA metadata: {err}") from None
+    except LoraError as err:
+        raise LoraError(f"{source}: unreadable LoRA metadata: {err}") from None
     return AdapterFile(tensors=tensors, metadata=meta)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,10 @@ def probe_batch(vocab_size: int, num_codebooks: int, codebook_size: int, semanti
     return inputs, mask
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, output: str | os.PathLike,
                      settings: LoraSettings, fmt: str = "pth") -> MergeReport:
     """Write ``output`` = ``base`` with the adapter folded in (same keys and dtypes), then verify.
@@ -57,9 +63,7 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
             the merged logits differ from base+LoRA.
     """
     from fish_speech_core.lm import DualARTransformer
-    from fish_speech_core.lm.checkpoint import (
-        CONFIG_FILE, MODEL_FILE, normalize_state_dict, read_weights,
-    )
+    from fish_speech_core.lm.checkpoint import MODEL_FILE, normalize_state_dict, read_weights
 
     base, output = Path(base), Path(output)
     if fmt not in FORMATS:
@@ -82,39 +86,70 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
     inputs, mask = probe_batch(c.vocab_size, c.num_codebooks, c.codebook_size, model.semantic_token_id)
     with torch.no_grad():
         before = model(inputs, mask)
+    if not _all_finite(before.token_logits, before.codebook_logits):
+        raise MergeError(f"base+LoRA logits are not finite (NaN/Inf) on the probe batch: {base} or "
+                         f"{lora_weight} is damaged; nothing written")
     merged = merge_lora(model)
     state = {k: v.detach().to(base_dtypes[k]).contiguous() for k, v in merged.state_dict().items()}
+    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not _all_finite(v))
+    if not_finite:
+        raise MergeError(f"merged tensors hold NaN or Inf ({len(not_finite)}: {', '.join(not_finite[:3])}"
+                         f"{', ...' if len(not_finite) > 3 else ''}) from {lora_weight} into {base}; nothing written")
     changed = sum(not torch.equal(state[k], base_state[k]) for k in state)
     if set(state) != set(base_state):
         raise MergeError(f"merged keys differ from the base: {sorted(set(state) ^ set(base_state))}")
     if changed == 0:
         raise MergeError("LoRA had no effect: every merged tensor equals the base (are lora_B all zero?)")
 
-    output.mkdir(parents=True, exist_ok=True)
-    model.tokenizer.save(output)
-    with atomic_write(output / CONFIG_FILE, "w") as handle:
+    # Written and verified in a hidden staging folder beside OUTPUT, published only once it
+    # verifies: a failed merge leaves nothing a later run (or Fish Speech) could load.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".merge-tmp", dir=output.parent))
+    try:
+        diff = _write_and_verify(staging, model, c, state, base_state, base_dtypes, merged, fmt, inputs, mask, before)
+        output.mkdir(parents=True, exist_ok=True)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, output / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return MergeReport(output=output, changed_tensors=changed, total_tensors=len(state),
+                       max_logit_diff=diff, adapter_metadata=adapter.metadata is not None)
+
+
+def _write_and_verify(folder: Path, model, c, state, base_state, base_dtypes, merged, fmt: str,
+                      inputs: torch.Tensor, mask: torch.Tensor, before) -> float:
+    """Write the merged checkpoint into ``folder`` and return its max logit diff to base+LoRA.
+
+    Raises:
+        MergeError: the files on disk do not give the same model.
+    """
+    from fish_speech_core.lm import DualARTransformer
+    from fish_speech_core.lm.checkpoint import CONFIG_FILE, MODEL_FILE, normalize_state_dict, read_weights
+
+    model.tokenizer.save(folder)
+    with atomic_write(folder / CONFIG_FILE, "w") as handle:
         handle.write(c.to_json())
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        with atomic_path(output / "model.safetensors") as tmp:
+        with atomic_path(folder / "model.safetensors") as tmp:
             save_file(state, str(tmp))
     else:
-        with atomic_path(output / MODEL_FILE) as tmp:
+        with atomic_path(folder / MODEL_FILE) as tmp:
             torch.save(state, tmp)
 
     # Verify what is on disk, not what is in memory.
     if fmt == "pth":
-        written = DualARTransformer.from_pretrained(output, dtype=torch.float32).eval()
-        on_disk = normalize_state_dict(read_weights(output / MODEL_FILE))
+        written = DualARTransformer.from_pretrained(folder, dtype=torch.float32).eval()
+        on_disk = normalize_state_dict(read_weights(folder / MODEL_FILE))
     else:
         from safetensors.torch import load_file
 
-        on_disk = load_file(str(output / "model.safetensors"))
+        on_disk = load_file(str(folder / "model.safetensors"))
         written = merged.float()
         written.load_state_dict({k: v.float() for k, v in on_disk.items()})
     if set(on_disk) != set(base_state) or any(on_disk[k].dtype != base_dtypes[k] for k in on_disk):
-        raise MergeError(f"{output}: written keys or dtypes differ from the base's")
+        raise MergeError("written keys or dtypes differ from the base's")
     with torch.no_grad():
         after = written(inputs, mask)
     diff = max(
@@ -123,7 +158,7 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
     )
     # A half-precision base rounds the merged weights to its dtype: compare at that precision.
     tolerance = PROBE_ATOL if all(d == torch.float32 for d in base_dtypes.values()) else HALF_ATOL
-    if diff > tolerance:
-        raise MergeError(f"merged logits differ from base+LoRA by {diff:.2e} (> {tolerance})")
-    return MergeReport(output=output, changed_tensors=changed, total_tensors=len(state),
-                       max_logit_diff=diff, adapter_metadata=adapter.metadata is not None)
+    if not diff <= tolerance:  # NaN compares false: a NaN diff is a failure, never a pass
+        raise MergeError(f"merged logits differ from base+LoRA by {diff:.2e} (> {tolerance}); "
+                         "nothing written")
+    return diff

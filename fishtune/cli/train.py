@@ -126,11 +126,12 @@ def merge_command(
     from fish_speech_core.finetune.lora import LoraError
     from fish_speech_core.finetune.merge import MergeError, merge_checkpoint
     from fish_speech_core.lm import CheckpointError, ConfigError
+    from fish_speech_core.tokenizer import TokenizerError
 
     settings = _lora_settings(lora_config, lora_r, lora_alpha, lora_dropout)
     try:
         report = merge_checkpoint(base_weight, lora_weight, output, settings, fmt.value)
-    except (MergeError, LoraError, CheckpointError, ConfigError) as err:
+    except (MergeError, LoraError, CheckpointError, ConfigError, TokenizerError) as err:
         _fail(str(err))
     typer.echo(
         f"merged {lora_weight} into {base_weight} -> {report.output}: {report.changed_tensors}/"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 SIDECAR_SUFFIX = ".json"  # x.npy -> x.npy.json
+NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,48 @@ DEFAULT_SPEC = CodeSpec(num_codebooks=8, codebook_size=1024)
 
 def sidecar_path_for(npy_path: Path) -> Path:
     return npy_path.with_name(npy_path.name + SIDECAR_SUFFIX)
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """The array in an ``.npy`` file, memory-mapped: a header that claims more data than the
+    file holds is an error here, never a huge allocation; pickled objects are refused.
+
+    Raises:
+        ValueError: the file is empty, not an ``.npy`` array, or shorter than its header says.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("empty file (0 bytes), not an .npy array")
+        with open(path, "rb") as handle:
+            if handle.read(len(NPY_MAGIC)) != NPY_MAGIC:  # np.load would also try zip and pickle
+                raise ValueError("not an .npy file (no NUMPY header): damaged, or another format")
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as err:
+        if str(err).startswith(("empty file", "not an .npy file")):
+            raise
+        if "mmap length" in str(err):
+            raise ValueError(f"its header claims shape {_header_shape(path)}, more data than the "
+                             f"{path.stat().st_size}-byte file holds (truncated or damaged)") from None
+        raise ValueError(f"not a readable .npy array ({err})") from None
+    except (EOFError, OSError) as err:
+        raise ValueError(f"not a readable .npy array ({type(err).__name__}: {err})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens .npz archives too
+        raise ValueError(f"holds a {type(array).__name__}, not one .npy array")
+    return array
+
+
+def _header_shape(path: Path) -> tuple[int, ...] | str:
+    from numpy.lib import format as npy_format
+
+    try:
+        with open(path, "rb") as handle:
+            version = npy_format.read_magic(handle)
+            read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, _, _ = read(handle)  # the header only
+        return shape
+    except Exception:  # noqa: BLE001 - only used to word the message
+        return "unknown"
 
 
 def recorded_spec(npy_path: Path) -> CodeSpec | None:
@@ -87,4 +130,5 @@ def fit_problems(produced: CodeSpec, num_codebooks: int, codebook_size: int) -> 
     return problems
 
 
-__all__ = ["DEFAULT_SPEC", "CodeSpec", "array_problem", "fit_problems", "recorded_spec", "sidecar_path_for"]
+__all__ = ["DEFAULT_SPEC", "CodeSpec", "array_problem", "fit_problems", "read_npy", "recorded_spec",
+           "sidecar_path_for"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fish_speech_core.codes import DEFAULT_SPEC, array_problem, recorded_spec
+from fish_speech_core.codes import DEFAULT_SPEC, array_problem, read_npy, recorded_spec
 from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
 from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside, temporary_target
 from fish_speech_core.formats.protos import ShardWriter, frame_record
@@ -123,7 +123,7 @@ def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tupl
 def load_codes(path: Path) -> np.ndarray:
     """A (num_codebooks, frames) integer array from ``path``, checked against the codec that made
     it (its sidecar) or, without one, the Fish Speech 1.4 shape; ValueError says what is wrong."""
-    codes = np.load(path, allow_pickle=False, mmap_mode="r")  # a lying header costs no memory
+    codes = read_npy(path)  # memory-mapped: a lying header costs no memory
     spec = recorded_spec(path)
     problem = array_problem(codes, spec or DEFAULT_SPEC)
     if problem:

@@ -148,14 +148,32 @@ def load_lora_model(
 
 
 def encode_reference(synth: Synthesizer, audio_path: str | os.PathLike) -> Tensor:
-    """A reference clip -> codec codes (num_codebooks, frames) int32 on CPU."""
+    """A reference clip -> codec codes (num_codebooks, frames) int32 on CPU.
+
+    Raises:
+        ValueError: naming the file: not readable audio, NaN/Inf samples, or too short.
+    """
+    import numpy as np
+
     from fish_speech_core.audio import read_audio, resample, to_mono
 
-    audio, rate = read_audio(audio_path)
+    try:
+        audio, rate = read_audio(audio_path)
+    except Exception as err:  # noqa: BLE001 - libsndfile raises its own types for non-audio
+        size = os.path.getsize(audio_path) if os.path.isfile(audio_path) else None
+        why = "an empty file (0 bytes)" if size == 0 else f"not readable audio ({type(err).__name__}: {err})"
+        raise ValueError(f"{audio_path} is {why}") from None
+    if audio.size == 0:
+        raise ValueError(f"{audio_path} holds no samples")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{audio_path} holds NaN or infinite samples; use a clean recording")
     mono = torch.from_numpy(to_mono(audio))
     mono = resample(mono, rate, synth.sample_rate).to(synth.device)
-    with torch.inference_mode():
-        return synth.codec.encode([mono])[0].cpu()
+    try:
+        with torch.inference_mode():
+            return synth.codec.encode([mono])[0].cpu()
+    except ValueError as err:  # shorter than one code frame; NaN features (a damaged codec)
+        raise ValueError(f"{audio_path}: {err}") from None
 
 
 @dataclass

@@ -102,8 +102,9 @@ def synthesize_command(
     loaded = time.perf_counter() - started
     try:
         prompt_codes = encode_reference(synth, prompt_audio) if prompt_audio is not None else None
-    except ValueError as error:  # e.g. a clip shorter than one code frame
-        raise typer.BadParameter(str(error), param_hint="--prompt-audio") from None
+    except ValueError as error:  # not audio, empty, NaN, shorter than one code frame
+        typer.echo(f"Error: --prompt-audio: {error}", err=True)
+        raise typer.Exit(2) from None
     chunks = split_text(text, chunk_chars)
     settings = SamplingSettings(temperature, top_p, repetition_penalty)
     with Progress(
@@ -166,31 +167,26 @@ def decode_command(
 
     from fish_speech_core.codec import load_codec
     from fish_speech_core.codec.decode import decode
+    from fish_speech_core.codec.extract import code_spec
+    from fish_speech_core.codes import array_problem, read_npy
     from fish_speech_core.synthesis import pick_device, write_wav
 
     choice = _codec_choice(preset, config, "--preset")
     try:
-        codes = np.load(codes_file, allow_pickle=False)
+        codes = read_npy(codes_file)
     except ValueError as error:
-        raise typer.BadParameter(f"cannot read {codes_file}: {error}") from None
-    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
-        raise typer.BadParameter(
-            f"{codes_file} holds {codes.dtype} {codes.shape}; expected integer (8, frames)"
-        )
+        _fail_decode(f"{codes_file}: {error}")
     started = time.perf_counter()
     try:
         codec = load_codec(checkpoint_path, choice, device=pick_device(device))
     except ValueError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
-    size = 1
-    for level in codec.config.quantizer.levels:
-        size *= int(level)
-    if codes.shape[0] != codec.config.num_codebooks or codes.min() < 0 or codes.max() >= size:
-        raise typer.BadParameter(
-            f"{codes_file}: expected ({codec.config.num_codebooks}, frames) with values in "
-            f"[0, {size}), got {codes.shape} in [{codes.min()}, {codes.max()}]"
-        )
+        _fail_decode(str(error))
+    spec = code_spec(codec)
+    problem = array_problem(codes, spec)
+    if problem:
+        _fail_decode(f"{codes_file}: {problem}; this codec decodes ({spec.num_codebooks}, frames) "
+                     f"with values in [0, {spec.codebook_size})")
+    codes = np.array(codes)  # out of the memory map, now that the shape is known to be sane
     with torch.inference_mode():
         audio, _ = decode(codec, torch.from_numpy(codes.astype(np.int64))[None])
     write_wav(output, audio[0, 0], codec.sample_rate)
@@ -200,6 +196,11 @@ def decode_command(
         f"Wrote {output}: {codes.shape[1]} frames -> {seconds:.2f} s at {codec.sample_rate} Hz "
         f"in {elapsed:.1f} s (RTF {elapsed / max(seconds, 1e-9):.3f})."
     )
+
+
+def _fail_decode(message: str) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:

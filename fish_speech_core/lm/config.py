@@ -26,6 +26,8 @@ _POSITIVE_INTS = ("vocab_size", "n_layer", "n_head", "dim", "intermediate_size",
                   "head_dim", "max_seq_len", "codebook_size", "num_codebooks", "n_fast_layer",
                   "fast_dim", "fast_n_head", "fast_n_local_heads", "fast_head_dim",
                   "fast_intermediate_size")
+_DERIVED = ("intermediate_size", "head_dim", "fast_dim", "fast_n_head", "fast_n_local_heads", "fast_head_dim",
+            "fast_intermediate_size")
 _POSITIVE_FLOATS = ("rope_base", "norm_eps")
 _BOOLS = ("tie_word_embeddings", "attention_qkv_bias", "use_gradient_checkpointing", "is_reward_model",
           "share_codebook_embeddings", "fast_attention_qkv_bias")
@@ -82,7 +84,7 @@ class DualARConfig:
         problems = []
         for name in _POSITIVE_INTS:
             value = getattr(self, name)
-            if value is None or (name == "n_local_heads" and value == -1):
+            if (value is None and name in _DERIVED) or (name == "n_local_heads" and value == -1):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")

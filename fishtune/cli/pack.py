@@ -36,6 +36,7 @@ def pack_command(
 ) -> None:
     """Pack every speaker's transcripts and codes into protobuf shards for training."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
     from rich.table import Table
 
@@ -91,8 +92,8 @@ def pack_command(
     ):
         table.add_row(name, str(value))
     console.print(table)
-    for reject in summary.rejects:
-        console.print(f"[yellow]rejected[/] {reject.item}: {reject.reason}")
+    for reject in summary.rejects:  # names and reasons are untrusted text: never markup
+        console.print(f"[yellow]rejected[/] {escape(reject.item)}: {escape(reject.reason)}", soft_wrap=True)
     for path in summary.removed_stale:
         console.print(f"removed stale shard {path} from an earlier pack")
     if not summary.shards:

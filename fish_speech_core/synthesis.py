@@ -266,6 +266,14 @@ def _codec_codebook_size(codec: torch.nn.Module) -> int:
     return size
 
 
+def check_finite_audio(audio: Tensor, path: str | os.PathLike) -> None:
+    """Raise ValueError when generated audio holds NaN/Inf (damaged codec or model weights):
+    clipped to PCM it would look like a valid file."""
+    if not bool(torch.isfinite(audio).all()):
+        raise ValueError(f"the generated audio holds NaN or infinite samples, so {path} was not "
+                         "written: the codec or model weights are damaged")
+
+
 def write_wav(path: str | os.PathLike, audio: Tensor, sample_rate: int) -> Path:
     """Write 16-bit PCM mono atomically (clipped to [-1, 1])."""
     import numpy as np

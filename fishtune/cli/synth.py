@@ -85,6 +85,7 @@ def synthesize_command(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fish_speech_core.synthesis import (
+        check_finite_audio,
         encode_reference,
         load_synthesizer,
         split_text,
@@ -130,7 +131,12 @@ def synthesize_command(
         except ValueError as error:  # e.g. the prompt leaves no room within max_seq_len
             typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(2) from None
-    write_wav(output, result.audio, result.sample_rate)
+    try:
+        check_finite_audio(result.audio, output)
+        write_wav(output, result.audio, result.sample_rate)
+    except ValueError as error:  # NaN audio from damaged weights
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
     seconds = result.audio.numel() / result.sample_rate
     typer.echo(
         f"Wrote {output}: {seconds:.2f} s of audio at {result.sample_rate} Hz from "
@@ -169,7 +175,7 @@ def decode_command(
     from fish_speech_core.codec.decode import decode
     from fish_speech_core.codec.extract import code_spec
     from fish_speech_core.codes import array_problem, read_npy
-    from fish_speech_core.synthesis import pick_device, write_wav
+    from fish_speech_core.synthesis import check_finite_audio, pick_device, write_wav
 
     choice = _codec_choice(preset, config, "--preset")
     try:
@@ -189,7 +195,11 @@ def decode_command(
     codes = np.array(codes)  # out of the memory map, now that the shape is known to be sane
     with torch.inference_mode():
         audio, _ = decode(codec, torch.from_numpy(codes.astype(np.int64))[None])
-    write_wav(output, audio[0, 0], codec.sample_rate)
+    try:
+        check_finite_audio(audio, output)
+        write_wav(output, audio[0, 0], codec.sample_rate)
+    except ValueError as error:  # NaN audio from a damaged decoder
+        _fail_decode(f"{checkpoint_path}: {error}")
     seconds = audio.size(-1) / codec.sample_rate
     elapsed = time.perf_counter() - started
     typer.echo(

@@ -418,3 +418,17 @@ def test_doctor_accepts_the_reference_model_pth(reference):
     findings = check_base(reference / "tiny-llama")
     assert not has_errors(findings)
     assert any(f.level == "ok" and "tensors match config.json" in f.what for f in findings)
+
+
+def test_decode_with_a_nan_decoder_writes_nothing(reference, tmp_path):
+    firefly = reference / "firefly"
+    model = load_codec(firefly / "small-model.pth", firefly / "small-config.json")
+    with torch.no_grad():
+        next(model.head.parameters()).fill_(float("nan"))
+    save_codec(model, tmp_path / "nan-head.pth")
+    codes = tmp_path / "codes.npy"
+    np.save(codes, np.full((8, 6), 3, np.int32))
+    result = cli("decode", codes, "--checkpoint-path", tmp_path / "nan-head.pth", "-o", tmp_path / "x.wav")
+    assert result.exit_code == 2
+    _one_line_error(result, "nan-head.pth", "NaN or infinite samples")
+    assert not (tmp_path / "x.wav").exists()

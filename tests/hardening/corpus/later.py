@@ -206,7 +206,8 @@ def _doctor_truncated_model(tmp: Path) -> Run:
     base = _copy_base(tmp)
     weights = base / "model.pth"
     weights.write_bytes(weights.read_bytes()[:4096])
-    return Run(["doctor", "--base", str(base)], output_has=("model.pth", "could not read"), unchanged=(base,))
+    # The findings table wraps long paths, so the needles are the words that start the finding.
+    return Run(["doctor", "--base", str(base)], output_has=("ERROR", "could not read"), unchanged=(base,))
 
 
 CASES = [

@@ -256,8 +256,8 @@ def check_compatibility(base_dir: str | os.PathLike, codec_path: str | os.PathLi
     problems = fit_problems(produced, config.num_codebooks, config.codebook_size)
     if config.num_codebooks != rows:
         found.append(
-            Finding("error", f"base model and codec disagree: {problems[0]} ({base_dir / 'config.json'}); the codec makes {rows} code rows "
-                    f"(n_groups {codec.quantizer.n_groups} x n_codebooks {codec.quantizer.n_codebooks}; {note})",
+            Finding("error", f"base model and codec disagree: {problems[0]} ({base_dir / 'config.json'}); "
+                    f"the codec makes {rows} code rows (n_groups {codec.quantizer.n_groups} x n_codebooks {codec.quantizer.n_codebooks}; {note})",
                     fix)
         )
     if config.codebook_size != want:

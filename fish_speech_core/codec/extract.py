@@ -435,6 +435,22 @@ def write_codes(job: Job, codes: np.ndarray, audio_sha256: str, model_hash: str,
         handle.write("\n")
 
 
+def _record_spec(npy_path: Path, spec: CodeSpec) -> None:
+    """Add the codec's spec to a sidecar written before sidecars carried it (the codec hash
+    already matched), so pack can check those codes too without re-encoding them."""
+    sidecar = sidecar_path_for(npy_path)
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict) or "num_codebooks" in record:
+        return
+    record |= {"num_codebooks": spec.num_codebooks, "codebook_size": spec.codebook_size}
+    with atomic_write(sidecar, "w") as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+
+
 def run_extraction(
     model: FireflyCodec,
     plan: ExtractPlan,
@@ -453,6 +469,9 @@ def run_extraction(
     # Temp files a killed run left beside the audio are never read; clear those of our outputs.
     npys = [job.npy_path for job in plan.todo] + [r.npy_path for r in plan.skipped if r.npy_path]
     remove_temporaries([p for npy in npys for p in (npy, sidecar_path_for(npy))])
+    for skipped in plan.skipped:
+        if skipped.npy_path is not None:
+            _record_spec(skipped.npy_path, spec)
     results: list[FileResult] = [*plan.skipped, *plan.rejected]
     start = time.perf_counter()
     for job, codes, digest, error in encode_batches(model, plan.todo, settings):

@@ -432,3 +432,16 @@ def test_decode_with_a_nan_decoder_writes_nothing(reference, tmp_path):
     assert result.exit_code == 2
     _one_line_error(result, "nan-head.pth", "NaN or infinite samples")
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_a_rerun_adds_the_spec_to_older_sidecars_without_re_encoding(codec, tmp_path):
+    clip = write_clip(tmp_path / "spk" / "a.wav", seconds=1.0)
+    extract(codec, [clip], ExtractSettings(num_workers=0))
+    sidecar = sidecar_path_for(clip.with_suffix(".npy"))
+    old = {k: v for k, v in json.loads(sidecar.read_text()).items() if k not in ("num_codebooks", "codebook_size")}
+    sidecar.write_text(json.dumps(old))
+    npy = clip.with_suffix(".npy").read_bytes()
+    summary = extract(codec, [clip], ExtractSettings(num_workers=0))
+    assert [r.status for r in summary.results] == ["skipped"]
+    assert json.loads(sidecar.read_text()) == old | {"num_codebooks": 8, "codebook_size": 1000}
+    assert clip.with_suffix(".npy").read_bytes() == npy

@@ -30,6 +30,15 @@ LOUDNESS_BLOCK_SECONDS = 0.4  # pyloudnorm's default gating block: shorter audio
 # the transcript belongs to more audio than the file holds.
 MAX_CHARS_PER_SECOND = 40.0
 MIN_SPEAKER_MINUTES = 30.0  # below this, a finetune rarely helps (advice only, never an error)
+# Telephone speech is 8 kHz; below it the 300-3400 Hz band that carries intelligibility is cut
+# (1 Hz or 100 Hz "rates" are broken headers, not recordings).
+MIN_SAMPLE_RATE = 8000
+MAX_CHANNELS = 5  # pyloudnorm's BS.1770 channel weights stop at 5 (L, R, C, Ls, Rs)
+# Voice energy lies between the fundamental (~80 Hz) and the formants/consonants up to ~4 kHz.
+# Real speech puts most of its energy there (the demo data and espeak-ng: > 0.9); a file with
+# under 5% there is DC, rumble or ultrasound, whatever its loudness reading says.
+SPEECH_BAND_HZ = (80.0, 4000.0)
+MIN_SPEECH_BAND_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,27 @@ def integrated_loudness(audio: np.ndarray, sample_rate: int, block_size: float =
         return float(meter.integrated_loudness(audio.T.astype(np.float64)))
 
 
+def speech_band_fraction(audio: np.ndarray, sample_rate: int) -> float:
+    """Share of the mono mix's spectral energy (DC included) in :data:`SPEECH_BAND_HZ`; 0 for silence."""
+    mono = np.asarray(audio, dtype=np.float64).mean(axis=0)
+    power = np.abs(np.fft.rfft(mono)) ** 2
+    total = float(power.sum())
+    if total <= 0.0 or not math.isfinite(total):
+        return 0.0
+    freqs = np.fft.rfftfreq(mono.size, 1.0 / sample_rate)
+    low, high = SPEECH_BAND_HZ
+    return float(power[(freqs >= low) & (freqs <= high)].sum()) / total
+
+
 def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
-    """Run every check on one item; never raises for bad data."""
+    """Run every check on one item; never raises, even for data no check anticipated."""
+    try:
+        return _check_item(item, settings)
+    except Exception as exc:  # one bad file must never stop the run: it becomes a rejected row
+        return _reject(item, ds.UNREADABLE_AUDIO, f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _check_item(item: ds.Item, settings: ValidationSettings) -> Record:
     try:
         transcript = ds.read_transcript(item)
     except UnicodeDecodeError as exc:
@@ -98,6 +126,12 @@ def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
     except Exception as exc:  # libsndfile raises several types for corrupt files
         return _reject(item, ds.UNREADABLE_AUDIO, str(exc).strip() or type(exc).__name__, transcript=transcript)
     known = dict(sample_rate=info.sample_rate, channels=info.channels, transcript=transcript)
+    if info.sample_rate < MIN_SAMPLE_RATE:
+        return _reject(item, ds.SAMPLE_RATE_TOO_LOW, f"{info.sample_rate} Hz < {MIN_SAMPLE_RATE} Hz", **known)
+    if info.channels > MAX_CHANNELS:
+        return _reject(
+            item, ds.TOO_MANY_CHANNELS, f"{info.channels} channels > {MAX_CHANNELS}; downmix to mono or stereo", **known
+        )
     if info.frames == 0:
         return _reject(item, ds.ZERO_LENGTH, **known, duration=0.0)
     if info.duration > settings.max_seconds:
@@ -130,6 +164,13 @@ def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
     peak = float(np.abs(audio).max())
     if math.isinf(loudness):
         return _reject(item, ds.SILENT, f"peak {peak:.2g}", peak=peak, **known)
+    band = speech_band_fraction(audio, sample_rate)
+    if band < MIN_SPEECH_BAND_FRACTION:
+        low, high = SPEECH_BAND_HZ
+        return _reject(
+            item, ds.NO_SPEECH_BAND, f"{band:.1%} of the energy in {low:g} Hz-{high / 1000:g} kHz "
+            f"(< {MIN_SPEECH_BAND_FRACTION:.0%})", peak=peak, loudness=loudness, **known,
+        )
     return Record(
         item.rel_path,
         item.speaker,
@@ -187,7 +228,7 @@ class ValidationReport:
             if record.accepted:
                 row["hours"] += (record.duration or 0.0) / 3600
         return {
-            "root": str(self.root),
+            "root": ds.printable(str(self.root)),
             "accepted": len(self.accepted),
             "rejected": len(self.rejected),
             "total_hours": sum(self.speaker_hours().values()),
@@ -230,7 +271,7 @@ class ValidationReport:
                 ("transcript", pa.string()), ("peak", pa.float64()), ("loudness", pa.float64()),
                 ("language", pa.string()),
             ],
-            metadata={"root": str(self.root), "max_seconds": str(self.settings.max_seconds)},
+            metadata={"root": ds.printable(str(self.root)), "max_seconds": str(self.settings.max_seconds)},
         )
         table = pa.table(columns, schema=schema)
         with atomic_path(path) as tmp:

@@ -20,7 +20,7 @@ import errno
 import os
 import stat
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fish_speech_core.audio import AUDIO_EXTENSIONS, UNSUPPORTED_AUDIO_EXTENSIONS
@@ -210,6 +210,9 @@ def discover(root: str | os.PathLike, text_extension: str = ".lab") -> tuple[lis
     nested_texts: list[Path] = []
 
     def reject(problem: Rejection, folder: Path, stem: str, kind: str) -> None:
+        if not problem.speaker:  # the speaker folder it sits in, so per-speaker counts add up
+            parts = folder.relative_to(root).parts
+            problem = replace(problem, speaker=printable(parts[0] if parts else root.name))
         rejections.append(problem)
         if kind == "audio":
             rejected_audio.add((folder, stem))

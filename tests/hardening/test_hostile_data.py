@@ -253,3 +253,22 @@ def test_a_latin1_filelist_rejects_its_bad_lines_by_number(tmp_path):
     assert _rows(report) == {"s/a.wav": ("accepted", ""), "list.txt:2": ("rejected", ds.FILELIST_NOT_UTF8)}
     detail = next(r["detail"] for r in pq.read_table(report).to_pylist() if r["path"] == "list.txt:2")
     assert detail.startswith("byte 0xe9 at column 17")
+
+
+@pytest.mark.timeout(180)
+def test_the_flow_tasks_reject_the_same_files_and_go_on(hostile, tmp_path):
+    from fish_speech_core.storage import Store
+    from fishtune.tasks.data import normalize_task, validate_task
+
+    store = Store(str(tmp_path / "store"))
+    summary = validate_task.fn(str(hostile), store.root)["summary"]
+    assert summary["accepted"] == 2
+    assert {r["path"]: r["reason"] for r in summary["rejects"]} == {
+        path: reason for path, (status, reason) in EXPECTED.items() if status == "rejected"
+    }
+    normalized = normalize_task.fn(str(hostile), store.root, str(tmp_path / "work"))
+    assert normalized["summary"]["files"] == 2
+    published = set(store.lookup("normalize", normalized["key"]).files)
+    assert published == {f"spk/{stem}{ext}" for stem in ("good", LONG_STEM) for ext in (".wav", ".lab")} | {
+        "normalize-report.json"
+    }

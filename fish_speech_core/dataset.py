@@ -165,7 +165,8 @@ def check_regular_file(path: Path, rel: str) -> Rejection | None:
         target = os.readlink(path) if path.is_symlink() else ""
         return Rejection(rel, BROKEN_SYMLINK, f"points to {target}, which does not exist" if target else "vanished")
     except OSError as exc:
-        return Rejection(rel, BROKEN_SYMLINK if exc.errno == errno.ELOOP else NOT_REGULAR_FILE, exc.strerror or str(exc))
+        reason = BROKEN_SYMLINK if exc.errno == errno.ELOOP else NOT_REGULAR_FILE
+        return Rejection(rel, reason, exc.strerror or str(exc))
     if not stat.S_ISREG(mode):
         return Rejection(rel, NOT_REGULAR_FILE, f"{_file_kind(mode)}; only regular files are read")
     return None
@@ -359,6 +360,10 @@ def read_filelist(
         absolute = candidate if candidate.is_absolute() else root / candidate
         rel = _rel(root, absolute)
         if require_audio:
+            if absolute.suffix.lower() in UNSUPPORTED_AUDIO_EXTENSIONS:
+                rejections.append(Rejection(rel, UNSUPPORTED_AUDIO, f"{absolute.suffix} is not read; convert it to "
+                                            f".wav or .flac (line {number})", speaker))
+                continue
             if not os.path.lexists(absolute):
                 rejections.append(Rejection(rel, MISSING_AUDIO, f"line {number}", speaker))
                 continue

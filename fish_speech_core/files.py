@@ -144,7 +144,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target), suffix=f".tmp{target.suffix}")
+        fd, tmp_name = tempfile.mkstemp(
+            dir=target.parent, prefix=_temporary_prefix(target), suffix=f".tmp{target.suffix}"
+        )
         os.close(fd)
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other

@@ -38,7 +38,9 @@ _PUNCT_RUN = re.compile(r"[.,]{2,}")
 
 # ANSI/VT100 escape sequences (CSI "ESC [ ... final", OSC "ESC ] ... BEL|ESC \\", and two-byte
 # "ESC x"): dropped whole, so no "[31m" residue reaches the training text.
-_ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]"
+)
 _BOM = "\ufeff"
 
 

@@ -99,7 +99,8 @@ def test_normalize_writes_the_good_files_and_reports_the_rest(hostile, tmp_path)
     assert not [p for p in out.rglob(".*.tmp*")]
     summary = json.loads((out / ".fishtune" / "normalize-report.json").read_text(encoding="utf-8"))
     assert summary["failed"] == []
-    assert {r["path"]: r["reason"] for r in summary["rejected"]} == {p: r for p, (s, r) in EXPECTED.items() if s == "rejected"}
+    rejected = {path: reason for path, (status, reason) in EXPECTED.items() if status == "rejected"}
+    assert {r["path"]: r["reason"] for r in summary["rejected"]} == rejected
     again = runner.invoke(app, ["normalize", str(hostile), str(out), "--num-workers", "1"])
     assert "2 up to date" in again.output  # the long name's skip record works too
 
@@ -245,12 +246,17 @@ def test_a_latin1_filelist_rejects_its_bad_lines_by_number(tmp_path):
     write_clip(data / "s" / "a.wav")
     write_clip(data / "s" / "b.wav", seed=1)
     filelist = tmp_path / "list.txt"
-    filelist.write_bytes(b"s/a.wav|s|en|plain ascii\ns/b.wav|s|es|caf\xe9 ol\xe9\n")
+    (data / "s" / "c.opus").write_bytes(b"OggS")
+    filelist.write_bytes(b"s/a.wav|s|en|plain ascii\ns/b.wav|s|es|caf\xe9 ol\xe9\ns/c.opus|s|en|opus\n")
     report = tmp_path / "manifest.parquet"
     result = runner.invoke(app, ["validate", str(data), "--filelist", str(filelist), "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    assert _rows(report) == {"s/a.wav": ("accepted", ""), "list.txt:2": ("rejected", ds.FILELIST_NOT_UTF8)}
+    assert _rows(report) == {
+        "s/a.wav": ("accepted", ""),
+        "list.txt:2": ("rejected", ds.FILELIST_NOT_UTF8),
+        "s/c.opus": ("rejected", ds.UNSUPPORTED_AUDIO),
+    }
     detail = next(r["detail"] for r in pq.read_table(report).to_pylist() if r["path"] == "list.txt:2")
     assert detail.startswith("byte 0xe9 at column 17")
 

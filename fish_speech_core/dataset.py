@@ -37,6 +37,7 @@ from fish_speech_core.formats.text import clean_transcript
 MISSING_TRANSCRIPT = "missing-transcript"
 EMPTY_TRANSCRIPT = "empty-transcript"
 TRANSCRIPT_NOT_UTF8 = "transcript-not-utf8"
+UNREADABLE_TRANSCRIPT = "unreadable-transcript"
 ORPHAN_TRANSCRIPT = "orphan-transcript"
 UNREADABLE_AUDIO = "unreadable-audio"
 ZERO_LENGTH = "zero-length-audio"
@@ -64,6 +65,7 @@ REASONS: dict[str, str] = {
     MISSING_TRANSCRIPT: "audio without a transcript file of the same stem",
     EMPTY_TRANSCRIPT: "transcript is empty, or has no letters or digits after cleaning",
     TRANSCRIPT_NOT_UTF8: "transcript is not valid UTF-8",
+    UNREADABLE_TRANSCRIPT: "transcript cannot be read (permissions, or replaced by a non-file)",
     ORPHAN_TRANSCRIPT: "transcript without an audio file of the same stem",
     UNREADABLE_AUDIO: "audio cannot be decoded (corrupt or unsupported)",
     ZERO_LENGTH: "audio has no samples",
@@ -326,13 +328,17 @@ def read_filelist(
     ``<filelist>:<line>``); the other lines are used.
 
     Raises:
-        OSError: the filelist itself cannot be read (or is not a regular file).
+        ValueError: the filelist itself cannot be read (or is not a regular file), naming it.
     """
     root = Path(root).absolute()
     items: list[Item] = []
     rejections: list[Rejection] = []
     seen: set[str] = set()
-    for number, line, why in _filelist_lines(Path(filelist)):
+    try:
+        lines = _filelist_lines(Path(filelist))
+    except OSError as exc:
+        raise ValueError(f"cannot read filelist {printable(str(filelist))}: {exc.strerror or exc}") from None
+    for number, line, why in lines:
         where = f"{printable(Path(filelist).name)}:{number}"
         if line is None:
             rejections.append(Rejection(where, FILELIST_NOT_UTF8, why))

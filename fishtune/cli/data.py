@@ -58,7 +58,11 @@ def validate_command(
     from fish_speech_core.validate import ValidationSettings, validate
 
     data = _data_dir(data)
-    result = validate(data, filelist, ValidationSettings(text_extension, max_seconds), num_workers)
+    try:
+        result = validate(data, filelist, ValidationSettings(text_extension, max_seconds), num_workers)
+    except ValueError as exc:  # the filelist itself is unreadable; bad entries are rejected rows
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     report = report or data.absolute().parent / f"{data.absolute().name}-manifest.parquet"
     result.write_parquet(report)
     _print_validation(result.summary())

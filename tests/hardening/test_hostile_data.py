@@ -278,3 +278,14 @@ def test_the_flow_tasks_reject_the_same_files_and_go_on(hostile, tmp_path):
     assert published == {f"spk/{stem}{ext}" for stem in ("good", LONG_STEM) for ext in (".wav", ".lab")} | {
         "normalize-report.json"
     }
+
+
+@pytest.mark.timeout(60)
+def test_a_filelist_that_is_not_a_file_is_one_line_naming_it(tmp_path):
+    data = tmp_path / "data"
+    write_clip(data / "s" / "a.wav")
+    os.mkfifo(tmp_path / "list.txt")
+    result = runner.invoke(app, ["validate", str(data), "--filelist", str(tmp_path / "list.txt")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: cannot read filelist {tmp_path / 'list.txt'}: a FIFO, not a "
+                                                  "regular file"]

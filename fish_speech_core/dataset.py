@@ -110,6 +110,14 @@ class Rejection:
     detail: str = ""
     speaker: str = ""
 
+    def __post_init__(self) -> None:
+        # A detail may quote a name from the file system (a link target, a resolved path): keep
+        # every field writable by the UTF-8 reports, however the name was spelled.
+        for name in ("rel_path", "detail", "speaker"):
+            value = getattr(self, name)
+            if not _is_utf8(value):
+                object.__setattr__(self, name, printable(value))
+
     def describe(self) -> str:
         return f"{self.rel_path}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
 
@@ -165,7 +173,8 @@ def check_regular_file(path: Path, rel: str) -> Rejection | None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         target = os.readlink(path) if path.is_symlink() else ""
-        return Rejection(rel, BROKEN_SYMLINK, f"points to {target}, which does not exist" if target else "vanished")
+        detail = f"points to {printable(target)}, which does not exist" if target else "vanished"
+        return Rejection(rel, BROKEN_SYMLINK, detail)
     except OSError as exc:
         reason = BROKEN_SYMLINK if exc.errno == errno.ELOOP else NOT_REGULAR_FILE
         return Rejection(rel, reason, exc.strerror or str(exc))
@@ -187,7 +196,7 @@ def read_regular_bytes(path: Path) -> bytes:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise OSError(22, f"{_file_kind(mode)}, not a regular file", str(path))
+            raise OSError(errno.EINVAL, f"{_file_kind(mode)}, not a regular file", str(path))
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             return handle.read()

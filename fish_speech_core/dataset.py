@@ -55,7 +55,6 @@ BROKEN_SYMLINK = "broken-symlink"
 NOT_REGULAR_FILE = "not-a-regular-file"
 UNSUPPORTED_AUDIO = "unsupported-audio-format"
 NESTED_FOLDER = "nested-speaker-folder"
-AMBIGUOUS_TRANSCRIPT = "ambiguous-transcript"
 FILELIST_NOT_UTF8 = "filelist-line-not-utf8"
 SAMPLE_RATE_TOO_LOW = "sample-rate-too-low"
 TOO_MANY_CHANNELS = "too-many-channels"
@@ -73,7 +72,7 @@ REASONS: dict[str, str] = {
     TOO_LONG: "audio longer than --max-seconds",
     SILENT: "audio is silent (integrated loudness is -inf)",
     NON_FINITE: "audio contains NaN or infinite samples",
-    AMBIGUOUS: "the same stem exists with several audio extensions",
+    AMBIGUOUS: "the same stem exists with several audio extensions, or several transcripts (w.lab, w.LAB)",
     PATH_ESCAPES: "path (or symlink target) is outside the data root",
     BAD_NAME: "file or folder name contains control characters",
     MISSING_AUDIO: "filelist names an audio file that does not exist",
@@ -83,7 +82,6 @@ REASONS: dict[str, str] = {
     NOT_REGULAR_FILE: "a FIFO, socket or device named like data (never opened)",
     UNSUPPORTED_AUDIO: "audio in a format fishtune does not read (.opus, .m4a, .aiff, ...): convert it",
     NESTED_FOLDER: "audio deeper than DATA/<speaker>/: speakers are the folders directly under DATA",
-    AMBIGUOUS_TRANSCRIPT: "several transcripts for one stem whose extensions differ only in case",
     FILELIST_NOT_UTF8: "filelist line is not valid UTF-8",
     SAMPLE_RATE_TOO_LOW: "sample rate below 8 kHz: too low for speech",
     TOO_MANY_CHANNELS: "more channels than BS.1770 loudness measures (5): downmix it",
@@ -296,7 +294,7 @@ def discover(root: str | os.PathLike, text_extension: str = ".lab") -> tuple[lis
             continue
         if len(texts) > 1:  # w.lab beside w.LAB: which one is the transcript is a guess
             names = ", ".join(p.name for p in texts)
-            rejections.append(Rejection(_rel(root, audio[0]), AMBIGUOUS_TRANSCRIPT, f"{names}: keep one", speaker))
+            rejections.append(Rejection(_rel(root, audio[0]), AMBIGUOUS, f"transcripts {names}: keep one", speaker))
             continue
         if not texts:
             rejections.append(

@@ -188,7 +188,7 @@ def test_transcripts_differing_only_in_case_are_ambiguous(tmp_path):
     (data / "s" / "w.LAB").write_text("two")
     write_clip(data / "s" / "x.WAV", seed=1)  # the extension's case alone is fine
     records = {r.path: (r.status, r.reason) for r in validate(data, show_progress=False).records}
-    assert records == {"s/w.wav": ("rejected", ds.AMBIGUOUS_TRANSCRIPT), "s/x.WAV": ("accepted", "")}
+    assert records == {"s/w.wav": ("rejected", ds.AMBIGUOUS), "s/x.WAV": ("accepted", "")}
 
 
 DIRTY = "\ufeffHe\x00llo \x1b[1;31mwor\x07ld\x1b[0m, cafe\u0301\x7f\x85!\n"

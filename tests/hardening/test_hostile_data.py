@@ -56,6 +56,10 @@ def hostile(tmp_path) -> Path:
         (spk / name).with_suffix(".lab").write_text("unsupported")
     (spk / f"{NON_UTF8}.wav").write_bytes((spk / "good.wav").read_bytes())  # soundfile cannot open it
     (spk / f"{NON_UTF8}.lab").write_text("caf\u00e9")
+    folder = spk.parent / os.fsdecode(b"sp\xeak")  # a speaker folder whose name is not UTF-8
+    folder.mkdir()
+    (folder / "a.wav").write_bytes((spk / "good.wav").read_bytes())
+    (folder / "a.lab").write_text("hello")
     return tmp_path / "data"
 
 
@@ -73,6 +77,8 @@ EXPECTED = {
     "spk/c.AIFF": ("rejected", ds.UNSUPPORTED_AUDIO),
     "spk/caf\\xe9.wav": ("rejected", ds.BAD_NAME),
     "spk/caf\\xe9.lab": ("rejected", ds.BAD_NAME),
+    "sp\\xeak/a.wav": ("rejected", ds.BAD_NAME),
+    "sp\\xeak/a.lab": ("rejected", ds.BAD_NAME),
 }
 
 
@@ -85,6 +91,8 @@ def test_validate_rejects_each_bad_file_and_goes_on(hostile, tmp_path):
     assert "Traceback" not in result.output
     assert _rows(report) == EXPECTED  # no orphan-transcript for the unsupported formats' .lab files
     assert tree_digest(hostile) == before
+    in_two = validate(hostile, num_workers=2, show_progress=False)  # the same in worker processes
+    assert {r.path: (r.status, r.reason) for r in in_two.records} == EXPECTED
     strict = runner.invoke(app, ["validate", str(hostile), "--report", str(report), "--strict"])
     assert strict.exit_code == 1
 

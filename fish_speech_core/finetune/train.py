@@ -38,7 +38,8 @@ from fish_speech_core.finetune.lora import (
     read_adapter,
     save_metadata,
 )
-from fish_speech_core.finetune.module import FinetuneData, LoraFinetune, TrainConfig
+from fish_speech_core.finetune.data import coverage
+from fish_speech_core.finetune.module import DEFAULT_MAX_LENGTH, FinetuneData, LoraFinetune, TrainConfig
 
 ProgressHook = Callable[[dict[str, Any]], None]
 
@@ -59,6 +60,42 @@ class TrainResult:
     num_truncated: int = 0
     resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)
+    # per speaker: {"seen": training sentences trained on, "sentences": in the training split}
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def base_max_seq_len(base: str | Path) -> int:
+    """``max_seq_len`` from a base folder's config.json.
+
+    Raises:
+        TrainError: no readable config.json.
+    """
+    from fish_speech_core.lm import ConfigError, DualARConfig
+    from fish_speech_core.lm.checkpoint import CONFIG_FILE
+
+    path = Path(base) / CONFIG_FILE
+    try:
+        return DualARConfig.from_file(path).max_seq_len
+    except (ConfigError, OSError, ValueError) as err:
+        raise TrainError(f"--base {base} is not a Fish Speech 1.4 checkpoint folder: {path}: {err}") from None
+
+
+def resolve_max_length(requested: int | None, max_seq_len: int, base: str | Path,
+                       default: int = DEFAULT_MAX_LENGTH, flag: str = "--max-length") -> int:
+    """The sample length to train with: ``requested``, else ``min(default, max_seq_len)``.
+
+    Raises:
+        TrainError: ``requested`` is longer than the base can attend to (one line, both numbers).
+    """
+    if requested is None:
+        return min(default, max_seq_len)
+    if requested > max_seq_len:
+        raise TrainError(
+            f"{flag} {requested} is longer than the base's max_seq_len {max_seq_len} "
+            f"({Path(base) / 'config.json'}): pass {flag} {max_seq_len} or less, or leave it out "
+            f"(default: min({default}, max_seq_len))"
+        )
+    return requested
 
 
 def resolve_precision(precision: str) -> str:
@@ -157,7 +194,9 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     base_model = Path(config.base) / "model.pth"
     if not base_model.is_file():
         raise TrainError(f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: no model.pth")
-    config = replace(config, base_sha256=sha256_file(base_model))
+    # Before anything heavy: a sample longer than the base's max_seq_len fails in the first step.
+    max_length = resolve_max_length(config.max_length, base_max_seq_len(config.base), config.base)
+    config = replace(config, base_sha256=sha256_file(base_model), max_length=max_length)
     resume_path, notes = find_resume(config, resume)
     for partial in remove_partial_checkpoints(config.checkpoint_dir):
         notes.append(f"removed {partial.name}, a checkpoint write that was interrupted")
@@ -227,6 +266,7 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         recommendation=recommend(recorder.history, config.checkpoint_dir),
         checkpoints=[p for _, p in list_checkpoints(config.checkpoint_dir)],
         num_truncated=module.num_truncated, resumed_from=resume_path, notes=notes,
+        coverage=coverage(data.train_groups, module.all_seen()),
     )
     if trainer.is_global_zero:
         _write_summary(result)
@@ -249,6 +289,7 @@ def _write_summary(result: TrainResult) -> None:
         "recommended": None if rec is None else rec.__dict__,
         "checkpoints": [str(p) for p in result.checkpoints],
         "num_truncated": result.num_truncated,
+        "coverage": result.coverage,
         "notes": result.notes,
     }
     with atomic_write(result.run_dir / "summary.json", "w") as handle:

@@ -37,8 +37,6 @@ from fish_speech_core.lm import DualARTransformer, lm_losses
 
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-true")
-# --max-length when not given: the recipe's 4096, or the base's max_seq_len if that is shorter.
-DEFAULT_MAX_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8
     accumulate_grad_batches: int = 1
-    max_length: int | None = None  # None: min(DEFAULT_MAX_LENGTH, the base's max_seq_len)
+    max_length: int | None = None  # None: min(limits.DEFAULT_MAX_LENGTH, the base's max_seq_len)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-5

@@ -39,13 +39,10 @@ from fish_speech_core.finetune.lora import (
     save_metadata,
 )
 from fish_speech_core.finetune.data import coverage
-from fish_speech_core.finetune.module import DEFAULT_MAX_LENGTH, FinetuneData, LoraFinetune, TrainConfig
+from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
+from fish_speech_core.finetune.module import FinetuneData, LoraFinetune, TrainConfig
 
 ProgressHook = Callable[[dict[str, Any]], None]
-
-
-class TrainError(ValueError):
-    """A run that cannot start as asked; the message says what to change."""
 
 
 @dataclass
@@ -62,40 +59,6 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     # per speaker: {"seen": training sentences trained on, "sentences": in the training split}
     coverage: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-def base_max_seq_len(base: str | Path) -> int:
-    """``max_seq_len`` from a base folder's config.json.
-
-    Raises:
-        TrainError: no readable config.json.
-    """
-    from fish_speech_core.lm import ConfigError, DualARConfig
-    from fish_speech_core.lm.checkpoint import CONFIG_FILE
-
-    path = Path(base) / CONFIG_FILE
-    try:
-        return DualARConfig.from_file(path).max_seq_len
-    except (ConfigError, OSError, ValueError) as err:
-        raise TrainError(f"--base {base} is not a Fish Speech 1.4 checkpoint folder: {path}: {err}") from None
-
-
-def resolve_max_length(requested: int | None, max_seq_len: int, base: str | Path,
-                       default: int = DEFAULT_MAX_LENGTH, flag: str = "--max-length") -> int:
-    """The sample length to train with: ``requested``, else ``min(default, max_seq_len)``.
-
-    Raises:
-        TrainError: ``requested`` is longer than the base can attend to (one line, both numbers).
-    """
-    if requested is None:
-        return min(default, max_seq_len)
-    if requested > max_seq_len:
-        raise TrainError(
-            f"{flag} {requested} is longer than the base's max_seq_len {max_seq_len} "
-            f"({Path(base) / 'config.json'}): pass {flag} {max_seq_len} or less, or leave it out "
-            f"(default: min({default}, max_seq_len))"
-        )
-    return requested
 
 
 def resolve_precision(precision: str) -> str:
@@ -372,4 +335,5 @@ class StepProgress(_pl.Callback):
         }
 
 
-__all__ = ["TrainError", "TrainResult", "train", "resolve_precision", "find_resume"]
+__all__ = ["TrainError", "TrainResult", "train", "resolve_precision", "find_resume", "base_max_seq_len",
+           "resolve_max_length"]

@@ -76,10 +76,20 @@ def train_command(
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (0 = in the main process)."),
 ) -> None:
     """Finetune a Fish Speech 1.4 text2semantic checkpoint with LoRA on packed shards."""
+    from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
+
+    if base.is_dir():
+        # The base checks train() makes first, before Lightning is even imported: a bad base or a
+        # --max-length it cannot attend to is refused in the time the CLI takes to start.
+        try:
+            resolve_max_length(max_length, base_max_seq_len(base), base)
+        except TrainError as err:
+            _fail(str(err))
+
     from fish_speech_core.files import DiskFullError
     from fish_speech_core.finetune.lora import LoraError
     from fish_speech_core.finetune.module import TrainConfig
-    from fish_speech_core.finetune.train import TrainError, train
+    from fish_speech_core.finetune.train import train
 
     settings = _lora_settings(lora, lora_r, lora_alpha, lora_dropout)
     config = TrainConfig(

@@ -84,3 +84,10 @@ def test_init_base_and_init_codec_give_the_same_bytes_in_any_folder(tmp_path):
             assert out.exit_code == 0, out.output
             outputs.append((target / name) if name else target)
         assert outputs[0].read_bytes() == outputs[1].read_bytes(), command
+
+
+def test_cli_sampling_choices_are_the_core_modes():
+    from fish_speech_core.finetune.data import DEFAULT_SAMPLING, SAMPLING_MODES
+    from fishtune.cli.train import Sampling
+
+    assert [m.value for m in Sampling] == list(SAMPLING_MODES) and Sampling.cover.value == DEFAULT_SAMPLING

@@ -47,7 +47,7 @@ def resolve_max_length(requested: int | None, max_seq_len: int, base: str | Path
     if requested > max_seq_len:
         raise TrainError(
             f"{flag} {requested} is longer than the base's max_seq_len {max_seq_len} "
-            f"({Path(base) / 'config.json'}): pass {flag} {max_seq_len} or less, or leave it out "
+            f"({str(base).rstrip('/')}/config.json): pass {flag} {max_seq_len} or less, or leave it out "
             f"(default: min({default}, max_seq_len))"
         )
     return requested

@@ -106,7 +106,7 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
 
     state = finetune(config, return_state=True)
     if not state.is_completed():
-        console.print(f"[red]finetune failed:[/red] {state.message}")
+        console.print(Text.assemble(("finetune failed: ", "red"), str(state.message)))
         console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume "
                       "(finished stages come from cache, training continues from its last checkpoint).")
         raise typer.Exit(1)

@@ -125,8 +125,12 @@ def train_task(
 
     shards = local_tree(pack_url, work / "inputs")
     base_dir = local_tree(base, work / "inputs")
-    settings["max_length"] = resolve_max_length(max_length, base_max_seq_len(base_dir), storage.redact(base),
-                                                default=settings["max_length"], flag="max_length")
+    # the preset's length is a default: capped at what the base attends to; a set one must fit
+    resolved = resolve_max_length(max_length, base_max_seq_len(base_dir), storage.redact(base),
+                                  default=settings["max_length"], flag="max_length")
+    if resolved != (max_length or settings["max_length"]):
+        logger.info("max_length %d: the preset's %d capped at the base's max_seq_len", resolved, settings["max_length"])
+    settings = {**settings, "max_length": resolved}  # params (the key and the metadata) keep the request
     config = TrainConfig(
         project=key[:16], base=str(base_dir), data=(str(shards),), max_steps=max_steps, seed=seed,
         results_dir=str(work / "train"), save_top_k=5, sampling=sampling,

@@ -31,6 +31,8 @@ from fish_speech_core.finetune.checkpoints import (
     recommend,
     remove_partial_checkpoints,
 )
+from fish_speech_core.finetune.data import coverage
+from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraMetadata,
@@ -38,8 +40,6 @@ from fish_speech_core.finetune.lora import (
     read_adapter,
     save_metadata,
 )
-from fish_speech_core.finetune.data import coverage
-from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
 from fish_speech_core.finetune.module import FinetuneData, LoraFinetune, TrainConfig
 
 ProgressHook = Callable[[dict[str, Any]], None]

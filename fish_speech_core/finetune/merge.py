@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fish_speech_core.files import atomic_path, atomic_write, sha256_file
+from fish_speech_core.files import atomic_path, atomic_torch_save, atomic_write, sha256_file
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraSettings,
@@ -100,8 +100,7 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
         with atomic_path(output / "model.safetensors") as tmp:
             save_file(state, str(tmp))
     else:
-        with atomic_path(output / MODEL_FILE) as tmp:
-            torch.save(state, tmp)
+        atomic_torch_save(state, output / MODEL_FILE)
 
     # Verify what is on disk, not what is in memory.
     if fmt == "pth":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fish_speech_core.files import atomic_path, atomic_write, sha256_file
+from fish_speech_core.files import atomic_path, atomic_torch_save, atomic_write, sha256_file
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraSettings,
@@ -135,8 +135,7 @@ def _write_and_verify(folder: Path, model, c, state, base_state, base_dtypes, me
         with atomic_path(folder / "model.safetensors") as tmp:
             save_file(state, str(tmp))
     else:
-        with atomic_path(folder / MODEL_FILE) as tmp:
-            torch.save(state, tmp)
+        atomic_torch_save(state, folder / MODEL_FILE)
 
     # Verify what is on disk, not what is in memory.
     if fmt == "pth":

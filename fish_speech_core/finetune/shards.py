@@ -1,4 +1,5 @@
-"""Do these shards fit this base model? Checked before any model is built.
+"""Do these shards fit this base model? Checked before any model is built (Lightning-free, so
+the CLI runs it the moment it starts, as ``train`` does before building anything).
 
 Without it a code row too many or a value at or past ``codebook_size`` surfaces minutes later
 as an ``IndexError`` inside the embedding, naming no file. The rule itself is
@@ -9,13 +10,39 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
 from fish_speech_core.codes import CodeSpec, fit_problems
+from fish_speech_core.finetune.limits import TrainError
 from fish_speech_core.formats.protos import find_proto_files, iter_records, parse_text_data
 
 MAX_REPORTED = 3  # shards named in one error; the rest are counted
+
+
+def check_data_fits_base(base: str | os.PathLike, data: Iterable[str | os.PathLike]) -> None:
+    """The shards' codes fit the base's ``num_codebooks`` and ``codebook_size``.
+
+    Raises:
+        TrainError: naming the shard and sentence, or the unreadable config.json / shard.
+    """
+    from fish_speech_core.lm import ConfigError, DualARConfig
+
+    try:
+        config = DualARConfig.from_file(Path(base) / "config.json")
+    except (ConfigError, OSError) as err:
+        raise TrainError(f"--base {base} is not a Fish Speech 1.4 checkpoint folder: {err}") from None
+    try:
+        problems = shard_problems(data, config.num_codebooks, config.codebook_size)
+    except (ValueError, OSError) as err:  # missing or damaged shards
+        raise TrainError(f"--data: {err}") from None
+    if problems:
+        raise TrainError(
+            f"--data does not fit the base model {base} (num_codebooks {config.num_codebooks}, "
+            f"codebook_size {config.codebook_size}): {describe(problems)}; extract the codes with the "
+            "codec that belongs to this base and pack again"
+        )
 
 
 def shard_problems(paths: str | os.PathLike | Iterable[str | os.PathLike], num_codebooks: int,

@@ -22,8 +22,8 @@ from fish_speech_core.codec.extract import ExtractSettings, extract, sidecar_pat
 from fish_speech_core.codes import CodeSpec, array_problem, fit_problems
 from fish_speech_core.doctor import check_base, has_errors
 from fish_speech_core.finetune.lora import LoraError, read_adapter
-from fish_speech_core.finetune.module import TrainConfig
-from fish_speech_core.finetune.train import TrainError, check_data_fits_base
+from fish_speech_core.finetune.limits import TrainError
+from fish_speech_core.finetune.shards import check_data_fits_base
 from fish_speech_core.formats.protos import ProtoStreamError, frame_record, iter_text_data
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
 from fish_speech_core.lm import ConfigError, DualARConfig
@@ -176,11 +176,6 @@ def _shard(path: Path, sentences: list[tuple[list[str], list[list[int]]]], name:
     return path
 
 
-def _train_config(reference, tmp_path, data) -> TrainConfig:
-    return TrainConfig(project="p", base=str(reference / "tiny-llama"), data=(str(data),),
-                       results_dir=str(tmp_path / "results"), max_steps=1, max_length=256)
-
-
 @pytest.mark.parametrize("rows, problem", [
     ([[1, 2, 3]] * 4, "codes have 4 codebook rows but the base model's num_codebooks is 8"),
     ([[1, 2, 3]] * 7 + [[1, 2, 1024]], "codes up to 1024 would index past the base model's codebook_size 1024"),
@@ -189,7 +184,7 @@ def test_train_refuses_shards_that_do_not_fit_the_base_before_building_it(refere
     good = _shard(tmp_path / "data" / "00000000.protos", [(["fine"], [[1, 2, 3]] * 8)])
     bad = _shard(tmp_path / "data" / "00000001.protos", [(["fine"], [[1, 2, 3]] * 8), (["bad"], rows)], "eve")
     with pytest.raises(TrainError) as err:
-        check_data_fits_base(_train_config(reference, tmp_path, tmp_path / "data"))
+        check_data_fits_base(reference / "tiny-llama", [tmp_path / "data"])
     message = str(err.value)
     assert str(bad) in message and "speaker 'eve' sentence 1" in message and problem in message
     assert str(good) not in message

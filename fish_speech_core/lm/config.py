@@ -87,7 +87,7 @@ class DualARConfig:
             if (value is None and name in _DERIVED) or (name == "n_local_heads" and value == -1):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+                problems.append(f"{name} must be a positive integer, got {value!r}")
         for name in _POSITIVE_FLOATS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

@@ -217,11 +217,11 @@ def test_readers_refuse_sentences_without_text_or_codes(tmp_path, sentence, prob
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"dim": "64"}, "dim must be an integer >= 1, got '64'"),
-    ({"n_head": 0}, "n_head must be an integer >= 1, got 0"),
+    ({"dim": "64"}, "dim must be a positive integer, got '64'"),
+    ({"n_head": 0}, "n_head must be a positive integer, got 0"),
     ({"max_seq_len": 4}, "max_seq_len 4 is too small"),
     ({"norm_eps": -1}, "norm_eps must be a number > 0"),
-    ({"codebook_size": None}, "codebook_size must be an integer >= 1, got None"),
+    ({"codebook_size": None}, "codebook_size must be a positive integer, got None"),
     ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false"),
 ])
 def test_base_config_types_and_ranges_are_checked_naming_file_and_field(reference, tmp_path, change, needle):

@@ -224,7 +224,7 @@ CASES = [
     Case("later", "train-shard-sentence-without-text", _train_case(
         [GOOD_SENTENCE, ([], [[1, 2, 3]] * 8)], "00000000.protos", "has no text")),
     Case("later", "train-base-config-string-dim", _train_case(
-        [GOOD_SENTENCE], "config.json", "dim must be an integer", base_change={"dim": "64"})),
+        [GOOD_SENTENCE], "config.json", "dim must be a positive integer", base_change={"dim": "64"})),
     Case("later", "merge-nan-adapter", _merge_nan_adapter),
     Case("later", "merge-bad-lora-json", _merge_bad_lora_json),
     Case("later", "merge-tokenizer-without-semantic", _merge_tokenizer_without_semantic),

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fish_speech_core.formats.prompt import CODEBOOK_OFFSET
+
 SIDECAR_SUFFIX = ".json"  # x.npy -> x.npy.json
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -34,8 +36,9 @@ class CodeSpec:
         return cls(num_codebooks, math.prod(levels))
 
 
-# Codes without a sidecar (e.g. written by Fish Speech's own extract): what a Fish Speech 1.4
-# base accepts, 8 rows in its 1024-way head (its codec only makes values < 1000).
+# Codes without a sidecar (e.g. written by Fish Speech's own extract): 8 rows of values < 1024,
+# what the reference packer accepts (its codec only makes values < 1000). Whether they fit a base
+# (training stores code + 1, so at most codebook_size - 2) is train's check, fit_problems.
 DEFAULT_SPEC = CodeSpec(num_codebooks=8, codebook_size=1024)
 
 
@@ -118,15 +121,17 @@ def fit_problems(produced: CodeSpec, num_codebooks: int, codebook_size: int) -> 
     """Why codes of ``produced`` do not fit a base LM with these two config fields.
 
     The LM embeds each row in its own codebook and predicts ``num_codebooks`` rows, so the row
-    counts must be equal; a value at or past ``codebook_size`` indexes outside its embedding.
+    counts must be equal; training stores ``code + CODEBOOK_OFFSET``, so a code whose stored value
+    reaches ``codebook_size`` indexes outside its embedding.
     """
     problems = []
     if produced.num_codebooks != num_codebooks:
         problems.append(f"codes have {produced.num_codebooks} codebook rows but the base model's "
                         f"num_codebooks is {num_codebooks}")
-    if produced.codebook_size > codebook_size:
-        problems.append(f"codes up to {produced.codebook_size - 1} would index past the base "
-                        f"model's codebook_size {codebook_size}")
+    if produced.codebook_size + CODEBOOK_OFFSET > codebook_size:
+        largest = produced.codebook_size - 1
+        problems.append(f"codes up to {largest} (stored as code + {CODEBOOK_OFFSET} = {largest + CODEBOOK_OFFSET}) "
+                        f"would index past the base model's codebook_size {codebook_size}")
     return problems
 
 

@@ -59,7 +59,7 @@ def test_matching_pair_passes(pair, tmp_path):
     ("change", "named"),
     [
         ({"codebook_size": 2048}, ["codebook_size is 2048", "give 1000 values", "codebook_size 1024"]),
-        ({"codebook_size": 512}, ["codebook_size is 512", "codes up to 999 would index past"]),
+        ({"codebook_size": 512}, ["codebook_size is 512", "codes up to 999 (stored as code + 1 = 1000) would index past"]),
         ({"num_codebooks": 4}, ["num_codebooks is 4", "makes 8 code rows"]),
     ],
 )

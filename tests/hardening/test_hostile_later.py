@@ -65,7 +65,10 @@ def test_rule_names_rows_values_dtype_and_shape():
     assert "shape (8, 0)" in array_problem(np.zeros((8, 0), np.int64), spec)
     assert fit_problems(CodeSpec(8, 1000), 8, 1024) == []
     assert fit_problems(CodeSpec(8, 1000), 8, 512) == [
-        "codes up to 999 would index past the base model's codebook_size 512"]
+        "codes up to 999 (stored as code + 1 = 1000) would index past the base model's codebook_size 512"]
+    # the +1 storage offset: 1023 is the largest code of a 1024-way codec but does not fit a 1024-way head
+    assert "stored as code + 1 = 1024" in fit_problems(CodeSpec(8, 1024), 8, 1024)[0]
+    assert fit_problems(CodeSpec(8, 1023), 8, 1024) == []
     assert "num_codebooks is 4" in fit_problems(CodeSpec(8, 1000), 4, 1024)[0]
 
 
@@ -143,7 +146,7 @@ def test_pack_rejects_codes_that_do_not_fit_their_codec_and_packs_the_rest(tmp_p
     data = tmp_path / "data" / "spk"
     ok = np.arange(8 * 5).reshape(8, 5) % 1000
     _item(data, "ok", ok, CodeSpec(8, 1000))
-    _item(data, "ok-no-sidecar", np.full((8, 4), 1023))  # what a 1.4 base accepts
+    _item(data, "ok-no-sidecar", np.full((8, 4), 1023))  # what the reference packer accepts
     _item(data, "too-big", np.full((8, 4), 1000), CodeSpec(8, 1000))  # the codec cannot make 1000
     _item(data, "too-big-no-sidecar", np.full((8, 4), 1024))
     _item(data, "rows", np.zeros((4, 4), np.int64), CodeSpec(8, 1000))
@@ -178,7 +181,8 @@ def _shard(path: Path, sentences: list[tuple[list[str], list[list[int]]]], name:
 
 @pytest.mark.parametrize("rows, problem", [
     ([[1, 2, 3]] * 4, "codes have 4 codebook rows but the base model's num_codebooks is 8"),
-    ([[1, 2, 3]] * 7 + [[1, 2, 1024]], "codes up to 1024 would index past the base model's codebook_size 1024"),
+    ([[1, 2, 3]] * 7 + [[1, 2, 1023]],
+     "codes up to 1023 (stored as code + 1 = 1024) would index past the base model's codebook_size 1024"),
 ])
 def test_train_refuses_shards_that_do_not_fit_the_base_before_building_it(reference, tmp_path, rows, problem):
     good = _shard(tmp_path / "data" / "00000000.protos", [(["fine"], [[1, 2, 3]] * 8)])
@@ -195,7 +199,7 @@ def test_train_cli_refuses_bad_shards_in_one_line(reference, tmp_path):
     result = cli("train", "--project", "p", "--base", reference / "tiny-llama", "--data", tmp_path / "data",
                  "--results-dir", tmp_path / "results", "--max-steps", "1", "--max-length", "256")
     assert result.exit_code == 1
-    _one_line_error(result, "00000000.protos", "codes up to 2000 would index past")
+    _one_line_error(result, "00000000.protos", "codes up to 2000 (stored as code + 1 = 2001) would index past")
     assert not (tmp_path / "results" / "p" / "checkpoints").exists()
 
 

@@ -22,7 +22,16 @@ import numpy as np
 import soundfile
 
 from fish_speech_core.audio import read_audio
-from fish_speech_core.files import DiskFullError, atomic_path, atomic_write, is_temporary, sha256_file
+from fish_speech_core.dataset import PATH_ESCAPES
+from fish_speech_core.files import (
+    DiskFullError,
+    PathEscapeError,
+    atomic_path,
+    atomic_write,
+    is_temporary,
+    resolve_inside,
+    sha256_file,
+)
 from fish_speech_core.parallel import map_with_progress
 from fish_speech_core.validate import Record, ValidationSettings, accepted_items, validate
 
@@ -79,6 +88,7 @@ class _Job:
     input_sha256: str
     settings: NormalizeSettings
     overwrite: bool
+    input_root: Path | None = None  # every read stays inside it (checked again at read time)
 
 
 @dataclass
@@ -124,6 +134,13 @@ def normalize_file(job: _Job) -> FileResult:
     would fail every later file too and is raised (:class:`DiskFullError`)."""
     if not job.overwrite and _is_current(job):
         return FileResult(job.rel_path, "skipped", str(job.output_path))
+    if job.input_root is not None:  # discovery checked these; a link may be re-pointed since
+        for source in (job.input_path, job.transcript_src):
+            try:
+                if source is not None:
+                    resolve_inside(job.input_root, source)
+            except (PathEscapeError, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+                return FileResult(job.rel_path, "failed", detail=f"{PATH_ESCAPES}: {exc}")
     try:
         info = soundfile.info(str(job.input_path))
         audio, sample_rate = read_audio(job.input_path, dtype="float64")
@@ -265,6 +282,7 @@ def normalize_tree(
                 input_sha256=record.sha256 or "",
                 settings=settings,
                 overwrite=overwrite,
+                input_root=src,
             )
         )
     results = map_with_progress(normalize_file, jobs, num_workers, "normalize", show_progress)

@@ -56,6 +56,7 @@ class PackItem:
     transcript: Path | None = None
     text: str | None = None
     label: str = ""  # how reports name the item (transcript path or "filelist:LINE")
+    root: Path | None = None  # the input folder every file read must stay inside (links included)
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,22 @@ class PackSummary:
 
 
 def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> list[SpeakerGroup]:
-    """Every transcript under ``root`` (recursively), grouped by parent folder, all sorted."""
+    """Every transcript under ``root`` (recursively), grouped by parent folder, all sorted.
+
+    Folder symlinks are not followed (as in validation's discovery); file symlinks are listed
+    and :func:`encode_item` refuses those whose target leaves ``root``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     by_folder: dict[Path, list[PackItem]] = {}
-    for path in sorted(root.rglob(f"*{text_extension}")):
-        if path.is_file() and not is_temporary(path):
-            item = PackItem(codes=path.with_suffix(CODES_SUFFIX), transcript=path, label=str(path))
-            by_folder.setdefault(path.parent, []).append(item)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .fishtune state, hidden folders
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.suffix == text_extension and not is_temporary(path) and (path.is_file() or path.is_symlink()):
+                item = PackItem(codes=path.with_suffix(CODES_SUFFIX), transcript=path, label=str(path), root=root)
+                by_folder.setdefault(path.parent, []).append(item)
     return [SpeakerGroup(name=folder.name, items=tuple(items)) for folder, items in sorted(by_folder.items())]
 
 
@@ -107,12 +115,9 @@ def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tupl
     by_speaker: dict[str, list[PackItem]] = {}
     for item in items:
         codes = item.audio_path.with_suffix(CODES_SUFFIX)
-        try:
-            resolve_inside(root, codes)
-        except PathEscapeError as err:
-            rejects.append(Reject(item.rel_path, f"{PATH_ESCAPES}: {err}"))
-            continue
-        by_speaker.setdefault(item.speaker, []).append(PackItem(codes=codes, text=item.text, label=item.rel_path))
+        by_speaker.setdefault(item.speaker, []).append(
+            PackItem(codes=codes, text=item.text, label=item.rel_path, root=Path(root))
+        )
     groups = [
         SpeakerGroup(name=speaker, items=tuple(sorted(items, key=lambda i: os.path.abspath(i.codes))), source="filelist")
         for speaker, items in sorted(by_speaker.items())
@@ -134,8 +139,18 @@ def load_codes(path: Path) -> np.ndarray:
 
 def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
     """The item as an encoded ``TextData.sentences`` field plus its frame count, or a Reject."""
+    if item.root is not None:  # checked where the files are read: a link may change after discovery
+        for path in (item.transcript, item.codes):
+            if path is None or not (path.exists() or path.is_symlink()):
+                continue
+            try:
+                resolve_inside(item.root, path)
+            except (PathEscapeError, OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+                return Reject(item.label, f"{PATH_ESCAPES}: {err}")
     if not item.codes.is_file():
         return Reject(item.label, f"no codes file {item.codes.name} (run `fishtune extract` first)")
+    if item.transcript is not None and not item.transcript.is_file():
+        return Reject(item.label, f"transcript {item.transcript.name} is not a regular file")
     if item.transcript is not None:
         try:
             text = item.transcript.read_text(encoding="utf-8")

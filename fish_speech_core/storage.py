@@ -90,6 +90,8 @@ def redact(url: str) -> str:
     parts = urlsplit(url)
     if not parts.scheme or len(parts.scheme) == 1:  # plain local path (or a Windows drive letter)
         return url
+    # A secret holding '/' ends the netloc early (s3://KEY:SE/CRET@bucket): the text rule sees it.
+    parts = urlsplit(redact_text(url))
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
@@ -104,6 +106,39 @@ _USERINFO_IN_TEXT = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<use
 def redact_text(text: str) -> str:
     """``text`` with the user info of every URL in it replaced by ``***`` (errors echo URLs)."""
     return _USERINFO_IN_TEXT.sub(lambda m: m.group("scheme") + "***@", str(text))
+
+
+class CredentialsInURLError(ValueError):
+    """A URL carries credentials (user info, or a secret in its query string)."""
+
+
+# Query parameters that carry secrets (presigned URLs, "?access_key=..."): any name containing one.
+_SECRET_QUERY = re.compile(r"(key|secret|token|signature|password|credential)", re.IGNORECASE)
+CREDENTIALS_ADVICE = (
+    "credentials never go in a URL (they would end up in logs and run records): set them in the standard "
+    "AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or use a profile (AWS_PROFILE)"
+)
+
+
+def refuse_credentials(url: str, flag: str = "") -> str:
+    """``url`` unchanged, or :class:`CredentialsInURLError` when it carries credentials.
+
+    The message shows the URL redacted, never the secret. ``flag`` names the option that took it.
+    """
+    url = str(url)
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1 or parts.scheme == "file":
+        return url  # a local path: an '@' in it is part of a folder name
+    query_names = [pair.split("=", 1)[0] for pair in parts.query.split("&") if pair]
+    before_at = url.split("://", 1)[-1].rpartition("@")[0]
+    # user info ends at the last '@'; a secret may hold '/', so "KEY:SE/CRET@" counts too, while an
+    # object key with an '@' in it (s3://bucket/take@2/) does not
+    userinfo = bool(before_at) and ("/" not in before_at or ":" in before_at)
+    if userinfo or any(_SECRET_QUERY.search(name) for name in query_names):
+        where = f"{flag} " if flag else ""
+        part = "" if userinfo else " in its query string"
+        raise CredentialsInURLError(f"{where}{redact(url)} carries credentials{part}; {CREDENTIALS_ADVICE}")
+    return url
 
 
 def is_local(url: str) -> bool:
@@ -145,6 +180,7 @@ def filesystem(url: str):
     """``(fs, path)`` for a URL; remote credentials come from the environment only."""
     import fsspec
 
+    refuse_credentials(url)  # every remote read and write passes here
     options = s3_options() if str(url).startswith(("s3://", "s3a://")) else {}
     return fsspec.core.url_to_fs(url, **options)
 
@@ -251,7 +287,7 @@ class Store:
     io_attempts: int = 4  # per storage call; s3fs retries each call a few times on its own as well
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", normalize_url(self.root))
+        object.__setattr__(self, "root", normalize_url(refuse_credentials(self.root, "storage root")))
 
     def __repr__(self) -> str:
         return f"Store({redact(self.root)!r})"

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fish_speech_core.storage import DEFAULT_ROOT
+from fish_speech_core.storage import DEFAULT_ROOT, refuse_credentials
 
 
 class AudioFormat(str, Enum):
@@ -90,3 +90,10 @@ class FinetuneConfig(BaseModel):
     gpu_pool: str | None = Field(
         None, description="Run extract/train as child deployments on this work pool (e.g. 'cuda'). Empty: in this process."
     )
+
+    @field_validator("data", "storage", "work_dir", "base", "codec")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # Refused before the flow starts: Prefect would store the parameters (and every log line
+        # that echoes them) in its database.
+        return None if value is None else refuse_credentials(value)

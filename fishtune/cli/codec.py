@@ -142,6 +142,7 @@ def extract_command(
     plan = plan_extraction(paths, model, settings, model_hash)
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
     )
@@ -177,7 +178,7 @@ def extract_command(
     for result in summary.results:
         if result.status in ("rejected", "failed"):
             rel = result.audio_path.relative_to(data) if result.audio_path.is_relative_to(data) else result.audio_path
-            console.print(f"[yellow]{result.status}[/yellow] {rel}: {result.reason}")
+            console.print(f"[yellow]{result.status}[/yellow] {escape(str(rel))}: {escape(result.reason)}")
     hours = summary.extracted_seconds / 3600
     speed = summary.speed
     pace = f" ({speed:.1f}x real time, RTF {1 / speed:.4f})" if speed else ""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -14,11 +15,11 @@ MAX_SECONDS_HELP = "Reject audio longer than this many seconds (long clips waste
 
 
 def _print_validation(summary: dict) -> None:
-    table = Table(title=f"Dataset {summary['root']}")
+    table = Table(title=f"Dataset {escape(str(summary['root']))}")
     for column in ("speaker", "accepted", "rejected", "minutes"):
         table.add_column(column, justify="left" if column == "speaker" else "right")
     for name, row in summary["speakers"].items():
-        table.add_row(name, str(row["accepted"]), str(row["rejected"]), f"{row['hours'] * 60:.2f}")
+        table.add_row(escape(name), str(row["accepted"]), str(row["rejected"]), f"{row['hours'] * 60:.2f}")
     table.add_row("[bold]total", str(summary["accepted"]), str(summary["rejected"]), f"{summary['total_hours'] * 60:.2f}")
     console.print(table)
     if summary["rejects"]:
@@ -27,12 +28,12 @@ def _print_validation(summary: dict) -> None:
         rejects.add_column("reason")
         rejects.add_column("detail")
         for r in summary["rejects"]:
-            rejects.add_row(r["path"], r["reason"], r["detail"])
+            rejects.add_row(escape(r["path"]), escape(r["reason"]), escape(r["detail"]))
         console.print(rejects)
         counts = ", ".join(f"{reason}: {n}" for reason, n in summary["rejects_by_reason"].items())
-        console.print(f"Rejects by reason: {counts}")
+        console.print(f"Rejects by reason: {counts}", markup=False)
     for note in summary["advice"]:
-        console.print(f"[yellow]warning:[/yellow] {note}")
+        console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
 def _data_dir(path: Path) -> Path:
@@ -60,7 +61,7 @@ def validate_command(
     report = report or data.absolute().parent / f"{data.absolute().name}-manifest.parquet"
     result.write_parquet(report)
     _print_validation(result.summary())
-    console.print(f"Manifest: {report}")
+    console.print(f"Manifest: {report}", markup=False)
     if strict and result.rejected:
         console.print(f"[red]--strict: {len(result.rejected)} file(s) rejected; fix or remove them and rerun.")
         raise typer.Exit(1)
@@ -105,10 +106,10 @@ def normalize_command(
             overwrite,
         )
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     except DiskFullError as exc:  # files finished before it are kept and skipped by a rerun
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     report_path = write_report(result, report or Path(output) / STATE_DIR / "normalize-report.json")
     s = result.summary()
@@ -117,12 +118,12 @@ def normalize_command(
         f"{len(s['failed'])} failed; {s['audio_seconds_written']:.1f} s of audio in {s['wall_seconds']:.1f} s"
     )
     for r in s["rejected"]:
-        console.print(f"  rejected {r['path']}: {r['reason']} {r['detail']}")
+        console.print(f"  rejected {r['path']}: {r['reason']} {r['detail']}", markup=False)
     for r in s["failed"]:
-        console.print(f"  [red]failed[/red] {r['path']}: {r['detail']}")
+        console.print(f"  [red]failed[/red] {escape(r['path'])}: {escape(r['detail'])}")
     for r in s["clipped"]:
-        console.print(f"  clipped {r['path']}" + (" (scaled down to the peak ceiling)" if r["limited"] else " (left clipping)"))
-    console.print(f"Report: {report_path}")
+        console.print(f"  clipped {r['path']}" + (" (scaled down to the peak ceiling)" if r["limited"] else " (left clipping)"), markup=False)
+    console.print(f"Report: {report_path}", markup=False)
     if s["failed"]:
         raise typer.Exit(1)
 

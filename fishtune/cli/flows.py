@@ -96,30 +96,31 @@ def finetune_command(
 
 def _run_and_print(config: FinetuneConfig, console) -> dict:
     """Run the flow, print the stage table and where the report / merged model are; exit 1 on failure."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from fish_speech_core.storage import redact
+    from fish_speech_core.storage import redact, redact_text
     from fishtune.flows.finetune import finetune
 
     state = finetune(config, return_state=True)
     if not state.is_completed():
-        console.print(f"[red]finetune failed:[/red] {state.message}")
+        console.print(f"[red]finetune failed:[/red] {escape(redact_text(state.message or ''))}", soft_wrap=True)
         console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume "
-                      "(finished stages come from cache, training continues from its last checkpoint).")
+                      "(finished stages come from cache, training continues from its last checkpoint).", markup=False)
         raise typer.Exit(1)
     result = state.result()
-    table = Table(title=f"finetune {config.project}: run {result['run_id']}")
+    table = Table(title=f"finetune {config.project}: run {escape(str(result['run_id']))}")
     for column in ("stage", "cache", "seconds", "artifact"):
         table.add_column(column)
     for stage in result["stages"]:
-        table.add_row(stage["stage"], "hit" if stage["cached"] else "miss", f"{stage['seconds']:.2f}", redact(stage["url"]))
+        table.add_row(stage["stage"], "hit" if stage["cached"] else "miss", f"{stage['seconds']:.2f}", escape(redact(stage["url"])))
     console.print(table)
     if result.get("recommended_checkpoint"):
-        console.print(f"Recommended checkpoint: {redact(result['recommended_checkpoint'])}", soft_wrap=True)
+        console.print(f"Recommended checkpoint: {redact(result['recommended_checkpoint'])}", soft_wrap=True, markup=False)
     if result.get("merged_model"):
-        console.print(f"Merged model: {redact(result['merged_model'])}", soft_wrap=True)
-    console.print(f"Report:   {redact(result['report'])}", soft_wrap=True)
-    console.print(f"Manifest: {redact(result['manifest'])}", soft_wrap=True)
+        console.print(f"Merged model: {redact(result['merged_model'])}", soft_wrap=True, markup=False)
+    console.print(f"Report:   {redact(result['report'])}", soft_wrap=True, markup=False)
+    console.print(f"Manifest: {redact(result['manifest'])}", soft_wrap=True, markup=False)
     return result
 
 
@@ -166,7 +167,7 @@ def demo_command(
         preview_sentences_per_speaker=preview_sentences,
         preview_max_new_tokens=64,  # random models rarely stop on their own: keep their previews short
     )
-    console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)")
+    console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)", markup=False)
     _run_and_print(config, console)
 
 
@@ -203,6 +204,13 @@ def deploy_command(
         raise typer.BadParameter(
             "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
         )
+    from fish_speech_core.storage import CredentialsInURLError, refuse_credentials
+
+    for flag, url in (("--data", data), ("--storage", storage)):
+        try:
+            refuse_credentials(url)  # deployments store their environment on the server
+        except CredentialsInURLError as err:
+            raise typer.BadParameter(str(err), param_hint=flag) from None
     prefect = [sys.executable, "-m", "prefect"]
     env = {**os.environ, "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
     if create_pools:

@@ -36,6 +36,7 @@ def pack_command(
 ) -> None:
     """Pack every speaker's transcripts and codes into protobuf shards for training."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
     from rich.table import Table
 
@@ -61,7 +62,7 @@ def pack_command(
     if filelist is None:
         total = sum(len(g.items) for root in inputs for g in discover_folder(root, text_extension))
         if total == 0:
-            console.print(f"[red]No *{text_extension} transcripts found in {', '.join(map(str, inputs))}.[/]")
+            console.print(f"[red]No *{escape(text_extension)} transcripts found in {escape(', '.join(map(str, inputs)))}.[/]")
             raise typer.Exit(1)
     num_workers = num_workers or default_pack_workers(total, default_workers())
 
@@ -77,10 +78,10 @@ def pack_command(
                 on_progress=lambda n: progress.advance(task, n),
             )
         except (ValueError, FileNotFoundError, DiskFullError) as err:
-            console.print(f"[red]pack failed:[/] {err}", soft_wrap=True, highlight=False)
+            console.print(f"[red]pack failed:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
-    table = Table(title=f"pack -> {output}", show_header=False)
+    table = Table(title=f"pack -> {escape(str(output))}", show_header=False)
     for name, value in (
         ("speakers", summary.speakers),
         ("sentences", summary.sentences),
@@ -92,9 +93,9 @@ def pack_command(
         table.add_row(name, str(value))
     console.print(table)
     for reject in summary.rejects:
-        console.print(f"[yellow]rejected[/] {reject.item}: {reject.reason}")
+        console.print(f"[yellow]rejected[/] {escape(reject.item)}: {escape(reject.reason)}")
     for path in summary.removed_stale:
-        console.print(f"removed stale shard {path} from an earlier pack")
+        console.print(f"removed stale shard {path} from an earlier pack", markup=False)
     if not summary.shards:
         console.print("[red]Nothing was packed: every item was rejected (see above).[/]")
         raise typer.Exit(1)

@@ -90,11 +90,12 @@ def train_command(
 def _print_summary(result) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     for note in result.notes:
-        console.print(f"note: {note}")
-    table = Table(title=f"{result.run_dir} — final step {result.final_step}")
+        console.print(f"note: {note}", markup=False)
+    table = Table(title=Text(f"{result.run_dir} — final step {result.final_step}"))
     for col in ("step", "train loss", "val loss", "top-5 acc"):
         table.add_column(col, justify="right")
     for row in result.history:
@@ -109,7 +110,7 @@ def _print_summary(result) -> None:
             f"recommended: step {rec.step} (val loss {rec.val_loss:.4f}; best {rec.best_val_loss:.4f} "
             f"at step {rec.best_step}) -> {rec.checkpoint} ({rec.note})", markup=False
         )
-    console.print(f"summary: {result.run_dir / 'summary.json'}")
+    console.print(f"summary: {result.run_dir / 'summary.json'}", markup=False)
 
 
 def merge_command(

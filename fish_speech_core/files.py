@@ -225,6 +225,35 @@ def resolve_inside(root: str | os.PathLike, candidate: str | os.PathLike) -> Pat
     return resolved
 
 
+class OverlapError(ValueError):
+    """An output folder is, is inside, or contains one of the inputs: writing it could touch them."""
+
+
+def refuse_overlap(
+    inputs: Iterable[tuple[str, str | os.PathLike]], output: str | os.PathLike, output_label: str = "OUTPUT"
+) -> None:
+    """Refuse an output that equals, lies inside, or contains any input (inputs are never written).
+
+    ``inputs`` are ``(label, path)`` pairs; labels name the flag or argument in the message.
+    Paths are compared resolved, so a symlinked output that lands in an input is refused too.
+
+    Raises:
+        OverlapError: one line naming both paths.
+    """
+    dst = Path(output).resolve()
+    for label, path in inputs:
+        src = Path(path).resolve()
+        if src == dst:
+            problem = f"{output_label} {output} is the {label} folder {path}"
+        elif src in dst.parents:
+            problem = f"{output_label} {output} is inside {label} {path}"
+        elif dst in src.parents:
+            problem = f"{label} {path} is inside {output_label} {output}"
+        else:
+            continue
+        raise OverlapError(f"{problem}; choose a separate folder (inputs are never modified)")
+
+
 def has_control_characters(text: str) -> bool:
     """Newlines, tabs and other control characters never belong in a file or folder name."""
     return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)

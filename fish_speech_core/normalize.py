@@ -29,6 +29,7 @@ from fish_speech_core.files import (
     atomic_path,
     atomic_write,
     is_temporary,
+    refuse_overlap,
     resolve_inside,
     sha256_file,
 )
@@ -211,13 +212,7 @@ class NormalizeReport:
 
 def check_roots(input_root: Path, output_root: Path) -> None:
     """Refuse layouts where writing OUTPUT could touch INPUT."""
-    src, dst = input_root.resolve(), output_root.resolve()
-    if src == dst:
-        raise ValueError(f"OUTPUT {output_root} is the INPUT folder; choose a separate folder (inputs are never modified)")
-    if src in dst.parents:
-        raise ValueError(f"OUTPUT {output_root} is inside INPUT {input_root}; choose a folder outside it")
-    if dst in src.parents:
-        raise ValueError(f"INPUT {input_root} is inside OUTPUT {output_root}; choose a folder outside it")
+    refuse_overlap([("INPUT", input_root)], output_root, "OUTPUT")
 
 
 def _output_rel(rel_path: str, fmt: str) -> str:

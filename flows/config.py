@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fish_speech_core.storage import DEFAULT_ROOT, refuse_credentials
+from fish_speech_core.files import refuse_overlap
+from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_credentials
 
 
 class AudioFormat(str, Enum):
@@ -97,3 +98,12 @@ class FinetuneConfig(BaseModel):
         # Refused before the flow starts: Prefect would store the parameters (and every log line
         # that echoes them) in its database.
         return None if value is None else refuse_credentials(value)
+
+    @model_validator(mode="after")
+    def _outputs_outside_data(self) -> FinetuneConfig:
+        # The store and the work folder are written (and swept); the dataset never is.
+        if is_local(self.data):
+            for flag, url in (("--storage", self.storage), ("--work-dir", self.work_dir)):
+                if url is not None and is_local(url):
+                    refuse_overlap([("--data", local_path(self.data))], local_path(url), flag)
+        return self

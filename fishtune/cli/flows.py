@@ -46,7 +46,8 @@ def build_config(**values) -> FinetuneConfig:
         problems = []
         for error in exc.errors():
             path = ".".join(str(p) for p in error["loc"])
-            problems.append(f"{FLAGS.get(path, path)}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{FLAGS.get(path, path)}: {message}" if path else message)
         raise typer.BadParameter("; ".join(problems)) from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -121,12 +122,15 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     """
     target = Path(path)
     tmp: Path | None = None
+    fd: int | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(
             dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
         )
-        os.close(fd)
+        # Held until the rename: it tells another process's sweep this temp is in flight. The
+        # kernel drops it when we die, so a killed writer's temp is sweepable (is_abandoned).
+        fcntl.flock(fd, fcntl.LOCK_EX)
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other
         yield tmp
@@ -142,6 +146,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         if isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.errno in NO_SPACE_ERRNOS:
             raise _disk_full(err, target, written if size is None else size, exact=size is not None) from err
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -165,6 +172,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", size: int | None = N
         if size is None and counter is not None and counter.count > 0:
             raise _disk_full(err, Path(path), counter.count, exact=False) from err.__cause__
         raise
+
+
+def is_abandoned(path: str | os.PathLike) -> bool:
+    """True for an :func:`atomic_path` temporary whose writer is gone (no process holds its lock).
+
+    Sweeps delete only these: another process writing into the same folder keeps its temp
+    locked until it renames it, so a second run never deletes the first one's work in flight.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # gone already, a symlink, or unreadable: not ours to delete
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's lock at once
 
 
 def is_temporary(path: Path) -> bool:
@@ -201,7 +227,7 @@ def remove_temporaries(targets: Iterable[str | os.PathLike]) -> list[Path]:
             continue
         for entry in entries:
             path = Path(entry.path)
-            if entry.is_file(follow_symlinks=False) and temporary_target(path) in names:
+            if entry.is_file(follow_symlinks=False) and temporary_target(path) in names and is_abandoned(path):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed

@@ -28,6 +28,7 @@ from fish_speech_core.files import (
     PathEscapeError,
     atomic_path,
     atomic_write,
+    is_abandoned,
     is_temporary,
     refuse_overlap,
     resolve_inside,
@@ -222,7 +223,8 @@ def _output_rel(rel_path: str, fmt: str) -> str:
 def _remove_leftover_temporaries(output_root: Path) -> None:
     for dirpath, _, filenames in os.walk(output_root):
         for name in filenames:
-            if is_temporary(Path(name)):
+            # only a killed run's: a second normalize must not delete the first one's in-flight temps
+            if is_temporary(Path(name)) and is_abandoned(Path(dirpath) / name):
                 (Path(dirpath) / name).unlink(missing_ok=True)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
-from fish_speech_core.files import PathEscapeError, is_temporary, refuse_overlap, resolve_inside, temporary_target
+from fish_speech_core.files import PathEscapeError, is_abandoned, is_temporary, refuse_overlap, resolve_inside, temporary_target
 from fish_speech_core.formats.protos import ShardWriter, frame_record
 from fish_speech_core.formats.text import clean_pack_transcript, has_spoken_content
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
@@ -291,7 +291,8 @@ def _remove_interrupted_shards(output: Path) -> None:
     if output.is_dir():
         for path in output.iterdir():
             target = temporary_target(path)
-            if target is not None and _SHARD_FILE.fullmatch(target.name) and path.is_file():
+            # is_abandoned: a concurrent pack into the same folder keeps its temps locked
+            if target is not None and _SHARD_FILE.fullmatch(target.name) and path.is_file() and is_abandoned(path):
                 path.unlink(missing_ok=True)
 
 

@@ -31,6 +31,51 @@ class PathEscapeError(ValueError):
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+# EACCES/EPERM: permissions (or a file attribute) forbid it; EROFS: a read-only file system.
+NOT_WRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class NotWritableError(OSError):
+    """A folder fishtune must write into is read-only; the message names the folder."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def not_writable(err: OSError, folder: str | os.PathLike) -> NotWritableError:
+    reason = "the file system is read-only" if err.errno == errno.EROFS else "permission denied"
+    return NotWritableError(
+        err.errno, f"cannot write into {folder}: {reason}; make it writable or choose another output folder",
+        str(folder),
+    )
+
+
+def require_writable(folder: str | os.PathLike, create: bool = True) -> Path:
+    """Create ``folder`` if needed and prove a file can be made in it (then removed).
+
+    Called before a stage starts, so a read-only output is one line naming it, not a failure per file.
+    ``create=False`` creates nothing: it probes the folder, or its nearest existing parent.
+
+    Raises:
+        NotWritableError: naming the folder (or the first parent that could not be created).
+    """
+    folder = Path(folder)
+    probe = folder.absolute()
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            while not probe.exists() and probe.parent != probe:
+                probe = probe.parent
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        if err.errno in NOT_WRITABLE_ERRNOS:
+            raise not_writable(err, folder) from None
+        raise
+    return folder
+
+
 class DiskFullError(OSError):
     """An atomic write ran out of space; the message names the file and the bytes it needs.
 
@@ -124,10 +169,15 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     tmp: Path | None = None
     fd: int | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
-        )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(
+                dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
+            )
+        except OSError as err:  # only here: the caller's own reads may raise PermissionError too
+            if err.errno in NOT_WRITABLE_ERRNOS:
+                raise not_writable(err, target.parent) from None
+            raise
         # Held until the rename: it tells another process's sweep this temp is in flight. The
         # kernel drops it when we die, so a killed writer's temp is sweepable (is_abandoned).
         fcntl.flock(fd, fcntl.LOCK_EX)

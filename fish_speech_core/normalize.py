@@ -25,12 +25,14 @@ from fish_speech_core.audio import read_audio
 from fish_speech_core.dataset import PATH_ESCAPES
 from fish_speech_core.files import (
     DiskFullError,
+    NotWritableError,
     PathEscapeError,
     atomic_path,
     atomic_write,
     is_abandoned,
     is_temporary,
     refuse_overlap,
+    require_writable,
     resolve_inside,
     sha256_file,
 )
@@ -172,7 +174,7 @@ def normalize_file(job: _Job) -> FileResult:
         with atomic_write(job.state_path, "w") as handle:
             json.dump({**_state(job), "output_sha256": sha256_file(job.output_path)}, handle)
         return result
-    except DiskFullError:
+    except (DiskFullError, NotWritableError):
         raise  # every later file would fail the same way: stop the run
     except Exception as exc:  # one bad file must not stop the others
         return FileResult(job.rel_path, "failed", detail=f"{type(exc).__name__}: {exc}")
@@ -255,6 +257,7 @@ def normalize_tree(
         raise ValueError(f"format must be one of {FORMATS}, not {settings.format!r}")
     src, dst = Path(input_root).absolute(), Path(output_root).absolute()
     check_roots(src, dst)
+    require_writable(dst)  # a read-only OUTPUT is one line now, not a failure per file later
     started = time.perf_counter()
     report = validate(src, filelist, validation, num_workers, show_progress)
     if clean:

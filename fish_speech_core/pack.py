@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
-from fish_speech_core.files import PathEscapeError, is_abandoned, is_temporary, refuse_overlap, resolve_inside, temporary_target
+from fish_speech_core.files import PathEscapeError, is_abandoned, is_temporary, refuse_overlap, require_writable, resolve_inside, temporary_target
 from fish_speech_core.formats.protos import ShardWriter, frame_record
 from fish_speech_core.formats.text import clean_pack_transcript, has_spoken_content
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
@@ -225,6 +225,7 @@ def pack(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     # pack deletes stale shards in output: an input folder must never be that folder (OverlapError)
     refuse_overlap([("--input", root) for root in inputs], output, "--output")
+    require_writable(output, create=False)  # NotWritableError names it before any work
     groups: list[SpeakerGroup] = []
     rejects: list[Reject] = []
     if filelist is not None:

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import torch
 
-from fish_speech_core.files import OverlapError, atomic_path, atomic_write, refuse_overlap, sha256_file
+from fish_speech_core.files import (
+    NotWritableError,
+    OverlapError,
+    atomic_path,
+    atomic_write,
+    refuse_overlap,
+    require_writable,
+    sha256_file,
+)
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraSettings,
@@ -66,7 +74,8 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
         raise MergeError(f"--format must be one of {FORMATS}, got {fmt!r}")
     try:  # the output is written: never the base folder, inside it, or around the adapter
         refuse_overlap([("base", base), ("--lora-weight", lora_weight)], output, "--output")
-    except OverlapError as err:
+        require_writable(output, create=False)
+    except (OverlapError, NotWritableError) as err:
         raise MergeError(str(err)) from None
     adapter = read_adapter(lora_weight)
     base_file = base / MODEL_FILE

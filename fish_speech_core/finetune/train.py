@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as _pl
 import torch
 
-from fish_speech_core.files import OverlapError, atomic_write, refuse_overlap, sha256_file
+from fish_speech_core.files import NotWritableError, OverlapError, atomic_write, refuse_overlap, require_writable, sha256_file
 from fish_speech_core.finetune.checkpoints import (
     AtomicCheckpointIO,
     Recommendation,
@@ -159,7 +159,8 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         if config.init_lora:
             inputs.append(("--init-lora", config.init_lora))
         refuse_overlap(inputs, config.run_dir, "run folder")
-    except OverlapError as err:
+        require_writable(config.run_dir, create=False)
+    except (OverlapError, NotWritableError) as err:
         raise TrainError(str(err)) from None
     base_model = Path(config.base) / "model.pth"
     if not base_model.is_file():

@@ -86,7 +86,7 @@ def normalize_command(
     report: Path | None = typer.Option(None, "--report", help="Write the JSON report here. Default: OUTPUT/.fishtune/normalize-report.json"),
 ) -> None:
     """Loudness-normalize a dataset into OUTPUT: peak to --peak dBFS, then gain to --loudness LUFS."""
-    from fish_speech_core.files import DiskFullError
+    from fish_speech_core.files import DiskFullError, NotWritableError
     from fish_speech_core.normalize import FORMATS, NormalizeSettings, STATE_DIR, normalize_tree, write_report
     from fish_speech_core.parallel import default_workers
     from fish_speech_core.validate import ValidationSettings
@@ -108,7 +108,7 @@ def normalize_command(
     except ValueError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
-    except DiskFullError as exc:  # files finished before it are kept and skipped by a rerun
+    except (DiskFullError, NotWritableError) as exc:  # files finished before it are kept and skipped by a rerun
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     report_path = write_report(result, report or Path(output) / STATE_DIR / "normalize-report.json")

@@ -40,7 +40,7 @@ def pack_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
     from rich.table import Table
 
-    from fish_speech_core.files import DiskFullError
+    from fish_speech_core.files import DiskFullError, NotWritableError
     from fish_speech_core.pack import default_pack_workers, discover_folder, pack
     from fish_speech_core.parallel import default_workers
 
@@ -77,7 +77,7 @@ def pack_command(
                 shard_size_mb=shard_size, filelist=filelist,
                 on_progress=lambda n: progress.advance(task, n),
             )
-        except (ValueError, FileNotFoundError, DiskFullError) as err:
+        except (ValueError, FileNotFoundError, DiskFullError, NotWritableError) as err:
             console.print(f"[red]pack failed:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
@@ -93,7 +93,7 @@ def pack_command(
         table.add_row(name, str(value))
     console.print(table)
     for reject in summary.rejects:
-        console.print(f"[yellow]rejected[/] {escape(reject.item)}: {escape(reject.reason)}")
+        console.print(f"[yellow]rejected[/] {escape(reject.item)}: {escape(reject.reason)}", soft_wrap=True, highlight=False)
     for path in summary.removed_stale:
         console.print(f"removed stale shard {path} from an earlier pack", markup=False)
     if not summary.shards:

@@ -29,10 +29,30 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
 }
 
 
+# Prefect's ephemeral server needs ~10 s on an idle laptop but timed out at its 90 s on a loaded
+# 2-core machine (issue 12): the default is generous, and a user's own value always wins.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_TIMEOUT_S = 600
+
+
 def _prefect_defaults() -> None:
     # Entry point only: quiet, offline-safe Prefect unless the user chose otherwise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, str(EPHEMERAL_STARTUP_TIMEOUT_S))
+
+
+def _is_ephemeral_startup_failure(err: BaseException) -> bool:
+    # Prefect raises a plain RuntimeError with this text (prefect/server/api/server.py).
+    return isinstance(err, RuntimeError) and "ephemeral Prefect API server" in str(err)
+
+
+def _ephemeral_startup_message() -> str:
+    limit = os.environ.get(STARTUP_TIMEOUT_ENV, str(EPHEMERAL_STARTUP_TIMEOUT_S))
+    return (
+        f"the temporary Prefect server did not start within {limit} s (a loaded machine starts it slowly): "
+        f"raise {STARTUP_TIMEOUT_ENV} (e.g. {STARTUP_TIMEOUT_ENV}=1200) or start a server "
+        "(prefect server start) and point PREFECT_API_URL at it"
+    )
 
 
 def build_config(**values) -> FinetuneConfig:
@@ -103,7 +123,16 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     from fish_speech_core.storage import redact, redact_text
     from fishtune.flows.finetune import finetune
 
-    state = finetune(config, return_state=True)
+    try:
+        state = finetune(config, return_state=True)
+    except RuntimeError as err:
+        if not _is_ephemeral_startup_failure(err):
+            raise
+        console.print(f"[red]finetune failed:[/red] {escape(_ephemeral_startup_message())}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if not state.is_completed() and _is_ephemeral_startup_failure(_state_exception(state)):
+        console.print(f"[red]finetune failed:[/red] {escape(_ephemeral_startup_message())}", soft_wrap=True)
+        raise typer.Exit(1)
     if not state.is_completed():
         console.print(f"[red]finetune failed:[/red] {escape(redact_text(state.message or ''))}", soft_wrap=True)
         console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume "
@@ -123,6 +152,14 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     console.print(f"Report:   {redact(result['report'])}", soft_wrap=True, markup=False)
     console.print(f"Manifest: {redact(result['manifest'])}", soft_wrap=True, markup=False)
     return result
+
+
+def _state_exception(state) -> BaseException | None:
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as err:  # noqa: BLE001 - we only look at it
+        return err
+    return None
 
 
 def demo_command(
@@ -148,7 +185,7 @@ def demo_command(
     os.environ.pop("PREFECT_API_URL", None)
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
+    _prefect_defaults()
 
     base, codec = output / "models" / "base-tiny", output / "models" / "codec-tiny.pth"
     with console.status("making a tiny random base model and codec (seeded: the same bytes every time)"):
@@ -199,12 +236,6 @@ def deploy_command(
     Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
     installed (the Docker images, or the same lock), not a copy of this repository.
     """
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        raise typer.BadParameter(
-            "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
-        )
     from fish_speech_core.storage import CredentialsInURLError, refuse_credentials
 
     for flag, url in (("--data", data), ("--storage", storage)):
@@ -212,6 +243,12 @@ def deploy_command(
             refuse_credentials(url)  # deployments store their environment on the server
         except CredentialsInURLError as err:
             raise typer.BadParameter(str(err), param_hint=flag) from None
+    from prefect.settings import PREFECT_API_URL  # after the checks: importing Prefect is slow
+
+    if not PREFECT_API_URL.value():
+        raise typer.BadParameter(
+            "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
+        )
     prefect = [sys.executable, "-m", "prefect"]
     env = {**os.environ, "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
     if create_pools:

@@ -390,3 +390,35 @@ def test_read_only_outputs_give_one_line_naming_the_folder(tmp_path):
     finally:
         readonly.chmod(0o755)
         (ro_data / "spk").chmod(0o755)
+
+
+# ------------------------------------------------------------------ 7. Prefect's ephemeral server
+
+
+def test_ephemeral_startup_timeout_default_is_generous_and_the_users_wins(monkeypatch):
+    from fishtune.cli import flows as cli_flows
+
+    monkeypatch.delenv(cli_flows.STARTUP_TIMEOUT_ENV, raising=False)
+    cli_flows._prefect_defaults()
+    assert os.environ[cli_flows.STARTUP_TIMEOUT_ENV] == str(cli_flows.EPHEMERAL_STARTUP_TIMEOUT_S) == "600"
+    monkeypatch.setenv(cli_flows.STARTUP_TIMEOUT_ENV, "42")
+    cli_flows._prefect_defaults()
+    assert os.environ[cli_flows.STARTUP_TIMEOUT_ENV] == "42"
+
+
+@pytest.mark.slow
+def test_ephemeral_server_that_does_not_start_is_one_line_with_the_fix(tmp_path):
+    data = tmp_path / "data"
+    write_clip(data / "spk" / "a.wav")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0",
+            "COLUMNS": "300"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "fishtune", "finetune", "--data", str(data), "--storage",
+                           str(tmp_path / "store")], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    text = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in text, text
+    line = next(line for line in text.splitlines() if "finetune failed" in line)
+    assert "did not start within 0 s" in line and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in line
+    assert "PREFECT_API_URL" in line
+    assert time.monotonic() - started < 120

@@ -422,3 +422,19 @@ def test_ephemeral_server_that_does_not_start_is_one_line_with_the_fix(tmp_path)
     assert "did not start within 0 s" in line and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in line
     assert "PREFECT_API_URL" in line
     assert time.monotonic() - started < 120
+
+
+def test_preview_clips_never_come_from_outside_the_data(tmp_path):
+    from fish_speech_core.evaluate.selection import speaker_clips
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    write_clip(data / "spk" / "a.wav")
+    write_clip(outside / "secret.wav", text="secret words")
+    (data / "spk" / "b.wav").symlink_to(outside / "secret.wav")
+    (data / "spk" / "b.lab").write_text("fine")
+    (data / "spk" / "c.wav").symlink_to(data / "spk" / "a.wav")  # inside: fine
+    (data / "spk" / "c.lab").symlink_to(outside / "secret.lab")  # transcript outside: not a clip
+    (data / "spk" / "d.wav").symlink_to(data / "spk" / "a.wav")
+    (data / "spk" / "d.lab").write_text("kept")
+    clips = speaker_clips(data)
+    assert sorted(c.audio.name for c in clips["spk"]) == ["a.wav", "d.wav"]

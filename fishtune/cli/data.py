@@ -59,7 +59,13 @@ def validate_command(
     data = _data_dir(data)
     result = validate(data, filelist, ValidationSettings(text_extension, max_seconds), num_workers)
     report = report or data.absolute().parent / f"{data.absolute().name}-manifest.parquet"
-    result.write_parquet(report)
+    from fish_speech_core.files import DiskFullError, NotWritableError
+
+    try:
+        result.write_parquet(report)
+    except (DiskFullError, NotWritableError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))} (the manifest --report)", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     _print_validation(result.summary())
     console.print(f"Manifest: {report}", markup=False)
     if strict and result.rejected:
@@ -111,7 +117,11 @@ def normalize_command(
     except (DiskFullError, NotWritableError) as exc:  # files finished before it are kept and skipped by a rerun
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
-    report_path = write_report(result, report or Path(output) / STATE_DIR / "normalize-report.json")
+    try:
+        report_path = write_report(result, report or Path(output) / STATE_DIR / "normalize-report.json")
+    except (DiskFullError, NotWritableError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))} (the --report)", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     s = result.summary()
     console.print(
         f"normalize: {s['written']} written, {s['skipped']} up to date, {len(s['rejected'])} rejected, "

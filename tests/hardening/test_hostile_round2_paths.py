@@ -438,3 +438,25 @@ def test_preview_clips_never_come_from_outside_the_data(tmp_path):
     (data / "spk" / "d.lab").write_text("kept")
     clips = speaker_clips(data)
     assert sorted(c.audio.name for c in clips["spk"]) == ["a.wav", "d.wav"]
+
+
+def test_extract_never_trusts_a_symlinked_npy(tmp_path):
+    import shutil
+
+    from fish_speech_core.codec import init_codec
+    from fish_speech_core.codec.config import FireflyConfig
+    from fish_speech_core.codec.extract import ExtractSettings, extract, plan_extraction, sidecar_path_for
+
+    model = init_codec(FireflyConfig.from_name("tiny"), seed=0)
+    audio = write_clip(tmp_path / "data" / "spk" / "a.wav", seconds=0.5)
+    settings = ExtractSettings(num_workers=0, batch_size=1)
+    extract(model, [audio], settings)
+    assert plan_extraction([audio], model, settings).skipped  # up to date: a regular file we wrote
+    npy = audio.with_suffix(".npy")
+    outside = tmp_path / "outside.npy"
+    shutil.move(npy, outside)
+    npy.symlink_to(outside)  # same bytes, so the sidecar's hashes still match
+    plan = plan_extraction([audio], model, settings)
+    assert [job.audio_path for job in plan.todo] == [audio] and not plan.skipped
+    extract(model, [audio], settings)
+    assert not npy.is_symlink() and outside.is_file() and sidecar_path_for(npy).is_file()

@@ -306,11 +306,12 @@ class OverlapError(ValueError):
 
 
 def refuse_overlap(
-    inputs: Iterable[tuple[str, str | os.PathLike]], output: str | os.PathLike, output_label: str = "OUTPUT"
+    inputs: Iterable[tuple[str, str | os.PathLike | None]], output: str | os.PathLike, output_label: str = "OUTPUT"
 ) -> None:
     """Refuse an output that equals, lies inside, or contains any input (inputs are never written).
 
-    ``inputs`` are ``(label, path)`` pairs; labels name the flag or argument in the message.
+    ``inputs`` are ``(label, path)`` pairs (folders or files; ``None`` paths are skipped); labels
+    name the flag or argument in the message.
     Paths are compared resolved, so a symlinked output that lands in an input is refused too.
 
     Raises:
@@ -318,9 +319,12 @@ def refuse_overlap(
     """
     dst = Path(output).resolve()
     for label, path in inputs:
+        if path is None:
+            continue
         src = Path(path).resolve()
         if src == dst:
-            problem = f"{output_label} {output} is the {label} folder {path}"
+            kind = "file" if src.is_file() else "folder"
+            problem = f"{output_label} {output} is the {label} {kind} {path}"
         elif src in dst.parents:
             problem = f"{output_label} {output} is inside {label} {path}"
         elif dst in src.parents:

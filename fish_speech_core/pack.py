@@ -97,7 +97,8 @@ def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> li
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .fishtune state, hidden folders
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if path.suffix == text_extension and not is_temporary(path) and (path.is_file() or path.is_symlink()):
+            # not only regular files: a FIFO or a link named x.lab is rejected by name, never skipped
+            if path.suffix == text_extension and not is_temporary(path) and not path.is_dir():
                 item = PackItem(codes=path.with_suffix(CODES_SUFFIX), transcript=path, label=str(path), root=root)
                 by_folder.setdefault(path.parent, []).append(item)
     return [SpeakerGroup(name=folder.name, items=tuple(items)) for folder, items in sorted(by_folder.items())]
@@ -148,6 +149,8 @@ def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
             except (PathEscapeError, OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
                 return Reject(item.label, f"{PATH_ESCAPES}: {err}")
     if not item.codes.is_file():
+        if item.codes.exists():  # a FIFO or device: opening it could block forever
+            return Reject(item.label, f"codes {item.codes.name} is not a regular file")
         return Reject(item.label, f"no codes file {item.codes.name} (run `fishtune extract` first)")
     if item.transcript is not None and not item.transcript.is_file():
         return Reject(item.label, f"transcript {item.transcript.name} is not a regular file")

@@ -33,7 +33,7 @@ KEY = "AKIAIOSFODNN7EXAMPLE"
 
 
 def _cli(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, result.output
 
@@ -460,3 +460,32 @@ def test_extract_never_trusts_a_symlinked_npy(tmp_path):
     assert [job.audio_path for job in plan.todo] == [audio] and not plan.skipped
     extract(model, [audio], settings)
     assert not npy.is_symlink() and outside.is_file() and sidecar_path_for(npy).is_file()
+
+
+def test_pack_rejects_fifos_by_name_instead_of_blocking(tmp_path):
+    data = tmp_path / "data"
+    _item(data / "spk", "good", "fine")
+    os.mkfifo(data / "spk" / "pipe.lab")
+    np.save(data / "spk" / "pipe.npy", np.zeros((8, 3), dtype=np.int64))
+    (data / "spk" / "codes.lab").write_text("codes are a pipe")
+    os.mkfifo(data / "spk" / "codes.npy")
+    summary = pack([data], tmp_path / "shards")
+    reasons = {Path(r.item).name: r.reason for r in summary.rejects}
+    assert reasons == {"pipe.lab": "transcript pipe.lab is not a regular file",
+                       "codes.lab": "codes codes.npy is not a regular file"}
+    assert _texts(summary.shards) == ["fine"]
+
+
+def test_synthesize_and_decode_never_write_over_their_inputs(tmp_path):
+    prompt = write_clip(tmp_path / "prompt.wav")
+    codes = tmp_path / "codes.npy"
+    np.save(codes, np.zeros((8, 4), dtype=np.int64))
+    before = prompt.read_bytes(), codes.read_bytes()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "c.pth").write_bytes(b"never read")
+    code, output = _cli("synthesize", "--model", tmp_path / "m", "--codec", tmp_path / "c.pth", "--text", "hi",
+                        "--prompt-audio", prompt, "--prompt-text", "hello there", "--output", prompt)
+    assert code == 2 and "is the --prompt-audio file" in output
+    code, output = _cli("decode", codes, "--checkpoint-path", tmp_path / "c.pth", "--output", codes)
+    assert code == 2 and "is the CODES_FILE file" in output
+    assert (prompt.read_bytes(), codes.read_bytes()) == before

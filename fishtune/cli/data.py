@@ -42,6 +42,17 @@ def _data_dir(path: Path) -> Path:
     return path
 
 
+def _report_outside(report: Path | None, inputs: list[tuple[str, Path]]) -> None:
+    """A report is an output too: never written into (or over) the dataset."""
+    from fish_speech_core.files import OverlapError, refuse_overlap
+
+    if report is not None:
+        try:
+            refuse_overlap(inputs, report, "--report")
+        except OverlapError as err:
+            raise typer.BadParameter(str(err), param_hint="--report") from None
+
+
 def validate_command(
     data: Path = typer.Argument(..., help="Dataset root: one folder per speaker with audio + transcript files."),
     filelist: Path | None = typer.Option(
@@ -57,6 +68,7 @@ def validate_command(
     from fish_speech_core.validate import ValidationSettings, validate
 
     data = _data_dir(data)
+    _report_outside(report, [("DATA", data)])
     result = validate(data, filelist, ValidationSettings(text_extension, max_seconds), num_workers)
     report = report or data.absolute().parent / f"{data.absolute().name}-manifest.parquet"
     from fish_speech_core.files import DiskFullError, NotWritableError
@@ -100,6 +112,7 @@ def normalize_command(
     if format not in FORMATS:
         raise typer.BadParameter(f"choose one of {', '.join(FORMATS)}", param_hint="--format")
     _data_dir(input)
+    _report_outside(report, [("INPUT", input)])
     try:
         result = normalize_tree(
             input,

@@ -489,3 +489,14 @@ def test_synthesize_and_decode_never_write_over_their_inputs(tmp_path):
     code, output = _cli("decode", codes, "--checkpoint-path", tmp_path / "c.pth", "--output", codes)
     assert code == 2 and "is the CODES_FILE file" in output
     assert (prompt.read_bytes(), codes.read_bytes()) == before
+
+
+def test_reports_are_never_written_into_the_dataset(tmp_path):
+    data = tmp_path / "data"
+    write_clip(data / "spk" / "a.wav")
+    before = tree_digest(data)
+    code, output = _cli("validate", data, "--report", data / "spk" / "m.parquet")
+    assert code == 2 and "--report" in output and "is inside DATA" in output
+    code, output = _cli("normalize", data, tmp_path / "out", "--report", data / "r.json")
+    assert code == 2 and "is inside INPUT" in output
+    assert tree_digest(data) == before and not (tmp_path / "out").exists()

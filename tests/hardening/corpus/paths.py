@@ -152,7 +152,53 @@ def _validate_markup_in_names(tmp: Path) -> Run:
                output_has=("missing-transcript",), unchanged=(data,))
 
 
+def _pack_symlink_loop(tmp: Path) -> Run:
+    data, _ = _pack_dataset(tmp)
+    (data / "spk" / "loop.lab").symlink_to(data / "spk" / "loop.lab")
+    return Run(["pack", "-i", str(data), "-o", str(tmp / "shards")], exit_codes=(0,),
+               output_has=("loop.lab", "Symlink loop"), unchanged=(data,),
+               check=_shards_leak(tmp / "shards", b"\0never"))
+
+
+def _pack_fifo_transcript(tmp: Path) -> Run:
+    data, _ = _pack_dataset(tmp)
+    os.mkfifo(data / "spk" / "pipe.lab")
+    _codes(data / "spk" / "pipe.npy")
+    return Run(["pack", "-i", str(data), "-o", str(tmp / "shards")], exit_codes=(0,), timeout=60,
+               output_has=("pipe.lab", "not a regular file"), unchanged=(data,),
+               check=_shards_leak(tmp / "shards", b"\0never"))
+
+
+def _normalize_output_inside_input(tmp: Path) -> Run:
+    data = tmp / "data"
+    write_clip(data / "anna" / "a.wav")
+    return Run(["normalize", str(data), str(data / "anna" / "out")], exit_codes=(2,),
+               output_has=("is inside INPUT", str(data)), unchanged=(data,))
+
+
+def _validate_report_inside_data(tmp: Path) -> Run:
+    data = tmp / "data"
+    write_clip(data / "anna" / "a.wav")
+    return Run(["validate", str(data), "--report", str(data / "anna" / "m.parquet")], exit_codes=(2,),
+               output_has=("--report", "is inside DATA"), unchanged=(data,))
+
+
+def _synthesize_over_prompt(tmp: Path) -> Run:
+    prompt = write_clip(tmp / "voice" / "prompt.wav")
+    (tmp / "model").mkdir()
+    (tmp / "codec.pth").write_bytes(b"never read")
+    return Run(["synthesize", "--model", str(tmp / "model"), "--codec", str(tmp / "codec.pth"), "--text", "hi",
+                "--prompt-audio", str(prompt), "--prompt-text", "hello there", "--output", str(prompt)],
+               exit_codes=(2,), output_has=("is the --prompt-audio file",), unchanged=(tmp / "voice",))
+
+
 CASES += [
+    Case("paths", "pack-transcript-symlink-loop", _pack_symlink_loop),
+    Case("paths", "pack-fifo-transcript", _pack_fifo_transcript),
+    Case("paths", "normalize-output-inside-input", _normalize_output_inside_input),
+    Case("paths", "validate-report-inside-data", _validate_report_inside_data),
+    Case("paths", "synthesize-output-over-prompt-audio", _synthesize_over_prompt),
+
     Case("paths", "pack-transcript-symlink-out-of-root", _pack_lab_link_out),
     Case("paths", "pack-codes-symlink-out-of-root", _pack_npy_link_out),
     Case("paths", "pack-transcript-symlink-to-etc-hostname", _pack_lab_link_to_etc),

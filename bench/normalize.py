@@ -49,7 +49,8 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         for copy in range(args.repeat):
-            shutil.copytree(DEMO, src / f"copy{copy:02d}")
+            for speaker in sorted(d for d in DEMO.iterdir() if d.is_dir()):  # flat: no nested speakers
+                shutil.copytree(speaker, src / f"{speaker.name}-copy{copy:02d}")
         one = run(src, Path(tmp) / "out1", 1)
         many = run(src, Path(tmp) / "outN", args.workers)
     result = {"stage": "normalize", "baseline": one, "ours": many,

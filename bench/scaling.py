@@ -74,7 +74,8 @@ def normalize_scaling(copies: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         for copy in range(copies):
-            shutil.copytree(DEMO, src / f"copy{copy:02d}")
+            for speaker in sorted(d for d in DEMO.iterdir() if d.is_dir()):  # flat: no nested speakers
+                shutil.copytree(speaker, src / f"{speaker.name}-copy{copy:02d}")
         rows = [run(src, Path(tmp) / f"out{w}", w) for w in (1, 2)]
     for r in rows:
         r.pop("peak_rss_mb")  # cumulative within this process: see bench/memory.py for memory

@@ -14,6 +14,13 @@ import soundfile
 
 # Lower-case suffixes fishtune treats as audio. libsndfile >= 1.1 reads mp3; ogg where built in.
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".mp3", ".ogg")
+# Audio a user may well drop in a speaker folder that fishtune does not read (the reference
+# recipe lists the four above): reported as unsupported-audio-format, so their transcripts are
+# not called orphans. Compared lower-case, like AUDIO_EXTENSIONS.
+UNSUPPORTED_AUDIO_EXTENSIONS: tuple[str, ...] = (
+    ".opus", ".m4a", ".aac", ".mp4", ".aif", ".aiff", ".aifc", ".wma", ".webm", ".amr", ".3gp", ".caf", ".alac", ".ape",
+    ".wv", ".oga", ".mka", ".au", ".snd",
+)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,10 @@ class PathEscapeError(ValueError):
     """A path taken from data resolves outside the root it must stay in."""
 
 
+class UnresolvablePathError(PathEscapeError):
+    """A path that cannot be resolved at all (a symlink loop): it cannot be shown to stay inside."""
+
+
 # ENOSPC: the file system is full; EDQUOT: the user's quota is; EFBIG: the process's file size
 # limit (ulimit -f / RLIMIT_FSIZE) stopped the write.
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -150,6 +154,23 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+NAME_MAX = 255  # bytes in one file name on Linux/macOS file systems
+_TEMPORARY_EXTRA = len(".") + len(".") + 8 + len(".tmp")  # what atomic_path adds to a name
+
+
+def _temporary_prefix(target: Path) -> str:
+    """``.<stem>.``, the stem cut (at a character boundary) so the temporary name fits NAME_MAX.
+
+    A target name near the limit is legal; our temporary beside it must be too. A cut name still
+    reads as a temporary (:func:`is_temporary`), only :func:`temporary_target` cannot map it back.
+    """
+    room = NAME_MAX - _TEMPORARY_EXTRA - len(os.fsencode(target.suffix))
+    stem = target.stem
+    while len(os.fsencode(stem)) > room and stem:
+        stem = stem[:-1]
+    return f".{stem}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path in the destination folder; rename it onto ``path`` on success.
@@ -172,7 +193,7 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(
-                dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
+                dir=target.parent, prefix=_temporary_prefix(target), suffix=f".tmp{target.suffix}"
             )
         except OSError as err:  # only here: the caller's own reads may raise PermissionError too
             if err.errno in NOT_WRITABLE_ERRNOS:
@@ -295,7 +316,10 @@ def resolve_inside(root: str | os.PathLike, candidate: str | os.PathLike) -> Pat
     path = Path(candidate)
     if not path.is_absolute():
         path = Path(root) / path
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError) as err:  # Python 3.11-3.12 raise RuntimeError for a loop
+        raise UnresolvablePathError(f"{candidate} cannot be resolved (symlink loop): {err}") from None
     if resolved != root_resolved and root_resolved not in resolved.parents:
         raise PathEscapeError(f"{candidate} resolves to {resolved}, outside {root_resolved}")
     return resolved

@@ -22,20 +22,22 @@ import numpy as np
 import soundfile
 
 from fish_speech_core.audio import read_audio
-from fish_speech_core.dataset import PATH_ESCAPES
+from fish_speech_core.dataset import PATH_ESCAPES, read_regular_bytes
 from fish_speech_core.files import (
+    NAME_MAX,
     DiskFullError,
     NotWritableError,
     PathEscapeError,
-    atomic_path,
     atomic_write,
     is_abandoned,
     is_temporary,
     refuse_overlap,
     require_writable,
     resolve_inside,
+    sha256_bytes,
     sha256_file,
 )
+from fish_speech_core.formats.text import clean_transcript
 from fish_speech_core.parallel import map_with_progress
 from fish_speech_core.validate import Record, ValidationSettings, accepted_items, validate
 
@@ -133,6 +135,22 @@ def _output_subtype(container: str, input_subtype: str) -> str | None:
     return None  # soundfile's default for the container
 
 
+def _transcript_bytes(job: _Job) -> bytes:
+    if job.transcript_src is not None:
+        text = read_regular_bytes(job.transcript_src).decode("utf-8")
+    else:
+        text = job.transcript_text or ""
+    return clean_transcript(text).encode("utf-8")
+
+
+def _state_path(output_root: Path, out_rel: str) -> Path:
+    """Where the skip record of ``out_rel`` lives; a name too long for ``.json`` is hashed instead."""
+    path = output_root / STATE_DIR / "normalize" / (out_rel + ".json")
+    if len(os.fsencode(path.name)) <= NAME_MAX:
+        return path
+    return path.with_name(sha256_bytes(os.fsencode(out_rel))[:32] + ".json")
+
+
 def normalize_file(job: _Job) -> FileResult:
     """Normalize one file; errors become a ``failed`` result, except a full disk, which
     would fail every later file too and is raised (:class:`DiskFullError`)."""
@@ -165,11 +183,10 @@ def normalize_file(job: _Job) -> FileResult:
         soundfile.write(encoded, out, sample_rate, subtype=_output_subtype(container, info.subtype), format=container)
         with atomic_write(job.output_path, size=encoded.getbuffer().nbytes) as handle:
             handle.write(encoded.getbuffer())
-        with atomic_path(job.transcript_out) as tmp:
-            if job.transcript_src is not None:
-                shutil.copyfile(job.transcript_src, tmp)
-            else:
-                tmp.write_text(job.transcript_text or "", encoding="utf-8")
+        # The copy is the cleaned transcript (BOM, control characters dropped; NFC), the same text
+        # validate checked and pack will pack; ordinary transcripts come out byte for byte.
+        with atomic_write(job.transcript_out, "wb") as handle:
+            handle.write(_transcript_bytes(job))
         # The record is written last: a crash before it means the file is redone, never trusted.
         with atomic_write(job.state_path, "w") as handle:
             json.dump({**_state(job), "output_sha256": sha256_file(job.output_path)}, handle)
@@ -278,7 +295,7 @@ def normalize_tree(
                 transcript_src=item.text_path,
                 transcript_text=item.text,
                 transcript_out=(dst / out_rel).with_suffix(validation.text_extension),
-                state_path=dst / STATE_DIR / "normalize" / (out_rel + ".json"),
+                state_path=_state_path(dst, out_rel),
                 input_sha256=record.sha256 or "",
                 settings=settings,
                 overwrite=overwrite,

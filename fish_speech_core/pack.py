@@ -20,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fish_speech_core.dataset import PATH_ESCAPES, read_filelist
-from fish_speech_core.files import PathEscapeError, is_abandoned, is_temporary, refuse_overlap, require_writable, resolve_inside, temporary_target
+from fish_speech_core.dataset import PATH_ESCAPES, read_filelist, read_regular_bytes
+from fish_speech_core.files import (
+    PathEscapeError,
+    is_abandoned,
+    is_temporary,
+    refuse_overlap,
+    require_writable,
+    resolve_inside,
+    temporary_target,
+)
 from fish_speech_core.formats.protos import ShardWriter, frame_record
-from fish_speech_core.formats.text import clean_pack_transcript, has_spoken_content
+from fish_speech_core.formats.text import clean_pack_transcript, clean_transcript, has_spoken_content
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
 
 CODES_SUFFIX = ".npy"
@@ -156,13 +164,14 @@ def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
         return Reject(item.label, f"transcript {item.transcript.name} is not a regular file")
     if item.transcript is not None:
         try:
-            text = item.transcript.read_text(encoding="utf-8")
+            text = read_regular_bytes(item.transcript).decode("utf-8")
         except UnicodeDecodeError:
             return Reject(item.label, "transcript is not UTF-8")
         except OSError as err:
             return Reject(item.label, f"transcript unreadable: {err}")
     else:
         text = item.text or ""
+    text = clean_transcript(text)  # the same cleaning validate and normalize apply
     if not has_spoken_content(text):
         # validate rejects these as empty-transcript; packing one would train on silence-as-text
         return Reject(item.label, "transcript has no letters or digits after cleaning")

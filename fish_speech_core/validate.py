@@ -30,6 +30,15 @@ LOUDNESS_BLOCK_SECONDS = 0.4  # pyloudnorm's default gating block: shorter audio
 # the transcript belongs to more audio than the file holds.
 MAX_CHARS_PER_SECOND = 40.0
 MIN_SPEAKER_MINUTES = 30.0  # below this, a finetune rarely helps (advice only, never an error)
+# Telephone speech is 8 kHz; below it the 300-3400 Hz band that carries intelligibility is cut
+# (1 Hz or 100 Hz "rates" are broken headers, not recordings).
+MIN_SAMPLE_RATE = 8000
+MAX_CHANNELS = 5  # pyloudnorm's BS.1770 channel weights stop at 5 (L, R, C, Ls, Rs)
+# Voice energy lies between the fundamental (~80 Hz) and the formants/consonants up to ~4 kHz.
+# Real speech puts most of its energy there (the demo data and espeak-ng: > 0.9); a file with
+# under 5% there is DC, rumble or ultrasound, whatever its loudness reading says.
+SPEECH_BAND_HZ = (80.0, 4000.0)
+MIN_SPEECH_BAND_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,14 +85,48 @@ def integrated_loudness(audio: np.ndarray, sample_rate: int, block_size: float =
         return float(meter.integrated_loudness(audio.T.astype(np.float64)))
 
 
+SPECTRUM_FRAME = 8192  # samples per spectrum frame: ~2-6 Hz bins, well below the 80 Hz edge
+_FRAMES_PER_BATCH = 64  # bounds the FFT's memory for long, high-rate files
+
+
+def speech_band_fraction(audio: np.ndarray, sample_rate: int) -> float:
+    """Share of the mono mix's spectral energy (DC included) in :data:`SPEECH_BAND_HZ`; 0 for silence.
+
+    Hann-windowed frames of :data:`SPECTRUM_FRAME` samples (the whole file if shorter), their
+    power spectra summed: the mono mix is what the codec encodes.
+    """
+    mono = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1]).mean(axis=0)
+    size = min(SPECTRUM_FRAME, mono.size)
+    if size == 0:
+        return 0.0
+    frames = mono[: mono.size // size * size].reshape(-1, size)
+    window = np.hanning(size) if size > 1 else np.ones(1)
+    power = np.zeros(size // 2 + 1)
+    for start in range(0, len(frames), _FRAMES_PER_BATCH):
+        power += (np.abs(np.fft.rfft(frames[start:start + _FRAMES_PER_BATCH] * window, axis=1)) ** 2).sum(axis=0)
+    total = float(power.sum())
+    if total <= 0.0 or not math.isfinite(total):
+        return 0.0
+    freqs = np.fft.rfftfreq(size, 1.0 / sample_rate)
+    low, high = SPEECH_BAND_HZ
+    return float(power[(freqs >= low) & (freqs <= high)].sum()) / total
+
+
 def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
-    """Run every check on one item; never raises for bad data."""
+    """Run every check on one item; never raises, even for data no check anticipated."""
+    try:
+        return _check_item(item, settings)
+    except Exception as exc:  # one bad file must never stop the run: it becomes a rejected row
+        return _reject(item, ds.UNREADABLE_AUDIO, f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _check_item(item: ds.Item, settings: ValidationSettings) -> Record:
     try:
         transcript = ds.read_transcript(item)
     except UnicodeDecodeError as exc:
         return _reject(item, ds.TRANSCRIPT_NOT_UTF8, f"byte {exc.start}: {exc.reason}")
     except OSError as exc:
-        return _reject(item, ds.MISSING_TRANSCRIPT, str(exc))
+        return _reject(item, ds.UNREADABLE_TRANSCRIPT, exc.strerror or str(exc))
     if not transcript.strip():
         return _reject(item, ds.EMPTY_TRANSCRIPT)
     if not has_spoken_content(transcript):
@@ -98,6 +141,12 @@ def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
     except Exception as exc:  # libsndfile raises several types for corrupt files
         return _reject(item, ds.UNREADABLE_AUDIO, str(exc).strip() or type(exc).__name__, transcript=transcript)
     known = dict(sample_rate=info.sample_rate, channels=info.channels, transcript=transcript)
+    if info.sample_rate < MIN_SAMPLE_RATE:
+        return _reject(item, ds.SAMPLE_RATE_TOO_LOW, f"{info.sample_rate} Hz < {MIN_SAMPLE_RATE} Hz", **known)
+    if info.channels > MAX_CHANNELS:
+        return _reject(
+            item, ds.TOO_MANY_CHANNELS, f"{info.channels} channels > {MAX_CHANNELS}; downmix to mono or stereo", **known
+        )
     if info.frames == 0:
         return _reject(item, ds.ZERO_LENGTH, **known, duration=0.0)
     if info.duration > settings.max_seconds:
@@ -130,6 +179,13 @@ def check_item(item: ds.Item, settings: ValidationSettings) -> Record:
     peak = float(np.abs(audio).max())
     if math.isinf(loudness):
         return _reject(item, ds.SILENT, f"peak {peak:.2g}", peak=peak, **known)
+    band = speech_band_fraction(audio, sample_rate)
+    if band < MIN_SPEECH_BAND_FRACTION:
+        low, high = SPEECH_BAND_HZ
+        return _reject(
+            item, ds.NO_SPEECH_BAND, f"{band:.1%} of the energy in {low:g} Hz-{high / 1000:g} kHz "
+            f"(< {MIN_SPEECH_BAND_FRACTION:.0%})", peak=peak, loudness=loudness, **known,
+        )
     return Record(
         item.rel_path,
         item.speaker,
@@ -187,7 +243,7 @@ class ValidationReport:
             if record.accepted:
                 row["hours"] += (record.duration or 0.0) / 3600
         return {
-            "root": str(self.root),
+            "root": ds.printable(str(self.root)),
             "accepted": len(self.accepted),
             "rejected": len(self.rejected),
             "total_hours": sum(self.speaker_hours().values()),
@@ -230,7 +286,7 @@ class ValidationReport:
                 ("transcript", pa.string()), ("peak", pa.float64()), ("loudness", pa.float64()),
                 ("language", pa.string()),
             ],
-            metadata={"root": str(self.root), "max_seconds": str(self.settings.max_seconds)},
+            metadata={"root": ds.printable(str(self.root)), "max_seconds": str(self.settings.max_seconds)},
         )
         table = pa.table(columns, schema=schema)
         with atomic_path(path) as tmp:

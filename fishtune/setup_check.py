@@ -52,10 +52,13 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail[:200]}" if detail else type(exc).__name__
 
 
-def check(required: tuple[tuple[str, tuple[str, ...]], ...] = REQUIRED) -> list[Broken]:
+Required = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def check(required: Required | None = None) -> list[Broken]:
     """Every required distribution that fails to import, with the first line of its error."""
     broken = []
-    for distribution, modules in required:
+    for distribution, modules in REQUIRED if required is None else required:
         for module in modules:
             try:
                 importlib.import_module(module)
@@ -67,7 +70,7 @@ def check(required: tuple[tuple[str, tuple[str, ...]], ...] = REQUIRED) -> list[
     return broken
 
 
-def main(required: tuple[tuple[str, tuple[str, ...]], ...] = REQUIRED) -> int:
+def main(required: Required | None = None) -> int:
     broken = check(required)
     for item in broken:
         print(item.line(), file=sys.stderr)

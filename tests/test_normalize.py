@@ -138,8 +138,9 @@ def test_clean_empties_only_output(tmp_path):
 @pytest.mark.slow
 def test_killed_run_leaves_nothing_a_rerun_trusts(tmp_path):
     src = tmp_path / "in"
-    for copy in range(4):  # enough work that the kill lands mid-run
-        shutil.copytree(DEMO, src / f"set{copy}", dirs_exist_ok=True)
+    for copy in range(4):  # enough work that the kill lands mid-run; speaker folders stay flat
+        for speaker in sorted(p for p in DEMO.iterdir() if p.is_dir()):
+            shutil.copytree(speaker, src / f"{speaker.name}-set{copy}")
     reference_out = tmp_path / "uninterrupted"
     normalize_tree(src, reference_out, num_workers=1, show_progress=False)
 
@@ -148,7 +149,8 @@ def test_killed_run_leaves_nothing_a_rerun_trusts(tmp_path):
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / STATE_DIR / "normalize"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(state.rglob("*.json"))) < 5:
+    # count finished records only: a killed write's temporary ends in .json too
+    while time.time() < deadline and len([p for p in state.rglob("*.json") if ".tmp" not in p.name]) < 5:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -153,3 +153,19 @@ def test_wheel_installs_from_the_lock_and_runs_the_demo_outside_the_repository(t
     assert (models[0].parent / "config.json").is_file() and (models[0].parent / "tokenizer.json").is_file()
     assert len(reports) == 1 and "| alice |" in reports[0].read_text()
     assert str(models[0].parent) in " ".join(demo.stderr.split()) or models[0].parent.name in demo.stderr
+
+
+def test_doctor_reports_a_package_that_does_not_import(monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fishtune import setup_check
+    from fishtune.cli import app
+
+    monkeypatch.setattr(setup_check, "REQUIRED", (*setup_check.REQUIRED, ("torchaudio", ("torchaudio._no_such_ext",))))
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 1
+    errors = [f for f in json.loads(result.stdout) if f["level"] == "error"]
+    assert errors == [{"level": "error", "what": "torchaudio 2.11.0 does not import: ModuleNotFoundError: No module "
+                       "named 'torchaudio._no_such_ext'", "what_to_do": setup_check.FIX}]

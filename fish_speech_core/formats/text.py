@@ -1,6 +1,9 @@
 """Transcript cleaning: the packer's tag stripping and the ``clean_text`` used by training/generation.
 
 Both reproduce Fish Speech 1.4 exactly (fixtures README sections 4 and 6, ``clean-text.json``).
+Before either, :func:`clean_transcript` removes what no transcript means to say (a BOM, NUL,
+terminal escapes, other control characters) and composes Unicode to NFC: validate, normalize's
+transcript copy and pack all read transcripts through it, so they agree on the text.
 """
 
 from __future__ import annotations
@@ -31,6 +34,35 @@ _SYMBOLS = re.compile("|".join(map(re.escape, SYMBOL_MAP)))
 _EMOJI = re.compile("[\U0001F600-\U0001F64F\U0001F300-\U0001F5FF\U0001F680-\U0001F6FF\U0001F1E0-\U0001F1FF]+")
 # "...", ",,,", ".,.," and "!.." style runs keep only their first character.
 _PUNCT_RUN = re.compile(r"[.,]{2,}")
+
+
+# ANSI/VT100 escape sequences (CSI "ESC [ ... final", OSC "ESC ] ... BEL|ESC \\", and two-byte
+# "ESC x"): dropped whole, so no "[31m" residue reaches the training text.
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]"
+)
+_BOM = "\ufeff"
+
+
+def _clean_control(ch: str) -> str:
+    # Whitespace controls (\t \n \r \v \f, \x1c-\x1f) stay: the packer's whitespace rule turns each run
+    # into one space, exactly as in the reference. Other C0/C1 controls (NUL, BEL, DEL...) are noise.
+    return ch if ch.isspace() else ""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean_transcript(text: str) -> str:
+    """The transcript as fishtune reads it: NFC, no BOM, no escape sequences or control characters.
+
+    Idempotent, and the identity for ordinary text (the reference fixtures pass unchanged), so
+    packing a cleaned transcript gives the reference's bytes. Whitespace is left to the packer.
+    """
+    text = text.replace(_BOM, "")
+    text = _ESCAPE_SEQUENCE.sub("", text)
+    text = _CONTROL.sub(lambda m: _clean_control(m.group()), text)
+    return unicodedata.normalize("NFC", text)
 
 
 def clean_pack_transcript(text: str) -> str:

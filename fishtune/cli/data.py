@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
 
@@ -15,11 +16,11 @@ MAX_SECONDS_HELP = "Reject audio longer than this many seconds (long clips waste
 
 
 def _print_validation(summary: dict) -> None:
-    table = Table(title=f"Dataset {escape(str(summary['root']))}")
+    table = Table(title=Text(f"Dataset {summary['root']}"))
     for column in ("speaker", "accepted", "rejected", "minutes"):
         table.add_column(column, justify="left" if column == "speaker" else "right")
     for name, row in summary["speakers"].items():
-        table.add_row(escape(name), str(row["accepted"]), str(row["rejected"]), f"{row['hours'] * 60:.2f}")
+        table.add_row(Text(name), str(row["accepted"]), str(row["rejected"]), f"{row['hours'] * 60:.2f}")
     table.add_row("[bold]total", str(summary["accepted"]), str(summary["rejected"]), f"{summary['total_hours'] * 60:.2f}")
     console.print(table)
     if summary["rejects"]:
@@ -28,7 +29,7 @@ def _print_validation(summary: dict) -> None:
         rejects.add_column("reason")
         rejects.add_column("detail")
         for r in summary["rejects"]:
-            rejects.add_row(escape(r["path"]), escape(r["reason"]), escape(r["detail"]))
+            rejects.add_row(Text(r["path"]), Text(r["reason"]), Text(r["detail"]))
         console.print(rejects)
         counts = ", ".join(f"{reason}: {n}" for reason, n in summary["rejects_by_reason"].items())
         console.print(f"Rejects by reason: {counts}", markup=False)
@@ -69,7 +70,11 @@ def validate_command(
 
     data = _data_dir(data)
     _report_outside(report, [("DATA", data)])
-    result = validate(data, filelist, ValidationSettings(text_extension, max_seconds), num_workers)
+    try:
+        result = validate(data, filelist, ValidationSettings(text_extension, max_seconds), num_workers)
+    except ValueError as exc:  # the filelist itself is unreadable; bad entries are rejected rows
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     report = report or data.absolute().parent / f"{data.absolute().name}-manifest.parquet"
     from fish_speech_core.files import DiskFullError, NotWritableError
 
@@ -79,7 +84,7 @@ def validate_command(
         console.print(f"[red]error:[/red] {escape(str(exc))} (the manifest --report)", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     _print_validation(result.summary())
-    console.print(f"Manifest: {report}", markup=False)
+    console.print(f"Manifest: {escape(str(report))}")
     if strict and result.rejected:
         console.print(f"[red]--strict: {len(result.rejected)} file(s) rejected; fix or remove them and rerun.")
         raise typer.Exit(1)
@@ -141,12 +146,12 @@ def normalize_command(
         f"{len(s['failed'])} failed; {s['audio_seconds_written']:.1f} s of audio in {s['wall_seconds']:.1f} s"
     )
     for r in s["rejected"]:
-        console.print(f"  rejected {r['path']}: {r['reason']} {r['detail']}", markup=False)
+        console.print(f"  rejected {escape(r['path'])}: {r['reason']} {escape(r['detail'])}", soft_wrap=True)
     for r in s["failed"]:
-        console.print(f"  [red]failed[/red] {escape(r['path'])}: {escape(r['detail'])}")
+        console.print(f"  [red]failed[/red] {escape(r['path'])}: {escape(r['detail'])}", soft_wrap=True)
     for r in s["clipped"]:
-        console.print(f"  clipped {r['path']}" + (" (scaled down to the peak ceiling)" if r["limited"] else " (left clipping)"), markup=False)
-    console.print(f"Report: {report_path}", markup=False)
+        console.print(f"  clipped {escape(r['path'])}" + (" (scaled down to the peak ceiling)" if r["limited"] else " (left clipping)"))
+    console.print(f"Report: {escape(str(report_path))}")
     if s["failed"]:
         raise typer.Exit(1)
 

@@ -26,9 +26,14 @@ def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON instead of a table."),
 ) -> None:
     """Check the environment and the files a finetune needs; exit 1 if anything is an error."""
-    from fish_speech_core.doctor import has_errors, run_checks, to_json
+    from fish_speech_core.doctor import Finding, has_errors, run_checks, to_json
+    from fishtune.setup_check import FIX, check
 
-    findings = run_checks(base, codec, storage)
+    # Packages that are installed but do not load (torchaudio built for another torch) come first.
+    problems = check()
+    broken = [Finding("error", f"{b.distribution} {b.version} does not import: {b.error}", FIX) for b in problems]
+    torch_broken = any(b.distribution == "torch" for b in problems)  # every other check needs torch
+    findings = broken + ([] if torch_broken else run_checks(base, codec, storage))
     if as_json:
         typer.echo(to_json(findings))
     else:

@@ -21,8 +21,10 @@ from tests.finetune.helpers_train import make_speakers
 
 
 def demo_copies(root: Path, copies: int) -> Path:
+    """``copies`` of the demo speakers, as flat speaker folders ``<speaker>-set<N>`` (no nesting)."""
     for copy in range(copies):
-        shutil.copytree(DEMO, root / f"set{copy}", dirs_exist_ok=True)
+        for speaker in sorted(p for p in DEMO.iterdir() if p.is_dir()):
+            shutil.copytree(speaker, root / f"{speaker.name}-set{copy}")
     return root
 
 
@@ -41,7 +43,11 @@ def test_sigkill_during_normalize_then_rerun_is_byte_identical(tmp_path, demo_no
     src = demo_copies(tmp_path / "in", 2)
     total = sum(1 for p in src.rglob("*") if p.suffix in AUDIO)
     # The uninterrupted run (normalize's output depends only on each file's bytes).
-    reference = {f"{copy}/{rel}": data for rel, data in outputs(demo_normalized).items() for copy in ("set0", "set1")}
+    reference = {
+        f"{speaker}-{copy}/{name}": data
+        for rel, data in outputs(demo_normalized).items() for copy in ("set0", "set1")
+        for speaker, name in [rel.split("/", 1)]
+    }
 
     out = tmp_path / "out"
     records = out / STATE_DIR / "normalize"

@@ -148,8 +148,9 @@ def _validate_markup_in_names(tmp: Path) -> Run:
     data = tmp / "data"
     write_clip(data / "anna" / "a.wav")
     write_clip(data / "[" / "bold]x[" / "x.wav", text=None)  # its path holds "[/bold]x[/x.wav"
+    write_clip(data / "[red]" / "y.wav", text=None)  # a speaker whose name is a style tag
     return Run(["validate", str(data), "--report", str(tmp / "m.parquet")], exit_codes=(0,),
-               output_has=("missing-transcript",), unchanged=(data,))
+               output_has=("[/bold]x[/x.wav", "[red]/y.wav", "missing-transcript"), unchanged=(data,))
 
 
 def _pack_symlink_loop(tmp: Path) -> Run:

@@ -361,3 +361,16 @@ def refuse_overlap(
 def has_control_characters(text: str) -> bool:
     """Newlines, tabs and other control characters never belong in a file or folder name."""
     return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically; the same object gives the same bytes anywhere.
+
+    Given a file name, torch.save names the zip archive's records after it (here the temp file's
+    random name), so two writes of equal tensors differ in bytes and in every hash keyed on them.
+    Given an open stream it always writes the fixed record prefix ``archive``, streaming as before.
+    """
+    import torch  # lazily: the rest of this module serves torch-free callers
+
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)

@@ -27,6 +27,13 @@ class Preset(str, Enum):
     large = "large"  # r=32 alpha=64
 
 
+class Sampling(str, Enum):
+    """Where a training sample's consecutive sentences start (fish_speech_core.finetune.data.SAMPLING_MODES)."""
+
+    cover = "cover"  # anywhere in the speaker, wrapping: every clip is trained on
+    reference = "reference"  # Fish Speech 1.4: short speakers always from their first clip
+
+
 class NormalizeOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -66,6 +73,17 @@ class FinetuneConfig(BaseModel):
     codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
     preset: Preset = Field(Preset.small, description="LoRA training preset.")
     max_steps: int = Field(1000, gt=0, le=1_000_000, description="Training steps.")
+    max_length: int | None = Field(
+        None, ge=20, le=1_000_000,
+        description="Tokens per training sample. Empty: the preset's (tiny 256, else 4096), capped at the base's "
+                    "max_seq_len. A value over the base's max_seq_len fails before any stage.",
+    )
+    sampling: Sampling = Field(
+        Sampling.cover,
+        description="Training sample placement: cover (every clip of every speaker, near-equally often) or "
+                    "reference (Fish Speech 1.4's rule: speakers shorter than max_length/20 clips always start "
+                    "at their first clip).",
+    )
     seed: int = Field(42, ge=0, description="Seed of the training sample stream and the adapter init.")
     progress_every: int = Field(10, ge=1, le=100_000, description="Update the training progress in the Prefect UI every this many steps.")
     evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")

@@ -56,8 +56,35 @@ def plot_url(evaluated: StageRecord) -> str:
     return storage.redact(storage.join(evaluated.url, evaluated.summary["plot"]))
 
 
+# Per-file counters of the stages that keep per-file work (normalize, extract): (redone, reused).
+PER_FILE_COUNTS = {"normalize": ("written", "skipped"), "extract": ("extracted", "skipped")}
+
+
+def cache_label(stage: str, cached: bool, summary: dict) -> str:
+    """``hit``; or ``miss``, with what the stage reused when it ran: ``miss (1 of 26 files redone)``
+    or ``miss (artifact reused)`` (the same inputs were published before, e.g. by another project)."""
+    if cached:
+        return "hit"
+    if summary.get("reused_artifact"):
+        return "miss (artifact reused)"
+    redone_key, reused_key = PER_FILE_COUNTS.get(stage, (None, None))
+    if redone_key and summary.get(reused_key):
+        redone = int(summary.get(redone_key, 0))
+        return f"miss ({redone} of {redone + int(summary[reused_key])} files redone)"
+    return "miss"
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def coverage_section(coverage: dict[str, dict[str, int]]) -> list[str]:
+    """Per speaker: sentences seen in training / sentences in the training split."""
+    lines = ["| speaker | sentences seen / sentences in the training split |", "|---|---:|"]
+    for speaker, row in sorted(coverage.items()):
+        share = row["seen"] / row["sentences"] if row["sentences"] else 0.0
+        lines.append(f"| {_cell(speaker)} | {row['seen']} / {row['sentences']} ({share:.0%}) |")
+    return lines
 
 
 def preview_section(evaluated: StageRecord, overridden: bool = False) -> list[str]:
@@ -121,7 +148,7 @@ def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
         lines += [""]
     lines += ["## Stages", "", "| stage | cache | wall s | artifact |", "|---|---|---:|---|"]
     lines += [
-        f"| {s.stage} | {'hit' if s.cached else 'miss'} | {s.seconds:.2f} | `{storage.redact(s.url)}` |" for s in manifest.stages
+        f"| {s.stage} | {cache_label(s.stage, s.cached, s.summary)} | {s.seconds:.2f} | `{storage.redact(s.url)}` |" for s in manifest.stages
     ]
     trained = next((s for s in manifest.stages if s.stage == "train"), None)
     if trained:
@@ -132,6 +159,8 @@ def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
         lines += ["| step | train loss | val loss |", "|---:|---:|---:|"]
         fmt = lambda v: "" if v is None else f"{v:.4f}"
         lines += [f"| {r['step']} | {fmt(r.get('train_loss'))} | {fmt(r.get('val_loss'))} |" for r in t.get("history", [])]
+        if t.get("coverage"):
+            lines += ["", *coverage_section(t["coverage"])]
         checkpoint = trained.outputs.get("checkpoint")
         lines += ["", f"**Recommended checkpoint:** step {t.get('recommended_step')} — `{storage.redact(checkpoint or '')}`"
                   + (f" ({t['recommended_note']})" if t.get("recommended_note") else "")]
@@ -182,6 +211,20 @@ def _check_models(config: FinetuneConfig) -> None:
             f"- {f.what}: {f.what_to_do}" for f in errors))
 
 
+def _check_max_length(config: FinetuneConfig) -> None:
+    """Refuse a max_length the (local) base cannot attend to before any stage; the train task
+    makes the same check for a remote base once it has it."""
+    if config.max_length is None or not config.base or "://" in config.base:
+        return
+    from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
+
+    try:
+        max_seq_len = base_max_seq_len(config.base)
+    except TrainError:
+        return  # an unreadable base is the train stage's to report, with its reason
+    resolve_max_length(config.max_length, max_seq_len, config.base, flag="max_length")
+
+
 @flow(name="finetune", log_prints=True, persist_result=True)
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Finetune Fish Speech 1.4 on a dataset: validate, normalize (then extract, pack, train, merge)."""
@@ -202,6 +245,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     lora = merged = chosen = None
     try:
         _check_models(config)  # before any heavy step: a 1.2/1.4 mix-up fails here, not deep in training
+        _check_max_length(config)
         data_dir = fetch(config.data, str(work_dir), [config.speaker] if config.speaker else None)
         data_input = {"data": storage.redact(config.data)}
         if config.base:  # lineage: the merged model will point back to these exact base weights
@@ -246,6 +290,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
                     pack_url=packed["url"], base=config.base, store_root=store.root, work_dir=str(work_dir),
                     project=config.project, preset=config.preset.value, max_steps=config.max_steps,
                     seed=config.seed, init_lora=init_lora, progress_every=config.progress_every,
+                    sampling=config.sampling.value, max_length=config.max_length,
                 )
                 if not lora["checkpoint"]:
                     raise RuntimeError(f"training published no checkpoint: see {storage.redact(lora['url'])}")

@@ -31,10 +31,13 @@ def train_flow(
     seed: int = 42,
     init_lora: str | None = None,
     progress_every: int = 10,
+    sampling: str = "cover",
+    max_length: int | None = None,
 ) -> dict:
     """LoRA-train ``base`` on a pack artifact; publish checkpoints, history and the recommendation."""
     task_ = bind(train_task, Store(store_root), Path(work_dir))
-    return task_(pack_url, base, store_root, work_dir, project, preset, max_steps, seed, init_lora, progress_every)
+    return task_(pack_url, base, store_root, work_dir, project, preset, max_steps, seed, init_lora, progress_every,
+                 sampling, max_length)
 
 
 @task(
@@ -53,9 +56,12 @@ def train_on_pool(
     seed: int = 42,
     init_lora: str | None = None,
     progress_every: int = 10,
+    sampling: str = "cover",
+    max_length: int | None = None,
 ) -> dict:
     """Run :func:`train_flow` as a child deployment (GPU pool); a cache hit launches nothing."""
     return run_child(DEPLOYMENT, {
         "pack_url": pack_url, "base": base, "store_root": store_root, "work_dir": work_dir, "project": project,
         "preset": preset, "max_steps": max_steps, "seed": seed, "init_lora": init_lora, "progress_every": progress_every,
+        "sampling": sampling, "max_length": max_length,
     })

@@ -90,12 +90,19 @@ def train_task(
     seed: int = 42,
     init_lora: str | None = None,
     progress_every: int = 10,
+    sampling: str = "cover",
+    max_length: int | None = None,
 ) -> dict:
-    """LoRA-train ``base`` on the shards at ``pack_url``; resume the run folder if it exists."""
+    """LoRA-train ``base`` on the shards at ``pack_url``; resume the run folder if it exists.
+
+    ``max_length`` None: the preset's, capped at the base's ``max_seq_len``; a longer explicit
+    value fails before training (:func:`fish_speech_core.finetune.train.resolve_max_length`).
+    """
     from prefect.artifacts import create_progress_artifact, create_table_artifact
 
     from fish_speech_core.files import sha256_file
     from fish_speech_core.finetune.module import TrainConfig
+    from fish_speech_core.finetune.limits import base_max_seq_len, resolve_max_length
     from fish_speech_core.finetune.train import train
 
     logger = get_run_logger()
@@ -105,7 +112,11 @@ def train_task(
     inputs = {"pack": storage.hash_tree(pack_url), "base": storage.hash_any(base)}
     if init_lora:
         inputs["init_lora"] = storage.hash_any(init_lora)
-    params = {"preset": preset, "settings": settings, "max_steps": max_steps, "seed": seed}
+    # sampling always (the default changed what training does); max_length only when set, the
+    # preset's default being a function of the (hashed) base
+    params = {"preset": preset, "settings": settings, "max_steps": max_steps, "seed": seed, "sampling": sampling}
+    if max_length is not None:
+        params["max_length"] = max_length
     key = storage.artifact_key("train", inputs, params, storage.code_version())
     artifact = store.lookup("train", key)
     if artifact is not None:  # trained before (e.g. by another project's run): reuse
@@ -114,9 +125,15 @@ def train_task(
 
     shards = local_tree(pack_url, work / "inputs")
     base_dir = local_tree(base, work / "inputs")
+    # the preset's length is a default: capped at what the base attends to; a set one must fit
+    resolved = resolve_max_length(max_length, base_max_seq_len(base_dir), storage.redact(base),
+                                  default=settings["max_length"], flag="max_length")
+    if resolved != (max_length or settings["max_length"]):
+        logger.info("max_length %d: the preset's %d capped at the base's max_seq_len", resolved, settings["max_length"])
+    settings = {**settings, "max_length": resolved}  # params (the key and the metadata) keep the request
     config = TrainConfig(
         project=key[:16], base=str(base_dir), data=(str(shards),), max_steps=max_steps, seed=seed,
-        results_dir=str(work / "train"), save_top_k=5,
+        results_dir=str(work / "train"), save_top_k=5, sampling=sampling,
         init_lora=str(local_file(init_lora, work / "inputs")) if init_lora else None, **settings,
     )
     run_dir = config.run_dir
@@ -164,6 +181,7 @@ def _result(store: Store, key: str, url: str, summary: dict, reused: bool) -> di
         "recommended_step": rec.get("step"),
         "recommended_note": rec.get("note"),
         "num_truncated": summary.get("num_truncated", 0),
+        "coverage": summary.get("coverage", {}),
         "reused_artifact": reused,
     }
     return {"stage": "train", "key": key, "url": url, "checkpoint": recommended or (kept[-1] if kept else None),

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fish_speech_core.codec.config import FireflyConfig, resolve_config
 from fish_speech_core.codec.model import FireflyCodec
-from fish_speech_core.files import atomic_path
+from fish_speech_core.files import atomic_torch_save
 
 GENERATOR_PREFIX = "generator."
 CONFIG_KEY = "codec_config"  # where save_codec stores the constructor arguments
@@ -198,8 +198,7 @@ def init_codec(config: FireflyConfig, seed: int = 0) -> FireflyCodec:
 def save_codec(model: FireflyCodec, path: str | os.PathLike) -> None:
     """Write ``{"state_dict", "codec_config"}`` atomically; :func:`load_codec` reads it back."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, CONFIG_KEY: model.config.to_dict()}, tmp)
+    atomic_torch_save({"state_dict": state, CONFIG_KEY: model.config.to_dict()}, path)
 
 
 def codec_hash(model: FireflyCodec) -> str:

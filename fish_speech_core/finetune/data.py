@@ -2,7 +2,8 @@
 
 Same semantics as Fish Speech 1.4's ``AutoTextSemanticInstructionDataset`` + ``TextDataCollator``
 (fixtures README sections 3 and 4), with every random draw taken from an explicit
-``random.Random`` seeded per (seed, epoch, rank, worker) instead of the global RNGs.
+``random.Random`` seeded per (seed, epoch, rank, worker) instead of the global RNGs, and one
+deliberate change of the default: which sentences a sample starts from (``SAMPLING_MODES``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 
 import numpy as np
@@ -30,15 +31,21 @@ from fish_speech_core.formats.protos import iter_text_data
 from fish_speech_core.formats.text import clean_text
 from fish_speech_core.tokenizer import FishTokenizer
 
-Sample = dict[str, torch.Tensor]  # {"tokens": (1+C, L) int64, "labels": (1+C, L) int64}
+# {"tokens": (1+C, L) int64, "labels": (1+C, L) int64}; training samples also carry
+# "sentences": (k, 2) int64, per sentence its Item.index and the column its codes start at.
+Sample = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Item:
-    """One utterance: its transcript(s) and raw codes, (num_codebooks, frames) int64."""
+    """One utterance: its transcript(s) and raw codes, (num_codebooks, frames) int64.
+
+    ``index`` numbers the training split's sentences (:func:`number_items`); -1 elsewhere.
+    """
 
     texts: tuple[str, ...]
     codes: np.ndarray
+    index: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,15 @@ class Group:
     source: str
     name: str
     items: tuple[Item, ...]
+
+
+# How a sample's window of consecutive sentences is placed in its speaker (docs/train.md, Sampling).
+#   cover:     the window starts at an offset dealt from a per-speaker shuffled deck of every
+#              offset and wraps around the speaker's end, so every sentence is equally likely.
+#   reference: Fish Speech 1.4's rule: a random start when the speaker has more sentences than
+#              the window, else all of them from sentence 0 (most clips are never trained on).
+SAMPLING_MODES = ("cover", "reference")
+DEFAULT_SAMPLING = "cover"
 
 
 @dataclass(frozen=True)
@@ -60,9 +76,12 @@ class SamplingConfig:
     causal: bool = True  # consecutive sentences (else drawn with replacement)
     skip_text_prob: float = 0.0  # per interactive turn: replace the text by <|skip_text|>
     num_codebooks: int | None = None  # None: as many as the data has
+    mode: str = DEFAULT_SAMPLING  # one of SAMPLING_MODES
 
     def __post_init__(self) -> None:
         problems = []
+        if self.mode not in SAMPLING_MODES:
+            problems.append(f"sampling must be one of {list(SAMPLING_MODES)}, got {self.mode!r}")
         if self.max_length < TOKENS_PER_SENTENCE_ESTIMATE:
             problems.append(f"max_length must be >= {TOKENS_PER_SENTENCE_ESTIMATE}, got {self.max_length}")
         for name in ("interactive_prob", "skip_text_prob"):
@@ -158,7 +177,11 @@ def truncated_normal(rng: random.Random, mean: float, std: float, low: float, hi
 
 
 class SampleBuilder:
-    """Draws training samples from groups: a speaker, then consecutive sentences packed as turns."""
+    """Draws training samples from groups: a speaker, then consecutive sentences packed as turns.
+
+    Stateful in ``cover`` mode (each speaker's deck of start offsets), so one builder per stream:
+    the same rng draws in the same order give the same samples, which resume relies on.
+    """
 
     def __init__(self, tokenizer: FishTokenizer, groups: Sequence[Group], config: SamplingConfig) -> None:
         self.tokenizer = tokenizer
@@ -167,16 +190,29 @@ class SampleBuilder:
             raise ValueError("no sentences to sample from")
         self.weights = [len(g.items) for g in self.groups]  # groups drawn by sentence count
         self.config = config
+        self.decks: dict[int, list[int]] = {}  # group index -> start offsets not yet dealt
 
     def choose_items(self, rng: random.Random) -> tuple[Group, list[Item]]:
-        group = rng.choices(self.groups, weights=self.weights, k=1)[0]
+        index = rng.choices(range(len(self.groups)), weights=self.weights, k=1)[0]
+        group = self.groups[index]
         budget = self.config.max_length // TOKENS_PER_SENTENCE_ESTIMATE
         if not self.config.causal:
             return group, rng.choices(group.items, k=min(budget, len(group.items)))
-        if budget >= len(group.items):
-            return group, list(group.items)
-        begin = rng.randint(0, len(group.items) - budget)
-        return group, list(group.items[begin : begin + budget])
+        n = len(group.items)
+        if self.config.mode == "reference":
+            if budget >= n:
+                return group, list(group.items)
+            begin = rng.randint(0, n - budget)
+            return group, list(group.items[begin : begin + budget])
+        # cover: every offset once per deck (then a new shuffle), window wrapping past the end,
+        # so each sentence leads, and is inside, the same number of windows per pass.
+        deck = self.decks.get(index)
+        if not deck:
+            deck = list(range(n))
+            rng.shuffle(deck)
+            self.decks[index] = deck
+        begin = deck.pop()
+        return group, [group.items[(begin + i) % n] for i in range(min(budget, n))]
 
     def sample(self, rng: random.Random) -> Sample:
         """One sample. Interactive: a turn per sentence until ``max_length`` tokens are spent.
@@ -197,22 +233,34 @@ class SampleBuilder:
 
         turns: list[tuple[torch.Tensor, torch.Tensor]] = []
         texts: list[str] = []
-        codes: list[np.ndarray] = []
+        used: list[Item] = []
+        starts: list[int] = []  # column of each sentence's first code frame in the sample
+        column = 0
         while remaining > 0 and items:
             item = items.pop(0)
+            used.append(item)
             text = clean_text(rng.choice(item.texts))
             remaining -= len(self.tokenizer.encode(text)) + item.codes.shape[1]
             if interactive:
                 skip = rng.random() < cfg.skip_text_prob
-                turns.append(encode_sentences(self.tokenizer, [text], [item.codes], speaker, skip, cfg.num_codebooks))
+                turn = encode_sentences(self.tokenizer, [text], [item.codes], speaker, skip, cfg.num_codebooks)
+                turns.append(turn)
+                # a turn is prompt + frames (+ the trailing column that skip_text keeps)
+                starts.append(column + turn[0].shape[1] - item.codes.shape[1] - int(skip))
+                column += turn[0].shape[1]
             else:
                 texts.append(text)
-                codes.append(item.codes)
         if not interactive:
-            turns.append(encode_sentences(self.tokenizer, texts, codes, speaker, False, cfg.num_codebooks))
+            turn = encode_sentences(self.tokenizer, texts, [i.codes for i in used], speaker, False, cfg.num_codebooks)
+            turns.append(turn)
+            frame = turn[0].shape[1] - sum(i.codes.shape[1] for i in used)
+            for i in used:
+                starts.append(frame)
+                frame += i.codes.shape[1]
         return {
             "tokens": torch.cat([t for t, _ in turns], dim=1),
             "labels": torch.cat([lab for _, lab in turns], dim=1),
+            "sentences": torch.tensor([[i.index, start] for i, start in zip(used, starts)], dtype=torch.long),
         }
 
 
@@ -244,6 +292,29 @@ def split_groups(groups: Sequence[Group], val_fraction: float, split: str) -> li
         if items:
             kept.append(Group(group.source, group.name, items))
     return kept
+
+
+def number_items(groups: Sequence[Group]) -> list[Group]:
+    """The groups with their items numbered 0, 1, ... in order (``Item.index``), so a sample can
+    name its sentences across DataLoader processes (coverage: :func:`coverage`)."""
+    numbered, next_index = [], 0
+    for g in groups:
+        items = tuple(replace(item, index=next_index + i) for i, item in enumerate(g.items))
+        next_index += len(items)
+        numbered.append(Group(g.source, g.name, items))
+    return numbered
+
+
+def coverage(groups: Sequence[Group], seen: Iterable[int]) -> dict[str, dict[str, int]]:
+    """Per speaker (group name): ``{"seen": sentences trained on, "sentences": in the split}``
+    from numbered ``groups`` and the ``Item.index`` values that were trained on."""
+    seen = set(seen)
+    out: dict[str, dict[str, int]] = {}
+    for g in groups:
+        row = out.setdefault(g.name, {"seen": 0, "sentences": 0})
+        row["sentences"] += len(g.items)
+        row["seen"] += sum(item.index in seen for item in g.items)
+    return out
 
 
 def partition_groups(groups: Sequence[Group], part: int, num_parts: int) -> list[Group]:
@@ -291,7 +362,7 @@ class TextSemanticDataset(IterableDataset):
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        self.groups = split_groups(load_groups(paths), val_fraction, split)
+        self.groups = number_items(split_groups(load_groups(paths), val_fraction, split))
         if not self.groups:
             raise ValueError(f"the {split} split is empty (val_fraction={val_fraction})")
         self.tokenizer = tokenizer
@@ -366,7 +437,9 @@ class Collator:
     """Pad samples to the batch's longest (at most ``max_length``, longer ones are cut).
 
     Returns ``inputs`` and ``labels`` (B, 1+C, T), ``attention_masks`` (B, T) with True = padding,
-    and ``num_truncated``, how many samples were cut to ``max_length``.
+    ``num_truncated``, how many samples were cut to ``max_length``, and ``sentences``, the
+    ``Item.index`` of every sentence whose codes start inside the kept columns (empty for
+    samples that carry none, e.g. validation).
     """
 
     text_pad_id: int
@@ -380,7 +453,11 @@ class Collator:
         length = min(max(e["tokens"].shape[1] for e in examples), self.max_length)
         inputs, labels, masks = [], [], []
         truncated = 0
+        sentences = []
         for example in examples:
+            if "sentences" in example and len(example["sentences"]):
+                kept = example["sentences"][example["sentences"][:, 1] < length]
+                sentences.append(kept[:, 0])
             tokens = example["tokens"][:, :length]
             label = example["labels"][:, :length]
             truncated += example["tokens"].shape[1] > length
@@ -400,4 +477,5 @@ class Collator:
             "attention_masks": torch.stack(masks),
             "labels": torch.stack(labels),
             "num_truncated": truncated,
+            "sentences": torch.cat(sentences) if sentences else torch.zeros(0, dtype=torch.long),
         }

@@ -12,6 +12,7 @@ from fish_speech_core.files import (
     NotWritableError,
     OverlapError,
     atomic_path,
+    atomic_torch_save,
     atomic_write,
     refuse_overlap,
     require_writable,
@@ -111,8 +112,7 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
         with atomic_path(output / "model.safetensors") as tmp:
             save_file(state, str(tmp))
     else:
-        with atomic_path(output / MODEL_FILE) as tmp:
-            torch.save(state, tmp)
+        atomic_torch_save(state, output / MODEL_FILE)
 
     # Verify what is on disk, not what is in memory.
     if fmt == "pth":

@@ -17,11 +17,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from fish_speech_core.finetune.data import (
+    DEFAULT_SAMPLING,
+    SAMPLING_MODES,
     Collator,
     HeldOutDataset,
     SamplingConfig,
     TextSemanticDataset,
     load_groups,
+    number_items,
+    split_groups,
 )
 from fish_speech_core.finetune.lora import (
     LoraMetadata,
@@ -48,7 +52,7 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8
     accumulate_grad_batches: int = 1
-    max_length: int = 4096
+    max_length: int | None = None  # None: min(limits.DEFAULT_MAX_LENGTH, the base's max_seq_len)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-5
@@ -63,6 +67,7 @@ class TrainConfig:
     max_val_batches: int = 10
     interactive_prob: float = 0.7
     use_speaker: bool = False
+    sampling: str = DEFAULT_SAMPLING  # data.SAMPLING_MODES; docs/train.md, Sampling
     devices: str = "auto"
     precision: str = "auto"
     process_group_backend: str | None = None
@@ -104,6 +109,8 @@ class TrainConfig:
         d = {k: v for k, v in data.items() if k in known}
         d["data"] = tuple(d["data"])
         d["betas"] = tuple(d.get("betas", (0.9, 0.95)))
+        # runs saved before the sampling choice existed sampled with the reference rule
+        d.setdefault("sampling", "reference")
         return cls(**d)
 
     def validate(self) -> list[str]:
@@ -113,7 +120,7 @@ class TrainConfig:
             ("--max-steps", self.max_steps, 1), ("--batch-size", self.batch_size, 1),
             ("--accumulate-grad-batches", self.accumulate_grad_batches, 1),
             ("--val-check-interval", self.val_check_interval, 1), ("--save-top-k", self.save_top_k, 1),
-            ("--max-length", self.max_length, 20), ("--lora-r", self.lora_r, 1),
+            ("--max-length", 20 if self.max_length is None else self.max_length, 20), ("--lora-r", self.lora_r, 1),
             ("--max-val-batches", self.max_val_batches, 0),
         ):
             if value < low:
@@ -126,6 +133,8 @@ class TrainConfig:
             p.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.val_fraction < 1:
             p.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.sampling not in SAMPLING_MODES:
+            p.append(f"--sampling must be one of {list(SAMPLING_MODES)}, got {self.sampling!r}")
         if self.precision not in PRECISIONS:
             p.append(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not self.project or "/" in self.project or self.project.startswith("."):
@@ -174,6 +183,8 @@ class FinetuneData(pl.LightningDataModule):
 
     def __init__(self, config: TrainConfig, tokenizer, num_codebooks: int) -> None:
         super().__init__()
+        if config.max_length is None:
+            raise ValueError("max_length is not resolved yet (train() resolves it against the base)")
         self.config = config
         self.tokenizer = tokenizer
         self.num_codebooks = num_codebooks
@@ -195,11 +206,13 @@ class FinetuneData(pl.LightningDataModule):
             )
             val.items = [item for g in groups for item in g.items]
         self.val_dataset = val
+        # The training split as TextSemanticDataset numbers it: Item.index -> speaker, for coverage.
+        self.train_groups = number_items(groups if self.train_uses_all else split_groups(groups, config.val_fraction, "train"))
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(
             max_length=self.config.max_length, interactive_prob=self.config.interactive_prob,
-            use_speaker=self.config.use_speaker, num_codebooks=self.num_codebooks,
+            use_speaker=self.config.use_speaker, num_codebooks=self.num_codebooks, mode=self.config.sampling,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -250,6 +263,9 @@ class LoraFinetune(pl.LightningModule):
         self._t0: float | None = None
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+        # Item.index of every training sentence trained on so far (kept in checkpoints, so a
+        # resumed run reports the coverage of the whole run).
+        self.seen: set[int] = set()
 
     def _losses(self, batch):
         out = self.model(batch["inputs"], batch["attention_masks"])
@@ -273,6 +289,7 @@ class LoraFinetune(pl.LightningModule):
         tokens = int((~batch["attention_masks"]).sum())
         self.tokens_seen += tokens
         self.num_truncated += int(batch["num_truncated"])
+        self.seen.update(batch["sentences"].tolist())
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         bs = batch["inputs"].shape[0]
         self.log("train/loss", losses.loss, prog_bar=True, batch_size=bs)
@@ -319,7 +336,20 @@ class LoraFinetune(pl.LightningModule):
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in lora_state_dict(self.model).items()}
         checkpoint["fishtune_lora"] = self.metadata.to_dict()
         checkpoint["fishtune_config"] = self.config.to_dict()
+        checkpoint["fishtune_seen"] = self.all_seen()
         checkpoint.pop("hyper_parameters", None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.seen = set(checkpoint.get("fishtune_seen", []))
+
+    def all_seen(self) -> list[int]:
+        """The sentences trained on by every rank (each rank samples its own share), sorted."""
+        seen = self.seen
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, sorted(seen))
+            seen = set().union(*parts)
+        return sorted(seen)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         from fish_speech_core.finetune.lora import load_lora_state_dict

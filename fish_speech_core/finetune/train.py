@@ -31,6 +31,8 @@ from fish_speech_core.finetune.checkpoints import (
     recommend,
     remove_partial_checkpoints,
 )
+from fish_speech_core.finetune.data import coverage
+from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraMetadata,
@@ -41,10 +43,6 @@ from fish_speech_core.finetune.lora import (
 from fish_speech_core.finetune.module import FinetuneData, LoraFinetune, TrainConfig
 
 ProgressHook = Callable[[dict[str, Any]], None]
-
-
-class TrainError(ValueError):
-    """A run that cannot start as asked; the message says what to change."""
 
 
 @dataclass
@@ -59,6 +57,8 @@ class TrainResult:
     num_truncated: int = 0
     resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)
+    # per speaker: {"seen": training sentences trained on, "sentences": in the training split}
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def resolve_precision(precision: str) -> str:
@@ -165,7 +165,9 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     base_model = Path(config.base) / "model.pth"
     if not base_model.is_file():
         raise TrainError(f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: no model.pth")
-    config = replace(config, base_sha256=sha256_file(base_model))
+    # Before anything heavy: a sample longer than the base's max_seq_len fails in the first step.
+    max_length = resolve_max_length(config.max_length, base_max_seq_len(config.base), config.base)
+    config = replace(config, base_sha256=sha256_file(base_model), max_length=max_length)
     resume_path, notes = find_resume(config, resume)
     for partial in remove_partial_checkpoints(config.checkpoint_dir):
         notes.append(f"removed {partial.name}, a checkpoint write that was interrupted")
@@ -235,6 +237,7 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         recommendation=recommend(recorder.history, config.checkpoint_dir),
         checkpoints=[p for _, p in list_checkpoints(config.checkpoint_dir)],
         num_truncated=module.num_truncated, resumed_from=resume_path, notes=notes,
+        coverage=coverage(data.train_groups, module.all_seen()),
     )
     if trainer.is_global_zero:
         _write_summary(result)
@@ -257,6 +260,7 @@ def _write_summary(result: TrainResult) -> None:
         "recommended": None if rec is None else rec.__dict__,
         "checkpoints": [str(p) for p in result.checkpoints],
         "num_truncated": result.num_truncated,
+        "coverage": result.coverage,
         "notes": result.notes,
     }
     with atomic_write(result.run_dir / "summary.json", "w") as handle:
@@ -339,4 +343,5 @@ class StepProgress(_pl.Callback):
         }
 
 
-__all__ = ["TrainError", "TrainResult", "train", "resolve_precision", "find_resume"]
+__all__ = ["TrainError", "TrainResult", "train", "resolve_precision", "find_resume", "base_max_seq_len",
+           "resolve_max_length"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fish_speech_core.files import atomic_path, atomic_write
+from fish_speech_core.files import atomic_torch_save, atomic_write
 from fish_speech_core.lm.config import DualARConfig
 from fish_speech_core.lm.model import AttentionImpl, DualARTransformer
 from fish_speech_core.tokenizer import FishTokenizer
@@ -237,5 +237,4 @@ def save_pretrained(
         handle.write(model.config.to_json())
     # model.pth last: a folder that has it is complete.
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / MODEL_FILE) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(state, folder / MODEL_FILE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from fishtune.flows.config import AudioFormat, FinetuneConfig, NormalizeOptions, Preset
+from fishtune.flows.config import AudioFormat, FinetuneConfig, NormalizeOptions, Preset, Sampling
 
 _F = FinetuneConfig.model_fields
 _N = NormalizeOptions.model_fields
@@ -23,7 +23,7 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
     "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
     "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
     "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
-    "max_steps": "--max-steps", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate",
+    "max_steps": "--max-steps", "max_length": "--max-length", "sampling": "--sampling", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate",
     "preview_sentences_per_speaker": "--preview-sentences",
     "preview_max_new_tokens": "--preview-max-tokens", "merge_step": "--merge-step", "asr": "--asr", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
 }
@@ -81,6 +81,8 @@ def finetune_command(
     codec: str | None = typer.Option(None, "--codec", help=_F["codec"].description),
     preset: Preset = typer.Option(_F["preset"].default.value, "--preset", help=_F["preset"].description),
     max_steps: int = typer.Option(_F["max_steps"].default, "--max-steps", help=_F["max_steps"].description),
+    max_length: int | None = typer.Option(None, "--max-length", help=_F["max_length"].description),
+    sampling: Sampling = typer.Option(_F["sampling"].default.value, "--sampling", help=_F["sampling"].description),
     seed: int = typer.Option(_F["seed"].default, "--seed", help=_F["seed"].description),
     progress_every: int = typer.Option(_F["progress_every"].default, "--progress-every", help=_F["progress_every"].description),
     evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help=_F["evaluate"].description),
@@ -104,7 +106,7 @@ def finetune_command(
     console = Console(stderr=True)
     config = build_config(
         data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
-        preset=preset, max_steps=max_steps, seed=seed, progress_every=progress_every, evaluate=evaluate,
+        preset=preset, max_steps=max_steps, max_length=max_length, sampling=sampling, seed=seed, progress_every=progress_every, evaluate=evaluate,
         preview_sentences_per_speaker=preview_sentences, preview_max_new_tokens=preview_max_tokens, merge_step=merge_step, asr=asr, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
         peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
     )
@@ -119,9 +121,10 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     """Run the flow, print the stage table and where the report / merged model are; exit 1 on failure."""
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from fish_speech_core.storage import redact, redact_text
-    from fishtune.flows.finetune import finetune
+    from fishtune.flows.finetune import cache_label, finetune
 
     try:
         state = finetune(config, return_state=True)
@@ -134,7 +137,7 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
         console.print(f"[red]finetune failed:[/red] {escape(_ephemeral_startup_message())}", soft_wrap=True)
         raise typer.Exit(1)
     if not state.is_completed():
-        console.print(f"[red]finetune failed:[/red] {escape(redact_text(state.message or ''))}", soft_wrap=True)
+        console.print(Text.assemble(("finetune failed: ", "red"), redact_text(state.message or "")), soft_wrap=True)
         console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume "
                       "(finished stages come from cache, training continues from its last checkpoint).", markup=False)
         raise typer.Exit(1)
@@ -143,7 +146,8 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     for column in ("stage", "cache", "seconds", "artifact"):
         table.add_column(column)
     for stage in result["stages"]:
-        table.add_row(stage["stage"], "hit" if stage["cached"] else "miss", f"{stage['seconds']:.2f}", escape(redact(stage["url"])))
+        table.add_row(Text(stage["stage"]), cache_label(stage["stage"], stage["cached"], stage.get("summary") or {}),
+                      f"{stage['seconds']:.2f}", Text(redact(stage["url"])))
     console.print(table)
     if result.get("recommended_checkpoint"):
         console.print(f"Recommended checkpoint: {redact(result['recommended_checkpoint'])}", soft_wrap=True, markup=False)

@@ -13,6 +13,11 @@ class Backend(str, Enum):
     nccl = "nccl"
 
 
+class Sampling(str, Enum):  # fish_speech_core.finetune.data.SAMPLING_MODES
+    cover = "cover"
+    reference = "reference"
+
+
 class Format(str, Enum):
     pth = "pth"
     safetensors = "safetensors"
@@ -43,7 +48,16 @@ def train_command(
     max_steps: int = typer.Option(1000, "--max-steps", help="Optimizer steps to train in total."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per device per step."),
     accumulate_grad_batches: int = typer.Option(1, "--accumulate-grad-batches", help="Batches per optimizer step."),
-    max_length: int = typer.Option(4096, "--max-length", help="Tokens per sample; longer samples are cut (and counted)."),
+    max_length: int | None = typer.Option(
+        None, "--max-length",
+        help="Tokens per sample; longer samples are cut (and counted). Default: min(4096, the base's max_seq_len).",
+    ),
+    sampling: Sampling = typer.Option(
+        Sampling.cover, "--sampling",
+        help="cover: each sample's consecutive sentences start anywhere in the speaker (wrapping), so every clip "
+             "is trained on; reference: Fish Speech 1.4's rule (speakers shorter than max-length/20 sentences "
+             "always start at their first clip).",
+    ),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (constant after 10 warmup steps)."),
     val_check_interval: int = typer.Option(100, "--val-check-interval", help="Validate and checkpoint every N steps."),
     max_val_batches: int = typer.Option(
@@ -62,17 +76,27 @@ def train_command(
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (0 = in the main process)."),
 ) -> None:
     """Finetune a Fish Speech 1.4 text2semantic checkpoint with LoRA on packed shards."""
+    from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
+
+    if base.is_dir():
+        # The base checks train() makes first, before Lightning is even imported: a bad base or a
+        # --max-length it cannot attend to is refused in the time the CLI takes to start.
+        try:
+            resolve_max_length(max_length, base_max_seq_len(base), base)
+        except TrainError as err:
+            _fail(str(err))
+
     from fish_speech_core.files import DiskFullError
     from fish_speech_core.finetune.lora import LoraError
     from fish_speech_core.finetune.module import TrainConfig
-    from fish_speech_core.finetune.train import TrainError, train
+    from fish_speech_core.finetune.train import train
 
     settings = _lora_settings(lora, lora_r, lora_alpha, lora_dropout)
     config = TrainConfig(
         project=project, base=str(base), data=tuple(str(d) for d in data),
         lora_r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         max_steps=max_steps, batch_size=batch_size, accumulate_grad_batches=accumulate_grad_batches,
-        max_length=max_length, lr=lr, val_check_interval=val_check_interval, max_val_batches=max_val_batches,
+        max_length=max_length, sampling=sampling.value, lr=lr, val_check_interval=val_check_interval, max_val_batches=max_val_batches,
         val_fraction=val_fraction, devices=devices, precision=precision,
         process_group_backend=process_group_backend.value if process_group_backend else None,
         seed=seed, save_top_k=save_top_k, results_dir=str(results_dir),
@@ -102,6 +126,14 @@ def _print_summary(result) -> None:
         train_loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
         table.add_row(str(row["step"]), train_loss, f"{row['val_loss']:.4f}", f"{row['top_5_accuracy']:.3f}")
     console.print(table)
+    if result.coverage:
+        seen = Table(title="sentences seen / sentences in the training split")
+        for col, justify in (("speaker", "left"), ("seen", "right"), ("sentences", "right"), ("share", "right")):
+            seen.add_column(col, justify=justify)
+        for speaker, row in sorted(result.coverage.items()):
+            share = row["seen"] / row["sentences"] if row["sentences"] else 0.0
+            seen.add_row(Text(speaker), str(row["seen"]), str(row["sentences"]), f"{share:.0%}")
+        console.print(seen)
     if result.num_truncated:
         console.print(f"{result.num_truncated} samples were cut to --max-length")
     rec = result.recommendation

@@ -99,9 +99,10 @@ def test_collator_never_exceeds_max_length_and_counts_cuts(reference, tokenizer)
 
 def test_sampling_is_reproducible_and_seeded_explicitly(tmp_path, tokenizer):
     shards = _write_shards(tmp_path, [12, 5, 30])
-    builder = SampleBuilder(tokenizer, load_groups(shards), SamplingConfig(max_length=200))
+    groups = load_groups(shards)
 
-    def draw(seed):
+    def draw(seed):  # a builder per stream: in cover mode it keeps each speaker's deck of starts
+        builder = SampleBuilder(tokenizer, groups, SamplingConfig(max_length=200))
         rng = random.Random(seed)
         return [builder.sample(rng) for _ in range(20)]
 
@@ -110,10 +111,12 @@ def test_sampling_is_reproducible_and_seeded_explicitly(tmp_path, tokenizer):
     assert any(x["tokens"].shape != y["tokens"].shape or not torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
 
 
+@pytest.mark.parametrize("mode", ["cover", "reference"])
 @pytest.mark.parametrize("interactive_prob", [0.0, 1.0])
-def test_samples_hold_consecutive_sentences_of_one_group(tmp_path, tokenizer, interactive_prob):
-    shards = _write_shards(tmp_path, [40, 25])
-    config = SamplingConfig(max_length=100, interactive_prob=interactive_prob)  # budget 100 // 20 = 5
+def test_samples_hold_consecutive_sentences_of_one_group(tmp_path, tokenizer, interactive_prob, mode):
+    sizes = [40, 25]
+    shards = _write_shards(tmp_path, sizes)
+    config = SamplingConfig(max_length=100, interactive_prob=interactive_prob, mode=mode)  # budget 100 // 20 = 5
     builder = SampleBuilder(tokenizer, load_groups(shards), config)
     rng = random.Random(0)
     for _ in range(30):
@@ -121,7 +124,9 @@ def test_samples_hold_consecutive_sentences_of_one_group(tmp_path, tokenizer, in
         ids = _sentence_ids(sample, tokenizer)
         assert 1 <= len(ids) <= 5
         assert len({g for g, _ in ids}) == 1
-        assert [s for _, s in ids] == list(range(ids[0][1], ids[0][1] + len(ids)))
+        n = sizes[ids[0][0]]  # cover wraps around the speaker's end; reference never does
+        expected = [(ids[0][1] + k) % n if mode == "cover" else ids[0][1] + k for k in range(len(ids))]
+        assert [s for _, s in ids] == expected
         turns = int((sample["tokens"][0] == tokenizer.im_start_id).sum()) // 2
         assert turns == (len(ids) if interactive_prob == 1.0 else 1)
         text = tokenizer.decode(sample["tokens"][0].tolist())

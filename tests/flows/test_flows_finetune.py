@@ -111,7 +111,8 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
     new_codes = store.lookup("extract", s3["extract"]["key"]).files
     assert {rel for rel in new_codes if old_codes.get(rel) != new_codes[rel]} == {"alice/alice_001.npy", "extract-summary.json"}
     report = Path(third["report"]).read_text()
-    assert "| alice | 10 | 0 |" in report and "| normalize | miss |" in report
+    assert "| alice | 10 | 0 |" in report and "| normalize | miss (1 of 28 files redone) |" in report
+    assert "| extract | miss (1 of 28 files redone) |" in report
     assert "| normalize | hit |" in Path(second["report"]).read_text()
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts(limit=50)

@@ -68,6 +68,11 @@ def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_p
     assert loaded.model.config.dim == 64 and (merged / "lineage.json").is_file()
     report = Path(result["report"]).read_text()
     assert "Recommended checkpoint" in report and Path(recommended).name in report and merged.name in report
+    # coverage of the whole run (the resumed half included): every speaker, sentences seen / in the split
+    coverage = train["summary"]["coverage"]
+    assert set(coverage) == {"alice", "bruno", "carmen"}
+    assert all(0 < row["seen"] <= row["sentences"] for row in coverage.values())
+    assert "sentences seen / sentences in the training split" in report
     manifest = json.loads(Path(result["manifest"]).read_text())
     assert manifest["status"] == "completed"
     assert {s["stage"]: s for s in manifest["stages"]}["train"]["outputs"]["checkpoint"] == recommended

@@ -284,6 +284,11 @@ def check_storage(url: str) -> list[Finding]:
     from fish_speech_core.files import atomic_write
 
     shown = storage.redact(url)
+    try:
+        storage.refuse_credentials(url)
+    except storage.CredentialsInURLError as err:
+        return [Finding("error", f"storage root {shown} carries credentials in the URL",
+                        str(err).split("; ", 1)[1])]
     probe = f".fishtune-doctor-{uuid.uuid4().hex}"
     try:
         if storage.is_local(url):
@@ -300,7 +305,7 @@ def check_storage(url: str) -> list[Finding]:
             ok = fs.cat_file(path) == b"ok"
             fs.rm(path)
     except Exception as err:  # noqa: BLE001 - permission, network, credentials
-        return [Finding("error", f"storage root {shown} is not writable: {type(err).__name__}: {err}",
+        return [Finding("error", f"storage root {shown} is not writable: {type(err).__name__}: {storage.redact_text(err)}",
                         "fix the permissions or pick another --storage; for s3:// set "
                         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for "
                         "MinIO) and check the bucket exists")]

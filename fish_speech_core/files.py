@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -32,6 +33,51 @@ class UnresolvablePathError(PathEscapeError):
 # ENOSPC: the file system is full; EDQUOT: the user's quota is; EFBIG: the process's file size
 # limit (ulimit -f / RLIMIT_FSIZE) stopped the write.
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+# EACCES/EPERM: permissions (or a file attribute) forbid it; EROFS: a read-only file system.
+NOT_WRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class NotWritableError(OSError):
+    """A folder fishtune must write into is read-only; the message names the folder."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def not_writable(err: OSError, folder: str | os.PathLike) -> NotWritableError:
+    reason = "the file system is read-only" if err.errno == errno.EROFS else "permission denied"
+    return NotWritableError(
+        err.errno, f"cannot write into {folder}: {reason}; make it writable or choose another output folder",
+        str(folder),
+    )
+
+
+def require_writable(folder: str | os.PathLike, create: bool = True) -> Path:
+    """Create ``folder`` if needed and prove a file can be made in it (then removed).
+
+    Called before a stage starts, so a read-only output is one line naming it, not a failure per file.
+    ``create=False`` creates nothing: it probes the folder, or its nearest existing parent.
+
+    Raises:
+        NotWritableError: naming the folder (or the first parent that could not be created).
+    """
+    folder = Path(folder)
+    probe = folder.absolute()
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            while not probe.exists() and probe.parent != probe:
+                probe = probe.parent
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        if err.errno in NOT_WRITABLE_ERRNOS:
+            raise not_writable(err, folder) from None
+        raise
+    return folder
 
 
 class DiskFullError(OSError):
@@ -142,12 +188,20 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
     """
     target = Path(path)
     tmp: Path | None = None
+    fd: int | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=target.parent, prefix=_temporary_prefix(target), suffix=f".tmp{target.suffix}"
-        )
-        os.close(fd)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(
+                dir=target.parent, prefix=_temporary_prefix(target), suffix=f".tmp{target.suffix}"
+            )
+        except OSError as err:  # only here: the caller's own reads may raise PermissionError too
+            if err.errno in NOT_WRITABLE_ERRNOS:
+                raise not_writable(err, target.parent) from None
+            raise
+        # Held until the rename: it tells another process's sweep this temp is in flight. The
+        # kernel drops it when we die, so a killed writer's temp is sweepable (is_abandoned).
+        fcntl.flock(fd, fcntl.LOCK_EX)
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; published files are readable like any other
         yield tmp
@@ -163,6 +217,9 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         if isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.errno in NO_SPACE_ERRNOS:
             raise _disk_full(err, target, written if size is None else size, exact=size is not None) from err
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -186,6 +243,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", size: int | None = N
         if size is None and counter is not None and counter.count > 0:
             raise _disk_full(err, Path(path), counter.count, exact=False) from err.__cause__
         raise
+
+
+def is_abandoned(path: str | os.PathLike) -> bool:
+    """True for an :func:`atomic_path` temporary whose writer is gone (no process holds its lock).
+
+    Sweeps delete only these: another process writing into the same folder keeps its temp
+    locked until it renames it, so a second run never deletes the first one's work in flight.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # gone already, a symlink, or unreadable: not ours to delete
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the probe's lock at once
 
 
 def is_temporary(path: Path) -> bool:
@@ -222,7 +298,7 @@ def remove_temporaries(targets: Iterable[str | os.PathLike]) -> list[Path]:
             continue
         for entry in entries:
             path = Path(entry.path)
-            if entry.is_file(follow_symlinks=False) and temporary_target(path) in names:
+            if entry.is_file(follow_symlinks=False) and temporary_target(path) in names and is_abandoned(path):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
@@ -247,6 +323,39 @@ def resolve_inside(root: str | os.PathLike, candidate: str | os.PathLike) -> Pat
     if resolved != root_resolved and root_resolved not in resolved.parents:
         raise PathEscapeError(f"{candidate} resolves to {resolved}, outside {root_resolved}")
     return resolved
+
+
+class OverlapError(ValueError):
+    """An output folder is, is inside, or contains one of the inputs: writing it could touch them."""
+
+
+def refuse_overlap(
+    inputs: Iterable[tuple[str, str | os.PathLike | None]], output: str | os.PathLike, output_label: str = "OUTPUT"
+) -> None:
+    """Refuse an output that equals, lies inside, or contains any input (inputs are never written).
+
+    ``inputs`` are ``(label, path)`` pairs (folders or files; ``None`` paths are skipped); labels
+    name the flag or argument in the message.
+    Paths are compared resolved, so a symlinked output that lands in an input is refused too.
+
+    Raises:
+        OverlapError: one line naming both paths.
+    """
+    dst = Path(output).resolve()
+    for label, path in inputs:
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if src == dst:
+            kind = "file" if src.is_file() else "folder"
+            problem = f"{output_label} {output} is the {label} {kind} {path}"
+        elif src in dst.parents:
+            problem = f"{output_label} {output} is inside {label} {path}"
+        elif dst in src.parents:
+            problem = f"{label} {path} is inside {output_label} {output}"
+        else:
+            continue
+        raise OverlapError(f"{problem}; choose a separate folder (inputs are never modified)")
 
 
 def has_control_characters(text: str) -> bool:

@@ -22,8 +22,21 @@ import numpy as np
 import soundfile
 
 from fish_speech_core.audio import read_audio
-from fish_speech_core.dataset import read_regular_bytes
-from fish_speech_core.files import NAME_MAX, DiskFullError, atomic_write, is_temporary, sha256_bytes, sha256_file
+from fish_speech_core.dataset import PATH_ESCAPES, read_regular_bytes
+from fish_speech_core.files import (
+    NAME_MAX,
+    DiskFullError,
+    NotWritableError,
+    PathEscapeError,
+    atomic_write,
+    is_abandoned,
+    is_temporary,
+    refuse_overlap,
+    require_writable,
+    resolve_inside,
+    sha256_bytes,
+    sha256_file,
+)
 from fish_speech_core.formats.text import clean_transcript
 from fish_speech_core.parallel import map_with_progress
 from fish_speech_core.validate import Record, ValidationSettings, accepted_items, validate
@@ -81,6 +94,7 @@ class _Job:
     input_sha256: str
     settings: NormalizeSettings
     overwrite: bool
+    input_root: Path | None = None  # every read stays inside it (checked again at read time)
 
 
 @dataclass
@@ -142,6 +156,13 @@ def normalize_file(job: _Job) -> FileResult:
     would fail every later file too and is raised (:class:`DiskFullError`)."""
     if not job.overwrite and _is_current(job):
         return FileResult(job.rel_path, "skipped", str(job.output_path))
+    if job.input_root is not None:  # discovery checked these; a link may be re-pointed since
+        for source in (job.input_path, job.transcript_src):
+            try:
+                if source is not None:
+                    resolve_inside(job.input_root, source)
+            except (PathEscapeError, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+                return FileResult(job.rel_path, "failed", detail=f"{PATH_ESCAPES}: {exc}")
     try:
         info = soundfile.info(str(job.input_path))
         audio, sample_rate = read_audio(job.input_path, dtype="float64")
@@ -170,7 +191,7 @@ def normalize_file(job: _Job) -> FileResult:
         with atomic_write(job.state_path, "w") as handle:
             json.dump({**_state(job), "output_sha256": sha256_file(job.output_path)}, handle)
         return result
-    except DiskFullError:
+    except (DiskFullError, NotWritableError):
         raise  # every later file would fail the same way: stop the run
     except Exception as exc:  # one bad file must not stop the others
         return FileResult(job.rel_path, "failed", detail=f"{type(exc).__name__}: {exc}")
@@ -211,13 +232,7 @@ class NormalizeReport:
 
 def check_roots(input_root: Path, output_root: Path) -> None:
     """Refuse layouts where writing OUTPUT could touch INPUT."""
-    src, dst = input_root.resolve(), output_root.resolve()
-    if src == dst:
-        raise ValueError(f"OUTPUT {output_root} is the INPUT folder; choose a separate folder (inputs are never modified)")
-    if src in dst.parents:
-        raise ValueError(f"OUTPUT {output_root} is inside INPUT {input_root}; choose a folder outside it")
-    if dst in src.parents:
-        raise ValueError(f"INPUT {input_root} is inside OUTPUT {output_root}; choose a folder outside it")
+    refuse_overlap([("INPUT", input_root)], output_root, "OUTPUT")
 
 
 def _output_rel(rel_path: str, fmt: str) -> str:
@@ -227,7 +242,8 @@ def _output_rel(rel_path: str, fmt: str) -> str:
 def _remove_leftover_temporaries(output_root: Path) -> None:
     for dirpath, _, filenames in os.walk(output_root):
         for name in filenames:
-            if is_temporary(Path(name)):
+            # only a killed run's: a second normalize must not delete the first one's in-flight temps
+            if is_temporary(Path(name)) and is_abandoned(Path(dirpath) / name):
                 (Path(dirpath) / name).unlink(missing_ok=True)
 
 
@@ -258,6 +274,7 @@ def normalize_tree(
         raise ValueError(f"format must be one of {FORMATS}, not {settings.format!r}")
     src, dst = Path(input_root).absolute(), Path(output_root).absolute()
     check_roots(src, dst)
+    require_writable(dst)  # a read-only OUTPUT is one line now, not a failure per file later
     started = time.perf_counter()
     report = validate(src, filelist, validation, num_workers, show_progress)
     if clean:
@@ -282,6 +299,7 @@ def normalize_tree(
                 input_sha256=record.sha256 or "",
                 settings=settings,
                 overwrite=overwrite,
+                input_root=src,
             )
         )
     results = map_with_progress(normalize_file, jobs, num_workers, "normalize", show_progress)

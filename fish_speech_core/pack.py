@@ -22,7 +22,15 @@ import numpy as np
 
 from fish_speech_core.codes import DEFAULT_SPEC, array_problem, read_npy, recorded_spec
 from fish_speech_core.dataset import PATH_ESCAPES, read_filelist, read_regular_bytes
-from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside, temporary_target
+from fish_speech_core.files import (
+    PathEscapeError,
+    is_abandoned,
+    is_temporary,
+    refuse_overlap,
+    require_writable,
+    resolve_inside,
+    temporary_target,
+)
 from fish_speech_core.formats.protos import ShardWriter, frame_record
 from fish_speech_core.formats.text import clean_pack_transcript, clean_transcript, has_spoken_content
 from fish_speech_core.formats.text_data_pb2 import Semantics, Sentence, TextData
@@ -56,6 +64,7 @@ class PackItem:
     transcript: Path | None = None
     text: str | None = None
     label: str = ""  # how reports name the item (transcript path or "filelist:LINE")
+    root: Path | None = None  # the input folder every file read must stay inside (links included)
 
 
 @dataclass(frozen=True)
@@ -83,15 +92,23 @@ class PackSummary:
 
 
 def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> list[SpeakerGroup]:
-    """Every transcript under ``root`` (recursively), grouped by parent folder, all sorted."""
+    """Every transcript under ``root`` (recursively), grouped by parent folder, all sorted.
+
+    Folder symlinks are not followed (as in validation's discovery); file symlinks are listed
+    and :func:`encode_item` refuses those whose target leaves ``root``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     by_folder: dict[Path, list[PackItem]] = {}
-    for path in sorted(root.rglob(f"*{text_extension}")):
-        if path.is_file() and not is_temporary(path):
-            item = PackItem(codes=path.with_suffix(CODES_SUFFIX), transcript=path, label=str(path))
-            by_folder.setdefault(path.parent, []).append(item)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .fishtune state, hidden folders
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            # not only regular files: a FIFO or a link named x.lab is rejected by name, never skipped
+            if path.suffix == text_extension and not is_temporary(path) and not path.is_dir():
+                item = PackItem(codes=path.with_suffix(CODES_SUFFIX), transcript=path, label=str(path), root=root)
+                by_folder.setdefault(path.parent, []).append(item)
     return [SpeakerGroup(name=folder.name, items=tuple(items)) for folder, items in sorted(by_folder.items())]
 
 
@@ -107,12 +124,9 @@ def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tupl
     by_speaker: dict[str, list[PackItem]] = {}
     for item in items:
         codes = item.audio_path.with_suffix(CODES_SUFFIX)
-        try:
-            resolve_inside(root, codes)
-        except PathEscapeError as err:
-            rejects.append(Reject(item.rel_path, f"{PATH_ESCAPES}: {err}"))
-            continue
-        by_speaker.setdefault(item.speaker, []).append(PackItem(codes=codes, text=item.text, label=item.rel_path))
+        by_speaker.setdefault(item.speaker, []).append(
+            PackItem(codes=codes, text=item.text, label=item.rel_path, root=Path(root))
+        )
     groups = [
         SpeakerGroup(name=speaker, items=tuple(sorted(items, key=lambda i: os.path.abspath(i.codes))), source="filelist")
         for speaker, items in sorted(by_speaker.items())
@@ -139,8 +153,20 @@ class CodesError(ValueError):
 
 def encode_item(item: PackItem) -> tuple[bytes, int] | Reject:
     """The item as an encoded ``TextData.sentences`` field plus its frame count, or a Reject."""
+    if item.root is not None:  # checked where the files are read: a link may change after discovery
+        for path in (item.transcript, item.codes):
+            if path is None or not (path.exists() or path.is_symlink()):
+                continue
+            try:
+                resolve_inside(item.root, path)
+            except (PathEscapeError, OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+                return Reject(item.label, f"{PATH_ESCAPES}: {err}")
     if not item.codes.is_file():
+        if item.codes.exists():  # a FIFO or device: opening it could block forever
+            return Reject(item.label, f"codes {item.codes.name} is not a regular file")
         return Reject(item.label, f"no codes file {item.codes.name} (run `fishtune extract` first)")
+    if item.transcript is not None and not item.transcript.is_file():
+        return Reject(item.label, f"transcript {item.transcript.name} is not a regular file")
     if item.transcript is not None:
         try:
             text = read_regular_bytes(item.transcript).decode("utf-8")
@@ -216,6 +242,9 @@ def pack(
         raise ValueError("give at least one input folder")
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    # pack deletes stale shards in output: an input folder must never be that folder (OverlapError)
+    refuse_overlap([("--input", root) for root in inputs], output, "--output")
+    require_writable(output, create=False)  # NotWritableError names it before any work
     groups: list[SpeakerGroup] = []
     rejects: list[Reject] = []
     if filelist is not None:
@@ -282,7 +311,8 @@ def _remove_interrupted_shards(output: Path) -> None:
     if output.is_dir():
         for path in output.iterdir():
             target = temporary_target(path)
-            if target is not None and _SHARD_FILE.fullmatch(target.name) and path.is_file():
+            # is_abandoned: a concurrent pack into the same folder keeps its temps locked
+            if target is not None and _SHARD_FILE.fullmatch(target.name) and path.is_file() and is_abandoned(path):
                 path.unlink(missing_ok=True)
 
 

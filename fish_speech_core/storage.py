@@ -13,6 +13,7 @@ No Prefect import: this module is plain fsspec.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import posixpath
 import random
 import re
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from fish_speech_core.files import HASH_CHUNK, atomic_path, atomic_write
+from fish_speech_core.files import HASH_CHUNK, PathEscapeError, atomic_path, atomic_write, resolve_inside
 
 DEFAULT_ROOT = "./fishtune-store"
 MARKER = "_COMPLETE.json"
@@ -90,6 +92,8 @@ def redact(url: str) -> str:
     parts = urlsplit(url)
     if not parts.scheme or len(parts.scheme) == 1:  # plain local path (or a Windows drive letter)
         return url
+    # A secret holding '/' ends the netloc early (s3://KEY:SE/CRET@bucket): the text rule sees it.
+    parts = urlsplit(redact_text(url))
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
@@ -104,6 +108,39 @@ _USERINFO_IN_TEXT = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<use
 def redact_text(text: str) -> str:
     """``text`` with the user info of every URL in it replaced by ``***`` (errors echo URLs)."""
     return _USERINFO_IN_TEXT.sub(lambda m: m.group("scheme") + "***@", str(text))
+
+
+class CredentialsInURLError(ValueError):
+    """A URL carries credentials (user info, or a secret in its query string)."""
+
+
+# Query parameters that carry secrets (presigned URLs, "?access_key=..."): any name containing one.
+_SECRET_QUERY = re.compile(r"(key|secret|token|signature|password|credential)", re.IGNORECASE)
+CREDENTIALS_ADVICE = (
+    "credentials never go in a URL (they would end up in logs and run records): set them in the standard "
+    "AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or use a profile (AWS_PROFILE)"
+)
+
+
+def refuse_credentials(url: str, flag: str = "") -> str:
+    """``url`` unchanged, or :class:`CredentialsInURLError` when it carries credentials.
+
+    The message shows the URL redacted, never the secret. ``flag`` names the option that took it.
+    """
+    url = str(url)
+    parts = urlsplit(url)
+    if not parts.scheme or len(parts.scheme) == 1 or parts.scheme == "file":
+        return url  # a local path: an '@' in it is part of a folder name
+    query_names = [pair.split("=", 1)[0] for pair in parts.query.split("&") if pair]
+    before_at = url.split("://", 1)[-1].rpartition("@")[0]
+    # user info ends at the last '@'; a secret may hold '/', so "KEY:SE/CRET@" counts too, while an
+    # object key with an '@' in it (s3://bucket/take@2/) does not
+    userinfo = bool(before_at) and ("/" not in before_at or ":" in before_at)
+    if userinfo or any(_SECRET_QUERY.search(name) for name in query_names):
+        where = f"{flag} " if flag else ""
+        part = "" if userinfo else " in its query string"
+        raise CredentialsInURLError(f"{where}{redact(url)} carries credentials{part}; {CREDENTIALS_ADVICE}")
+    return url
 
 
 def is_local(url: str) -> bool:
@@ -145,6 +182,7 @@ def filesystem(url: str):
     """``(fs, path)`` for a URL; remote credentials come from the environment only."""
     import fsspec
 
+    refuse_credentials(url)  # every remote read and write passes here
     options = s3_options() if str(url).startswith(("s3://", "s3a://")) else {}
     return fsspec.core.url_to_fs(url, **options)
 
@@ -170,8 +208,53 @@ def hash_url(url: str) -> str:
     return retry_io(read)
 
 
+def _walk_local(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Files under a local folder: ``(listed, other links)``, hidden entries skipped.
+
+    A file symlink whose target stays inside ``root`` is listed like a regular file, described by
+    its target (so its content is what gets hashed and mirrored); fsspec would skip it. Links
+    that leave the root, dangle, loop or point at folders are never data (discovery refuses or
+    ignores them): they come back separately as relative path -> link text, for keys only.
+    """
+    listed: dict[str, dict] = {}
+    links: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        folder = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in [*filenames, *(d for d in dirnames if (folder / d).is_symlink())]:
+            path = folder / name
+            if name.startswith("."):
+                continue
+            rel = path.relative_to(root).as_posix()
+            try:
+                is_link = path.is_symlink()
+                if is_link:
+                    target = resolve_inside(root, path)
+                    if not target.is_file():
+                        raise PathEscapeError(f"{path} is not a file")
+                else:
+                    target = path
+                st = target.stat()
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # FIFOs, sockets, devices: not content
+                mtime = max(st.st_mtime, path.lstat().st_mtime)  # a re-pointed link is a change
+            except (PathEscapeError, OSError, RuntimeError):  # RuntimeError: a symlink loop
+                with contextlib.suppress(OSError):
+                    links[rel] = os.readlink(path)
+                continue
+            listed[rel] = {"name": str(path), "size": st.st_size, "type": "file", "mtime": mtime}
+            if is_link:
+                listed[rel]["destination"] = str(target)
+    return dict(sorted(listed.items())), dict(sorted(links.items()))
+
+
 def list_files(url: str) -> dict[str, dict]:
-    """Relative POSIX path -> fsspec info of every file under a folder URL (hidden files skipped)."""
+    """Relative POSIX path -> fsspec info of every file under a folder URL (hidden files skipped).
+
+    Locally, file symlinks that stay inside the folder count as the files they point to.
+    """
+    if is_local(url):
+        return _walk_local(local_path(url))[0]
     fs, root = filesystem(url)
     root = root.rstrip("/")
     # Other writers change the data (new clips land, transcripts get fixed): a listing cached by an
@@ -190,7 +273,16 @@ def list_files(url: str) -> dict[str, dict]:
 
 
 def hash_tree(url: str) -> str:
-    """sha256 over the sorted ``(relative path, sha256 of content)`` pairs of a folder."""
+    """sha256 over the sorted ``(relative path, sha256 of content)`` pairs of a folder.
+
+    A symlink counts as the content it points to (re-pointing it changes the key); a link that is
+    not data (outside the folder, dangling) counts by its link text, so changing it changes the key too.
+    """
+    if is_local(url):
+        listed, links = _walk_local(local_path(url))
+        entries = {rel: _sha256_local(Path(info.get("destination", info["name"]))) for rel, info in listed.items()}
+        entries.update({rel: f"link:{text}" for rel, text in links.items()})
+        return digest_listing(entries)
     return digest_listing({rel: hash_url(join(url, rel)) for rel in list_files(url)})
 
 
@@ -251,7 +343,7 @@ class Store:
     io_attempts: int = 4  # per storage call; s3fs retries each call a few times on its own as well
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", normalize_url(self.root))
+        object.__setattr__(self, "root", normalize_url(refuse_credentials(self.root, "storage root")))
 
     def __repr__(self) -> str:
         return f"Store({redact(self.root)!r})"

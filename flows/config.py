@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fish_speech_core.storage import DEFAULT_ROOT
+from fish_speech_core.files import refuse_overlap
+from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_credentials
 
 
 class AudioFormat(str, Enum):
@@ -108,3 +109,19 @@ class FinetuneConfig(BaseModel):
     gpu_pool: str | None = Field(
         None, description="Run extract/train as child deployments on this work pool (e.g. 'cuda'). Empty: in this process."
     )
+
+    @field_validator("data", "storage", "work_dir", "base", "codec")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # Refused before the flow starts: Prefect would store the parameters (and every log line
+        # that echoes them) in its database.
+        return None if value is None else refuse_credentials(value)
+
+    @model_validator(mode="after")
+    def _outputs_outside_data(self) -> FinetuneConfig:
+        # The store and the work folder are written (and swept); the dataset never is.
+        if is_local(self.data):
+            for flag, url in (("--storage", self.storage), ("--work-dir", self.work_dir)):
+                if url is not None and is_local(url):
+                    refuse_overlap([("--data", local_path(self.data))], local_path(url), flag)
+        return self

@@ -329,7 +329,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         except Exception as exc:
             if manifest.status != "failed":
                 raise
-            logger.error("could not write the run manifest either: %s", exc)  # keep the stage's error
+            logger.error("could not write the run manifest either: %s", storage.redact_text(exc))  # keep the stage's error
         else:
             logger.info("run manifest %s, report %s", storage.redact(written["manifest"]), storage.redact(written["report"]))
     return {

@@ -158,6 +158,8 @@ def check_finite_weights(model: FireflyCodec) -> None:
 def _is_up_to_date(audio_path: Path, npy_path: Path, model_hash: str, settings: dict) -> bool:
     """True when the sidecar proves the npy came from these audio bytes, codec and settings."""
     sidecar = sidecar_path_for(npy_path)
+    if npy_path.is_symlink() or sidecar.is_symlink():
+        return False  # we only write regular files: a link is not ours, and may point anywhere
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):

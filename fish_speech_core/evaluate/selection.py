@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fish_speech_core.audio import AUDIO_EXTENSIONS
-from fish_speech_core.files import is_temporary
+from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
 from fish_speech_core.formats.text import clean_pack_transcript
 
 # Rendered for a speaker with no transcript besides the prompt's (a one-clip speaker): nothing
@@ -69,6 +69,11 @@ def speaker_clips(root: str | os.PathLike, text_extension: str = ".lab") -> dict
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue  # hidden state folders are not data
         transcript = path.with_suffix(text_extension)
+        try:  # the same root check as every data reader: a link out of the data is not a clip
+            resolve_inside(root, path)
+            resolve_inside(root, transcript)
+        except (PathEscapeError, OSError, RuntimeError):  # RuntimeError: a symlink loop
+            continue
         if not path.is_file() or not transcript.is_file():
             continue
         text = transcript.read_text(encoding="utf-8").strip()

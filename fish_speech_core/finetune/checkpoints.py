@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from fish_speech_core.files import DiskFullError, atomic_write, temporary_target
+from fish_speech_core.files import DiskFullError, atomic_write, is_abandoned, temporary_target
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.ckpt$")
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states", "fishtune_config")
@@ -95,7 +95,7 @@ def remove_partial_checkpoints(folder: str | Path) -> list[Path]:
     removed = []
     for path in folder.iterdir():
         target = temporary_target(path)
-        if target is not None and CHECKPOINT_RE.match(target.name) and path.is_file():
+        if target is not None and CHECKPOINT_RE.match(target.name) and path.is_file() and is_abandoned(path):
             path.unlink(missing_ok=True)
             removed.append(path)
     return sorted(removed)

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import torch
 
-from fish_speech_core.files import atomic_path, atomic_torch_save, atomic_write, sha256_file
+from fish_speech_core.files import (
+    NotWritableError,
+    OverlapError,
+    atomic_path,
+    atomic_torch_save,
+    atomic_write,
+    refuse_overlap,
+    require_writable,
+    sha256_file,
+)
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraSettings,
@@ -68,8 +77,11 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
     base, output = Path(base), Path(output)
     if fmt not in FORMATS:
         raise MergeError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    if output.resolve() == base.resolve():
-        raise MergeError(f"--output {output} is the base folder; choose another folder")
+    try:  # the output is written: never the base folder, inside it, or around the adapter
+        refuse_overlap([("base", base), ("--lora-weight", lora_weight)], output, "--output")
+        require_writable(output, create=False)
+    except (OverlapError, NotWritableError) as err:
+        raise MergeError(str(err)) from None
     adapter = read_adapter(lora_weight)
     base_file = base / MODEL_FILE
     if adapter.metadata is not None:

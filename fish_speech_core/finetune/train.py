@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as _pl
 import torch
 
-from fish_speech_core.files import atomic_write, sha256_file
+from fish_speech_core.files import NotWritableError, OverlapError, atomic_write, refuse_overlap, require_writable, sha256_file
 from fish_speech_core.finetune.checkpoints import (
     AtomicCheckpointIO,
     Recommendation,
@@ -155,6 +155,14 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     problems = config.validate()
     if problems:
         raise TrainError("; ".join(problems))
+    try:  # the run folder is written: it must not be, be inside, or hold the base or the data
+        inputs = [("--base", config.base), *(("--data", d) for d in config.data)]
+        if config.init_lora:
+            inputs.append(("--init-lora", config.init_lora))
+        refuse_overlap(inputs, config.run_dir, "run folder")
+        require_writable(config.run_dir, create=False)
+    except (OverlapError, NotWritableError) as err:
+        raise TrainError(str(err)) from None
     base_model = Path(config.base) / "model.pth"
     if not base_model.is_file():
         raise TrainError(f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: no model.pth")

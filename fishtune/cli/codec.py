@@ -115,7 +115,7 @@ def extract_command(
         ExtractSettings, check_finite_weights, default_batch_size, plan_extraction, run_extraction,
     )
     from fish_speech_core.codec.checkpoint import codec_hash
-    from fish_speech_core.files import DiskFullError
+    from fish_speech_core.files import DiskFullError, NotWritableError
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,7 +173,7 @@ def extract_command(
 
         try:
             summary = run_extraction(model, plan, settings, model_hash, on_result)
-        except DiskFullError as error:  # files finished before it are kept and skipped by a rerun
+        except (DiskFullError, NotWritableError) as error:  # files finished before it are kept and skipped by a rerun
             progress.stop()
             typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(1) from None

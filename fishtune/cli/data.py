@@ -32,7 +32,7 @@ def _print_validation(summary: dict) -> None:
             rejects.add_row(Text(r["path"]), Text(r["reason"]), Text(r["detail"]))
         console.print(rejects)
         counts = ", ".join(f"{reason}: {n}" for reason, n in summary["rejects_by_reason"].items())
-        console.print(f"Rejects by reason: {counts}")
+        console.print(f"Rejects by reason: {counts}", markup=False)
     for note in summary["advice"]:
         console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
@@ -41,6 +41,17 @@ def _data_dir(path: Path) -> Path:
     if not path.is_dir():
         raise typer.BadParameter(f"{path} is not a folder (expected speaker folders of audio + .lab files)")
     return path
+
+
+def _report_outside(report: Path | None, inputs: list[tuple[str, Path]]) -> None:
+    """A report is an output too: never written into (or over) the dataset."""
+    from fish_speech_core.files import OverlapError, refuse_overlap
+
+    if report is not None:
+        try:
+            refuse_overlap(inputs, report, "--report")
+        except OverlapError as err:
+            raise typer.BadParameter(str(err), param_hint="--report") from None
 
 
 def validate_command(
@@ -58,13 +69,20 @@ def validate_command(
     from fish_speech_core.validate import ValidationSettings, validate
 
     data = _data_dir(data)
+    _report_outside(report, [("DATA", data)])
     try:
         result = validate(data, filelist, ValidationSettings(text_extension, max_seconds), num_workers)
     except ValueError as exc:  # the filelist itself is unreadable; bad entries are rejected rows
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     report = report or data.absolute().parent / f"{data.absolute().name}-manifest.parquet"
-    result.write_parquet(report)
+    from fish_speech_core.files import DiskFullError, NotWritableError
+
+    try:
+        result.write_parquet(report)
+    except (DiskFullError, NotWritableError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))} (the manifest --report)", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     _print_validation(result.summary())
     console.print(f"Manifest: {escape(str(report))}")
     if strict and result.rejected:
@@ -91,7 +109,7 @@ def normalize_command(
     report: Path | None = typer.Option(None, "--report", help="Write the JSON report here. Default: OUTPUT/.fishtune/normalize-report.json"),
 ) -> None:
     """Loudness-normalize a dataset into OUTPUT: peak to --peak dBFS, then gain to --loudness LUFS."""
-    from fish_speech_core.files import DiskFullError
+    from fish_speech_core.files import DiskFullError, NotWritableError
     from fish_speech_core.normalize import FORMATS, NormalizeSettings, STATE_DIR, normalize_tree, write_report
     from fish_speech_core.parallel import default_workers
     from fish_speech_core.validate import ValidationSettings
@@ -99,6 +117,7 @@ def normalize_command(
     if format not in FORMATS:
         raise typer.BadParameter(f"choose one of {', '.join(FORMATS)}", param_hint="--format")
     _data_dir(input)
+    _report_outside(report, [("INPUT", input)])
     try:
         result = normalize_tree(
             input,
@@ -111,21 +130,25 @@ def normalize_command(
             overwrite,
         )
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
-    except DiskFullError as exc:  # files finished before it are kept and skipped by a rerun
+    except (DiskFullError, NotWritableError) as exc:  # files finished before it are kept and skipped by a rerun
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
-    report_path = write_report(result, report or Path(output) / STATE_DIR / "normalize-report.json")
+    try:
+        report_path = write_report(result, report or Path(output) / STATE_DIR / "normalize-report.json")
+    except (DiskFullError, NotWritableError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))} (the --report)", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     s = result.summary()
     console.print(
         f"normalize: {s['written']} written, {s['skipped']} up to date, {len(s['rejected'])} rejected, "
         f"{len(s['failed'])} failed; {s['audio_seconds_written']:.1f} s of audio in {s['wall_seconds']:.1f} s"
     )
     for r in s["rejected"]:
-        console.print(f"  rejected {escape(r['path'])}: {r['reason']} {escape(r['detail'])}")
+        console.print(f"  rejected {escape(r['path'])}: {r['reason']} {escape(r['detail'])}", soft_wrap=True)
     for r in s["failed"]:
-        console.print(f"  [red]failed[/red] {escape(r['path'])}: {escape(r['detail'])}")
+        console.print(f"  [red]failed[/red] {escape(r['path'])}: {escape(r['detail'])}", soft_wrap=True)
     for r in s["clipped"]:
         console.print(f"  clipped {escape(r['path'])}" + (" (scaled down to the peak ceiling)" if r["limited"] else " (left clipping)"))
     console.print(f"Report: {escape(str(report_path))}")

@@ -39,11 +39,12 @@ def doctor(
     else:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table("", "finding", "what to do", show_lines=False)
         for f in findings:
             label, colour = _STYLE[f.level]
-            table.add_row(f"[{colour}]{label}[/{colour}]", f.what, f.what_to_do)
+            table.add_row(f"[{colour}]{label}[/{colour}]", Text(f.what), Text(f.what_to_do))
         console = Console(width=160)
         console.print(table)
         errors = sum(f.level == "error" for f in findings)

@@ -29,10 +29,30 @@ FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag
 }
 
 
+# Prefect's ephemeral server needs ~10 s on an idle laptop but timed out at its 90 s on a loaded
+# 2-core machine (issue 12): the default is generous, and a user's own value always wins.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_TIMEOUT_S = 600
+
+
 def _prefect_defaults() -> None:
     # Entry point only: quiet, offline-safe Prefect unless the user chose otherwise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, str(EPHEMERAL_STARTUP_TIMEOUT_S))
+
+
+def _is_ephemeral_startup_failure(err: BaseException) -> bool:
+    # Prefect raises a plain RuntimeError with this text (prefect/server/api/server.py).
+    return isinstance(err, RuntimeError) and "ephemeral Prefect API server" in str(err)
+
+
+def _ephemeral_startup_message() -> str:
+    limit = os.environ.get(STARTUP_TIMEOUT_ENV, str(EPHEMERAL_STARTUP_TIMEOUT_S))
+    return (
+        f"the temporary Prefect server did not start within {limit} s (a loaded machine starts it slowly): "
+        f"raise {STARTUP_TIMEOUT_ENV} (e.g. {STARTUP_TIMEOUT_ENV}=1200) or start a server "
+        "(prefect server start) and point PREFECT_API_URL at it"
+    )
 
 
 def build_config(**values) -> FinetuneConfig:
@@ -46,7 +66,8 @@ def build_config(**values) -> FinetuneConfig:
         problems = []
         for error in exc.errors():
             path = ".".join(str(p) for p in error["loc"])
-            problems.append(f"{FLAGS.get(path, path)}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{FLAGS.get(path, path)}: {message}" if path else message)
         raise typer.BadParameter("; ".join(problems)) from None
 
 
@@ -98,20 +119,30 @@ def finetune_command(
 
 def _run_and_print(config: FinetuneConfig, console) -> dict:
     """Run the flow, print the stage table and where the report / merged model are; exit 1 on failure."""
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    from fish_speech_core.storage import redact
+    from fish_speech_core.storage import redact, redact_text
     from fishtune.flows.finetune import cache_label, finetune
 
-    state = finetune(config, return_state=True)
+    try:
+        state = finetune(config, return_state=True)
+    except RuntimeError as err:
+        if not _is_ephemeral_startup_failure(err):
+            raise
+        console.print(f"[red]finetune failed:[/red] {escape(_ephemeral_startup_message())}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if not state.is_completed() and _is_ephemeral_startup_failure(_state_exception(state)):
+        console.print(f"[red]finetune failed:[/red] {escape(_ephemeral_startup_message())}", soft_wrap=True)
+        raise typer.Exit(1)
     if not state.is_completed():
-        console.print(Text.assemble(("finetune failed: ", "red"), str(state.message)))
+        console.print(Text.assemble(("finetune failed: ", "red"), redact_text(state.message or "")), soft_wrap=True)
         console.print(f"The run manifest and report are under {redact(config.storage)}/runs/; rerun to resume "
-                      "(finished stages come from cache, training continues from its last checkpoint).")
+                      "(finished stages come from cache, training continues from its last checkpoint).", markup=False)
         raise typer.Exit(1)
     result = state.result()
-    table = Table(title=f"finetune {config.project}: run {result['run_id']}")
+    table = Table(title=f"finetune {config.project}: run {escape(str(result['run_id']))}")
     for column in ("stage", "cache", "seconds", "artifact"):
         table.add_column(column)
     for stage in result["stages"]:
@@ -119,12 +150,20 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
                       f"{stage['seconds']:.2f}", Text(redact(stage["url"])))
     console.print(table)
     if result.get("recommended_checkpoint"):
-        console.print(f"Recommended checkpoint: {redact(result['recommended_checkpoint'])}", soft_wrap=True)
+        console.print(f"Recommended checkpoint: {redact(result['recommended_checkpoint'])}", soft_wrap=True, markup=False)
     if result.get("merged_model"):
-        console.print(f"Merged model: {redact(result['merged_model'])}", soft_wrap=True)
-    console.print(f"Report:   {redact(result['report'])}", soft_wrap=True)
-    console.print(f"Manifest: {redact(result['manifest'])}", soft_wrap=True)
+        console.print(f"Merged model: {redact(result['merged_model'])}", soft_wrap=True, markup=False)
+    console.print(f"Report:   {redact(result['report'])}", soft_wrap=True, markup=False)
+    console.print(f"Manifest: {redact(result['manifest'])}", soft_wrap=True, markup=False)
     return result
+
+
+def _state_exception(state) -> BaseException | None:
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as err:  # noqa: BLE001 - we only look at it
+        return err
+    return None
 
 
 def demo_command(
@@ -150,7 +189,7 @@ def demo_command(
     os.environ.pop("PREFECT_API_URL", None)
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
+    _prefect_defaults()
 
     base, codec = output / "models" / "base-tiny", output / "models" / "codec-tiny.pth"
     with console.status("making a tiny random base model and codec (seeded: the same bytes every time)"):
@@ -170,7 +209,7 @@ def demo_command(
         preview_sentences_per_speaker=preview_sentences,
         preview_max_new_tokens=64,  # random models rarely stop on their own: keep their previews short
     )
-    console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)")
+    console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)", markup=False)
     _run_and_print(config, console)
 
 
@@ -201,7 +240,14 @@ def deploy_command(
     Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
     installed (the Docker images, or the same lock), not a copy of this repository.
     """
-    from prefect.settings import PREFECT_API_URL
+    from fish_speech_core.storage import CredentialsInURLError, refuse_credentials
+
+    for flag, url in (("--data", data), ("--storage", storage)):
+        try:
+            refuse_credentials(url)  # deployments store their environment on the server
+        except CredentialsInURLError as err:
+            raise typer.BadParameter(str(err), param_hint=flag) from None
+    from prefect.settings import PREFECT_API_URL  # after the checks: importing Prefect is slow
 
     if not PREFECT_API_URL.value():
         raise typer.BadParameter(

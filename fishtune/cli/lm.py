@@ -58,6 +58,12 @@ def init_base(
         raise typer.BadParameter(f"{out} is not empty; pass --force to overwrite", param_hint="OUT")
     fish_tokenizer = None
     if tokenizer is not None:
+        from fish_speech_core.files import OverlapError, refuse_overlap
+
+        try:
+            refuse_overlap([("--tokenizer", tokenizer)], out, "OUT")
+        except OverlapError as err:
+            raise typer.BadParameter(str(err), param_hint="OUT") from None
         try:
             fish_tokenizer = FishTokenizer.from_dir(tokenizer)
         except TokenizerError as err:

@@ -40,7 +40,7 @@ def pack_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
     from rich.table import Table
 
-    from fish_speech_core.files import DiskFullError
+    from fish_speech_core.files import DiskFullError, NotWritableError
     from fish_speech_core.pack import default_pack_workers, discover_folder, pack
     from fish_speech_core.parallel import default_workers
 
@@ -62,7 +62,7 @@ def pack_command(
     if filelist is None:
         total = sum(len(g.items) for root in inputs for g in discover_folder(root, text_extension))
         if total == 0:
-            console.print(f"[red]No *{text_extension} transcripts found in {', '.join(map(str, inputs))}.[/]")
+            console.print(f"[red]No *{escape(text_extension)} transcripts found in {escape(', '.join(map(str, inputs)))}.[/]")
             raise typer.Exit(1)
     num_workers = num_workers or default_pack_workers(total, default_workers())
 
@@ -77,11 +77,11 @@ def pack_command(
                 shard_size_mb=shard_size, filelist=filelist,
                 on_progress=lambda n: progress.advance(task, n),
             )
-        except (ValueError, FileNotFoundError, DiskFullError) as err:
-            console.print(f"[red]pack failed:[/] {err}", soft_wrap=True, highlight=False)
+        except (ValueError, FileNotFoundError, DiskFullError, NotWritableError) as err:
+            console.print(f"[red]pack failed:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None
 
-    table = Table(title=f"pack -> {output}", show_header=False)
+    table = Table(title=f"pack -> {escape(str(output))}", show_header=False)
     for name, value in (
         ("speakers", summary.speakers),
         ("sentences", summary.sentences),
@@ -93,9 +93,9 @@ def pack_command(
         table.add_row(name, str(value))
     console.print(table)
     for reject in summary.rejects:  # names and reasons are untrusted text: never markup
-        console.print(f"[yellow]rejected[/] {escape(reject.item)}: {escape(reject.reason)}", soft_wrap=True)
+        console.print(f"[yellow]rejected[/] {escape(reject.item)}: {escape(reject.reason)}", soft_wrap=True, highlight=False)
     for path in summary.removed_stale:
-        console.print(f"removed stale shard {path} from an earlier pack")
+        console.print(f"removed stale shard {path} from an earlier pack", markup=False)
     if not summary.shards:
         console.print("[red]Nothing was packed: every item was rejected (see above).[/]")
         raise typer.Exit(1)

@@ -77,6 +77,13 @@ def synthesize_command(
         problems.append("--text is empty")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         problems.append("--device must be auto, cpu or cuda")
+    from fish_speech_core.files import OverlapError, refuse_overlap
+
+    try:  # the WAV is written: never over (or around) an input such as the prompt clip
+        refuse_overlap([("--prompt-audio", prompt_audio), ("--model", model), ("--codec", codec),
+                        ("--lora", lora)], output, "--output")
+    except OverlapError as err:
+        problems.append(str(err))
     if problems:
         raise typer.BadParameter("; ".join(problems))
     codec_choice = _codec_choice(codec_preset, codec_config, "--codec-preset")
@@ -177,6 +184,12 @@ def decode_command(
     from fish_speech_core.codes import array_problem, read_npy
     from fish_speech_core.synthesis import check_finite_audio, pick_device, write_wav
 
+    from fish_speech_core.files import OverlapError, refuse_overlap
+
+    try:  # the WAV is written: never over an input
+        refuse_overlap([("CODES_FILE", codes_file), ("--checkpoint-path", checkpoint_path)], output, "--output")
+    except OverlapError as err:
+        raise typer.BadParameter(str(err)) from None
     choice = _codec_choice(preset, config, "--preset")
     try:
         codes = read_npy(codes_file)

@@ -144,7 +144,7 @@ def _print_summary(result) -> None:
             f"recommended: step {rec.step} (val loss {rec.val_loss:.4f}; best {rec.best_val_loss:.4f} "
             f"at step {rec.best_step}) -> {rec.checkpoint} ({rec.note})", markup=False
         )
-    console.print(f"summary: {result.run_dir / 'summary.json'}")
+    console.print(f"summary: {result.run_dir / 'summary.json'}", markup=False)
 
 
 def merge_command(

@@ -48,8 +48,11 @@ def test_artifact_key_depends_on_content_params_and_code():
 def test_redact_hides_credentials_and_store_never_shows_them():
     assert storage.redact("s3://AKIA:secret@bucket/prefix?token=x") == "s3://***@bucket/prefix"
     assert storage.redact("/tmp/x") == "/tmp/x"
-    store = Store("s3://AKIA:secret@bucket/prefix")
-    assert "secret" not in repr(store) and "AKIA" not in str(store)
+    # A store never holds credentials: a URL carrying them is refused, and the refusal hides them.
+    with pytest.raises(storage.CredentialsInURLError) as refused:
+        Store("s3://AKIA:secret@bucket/prefix")
+    assert "secret" not in str(refused.value) and "AKIA" not in str(refused.value)
+    assert "AWS_ACCESS_KEY_ID" in str(refused.value)
 
 
 def test_retry_io_backs_off_and_gives_up(caplog):

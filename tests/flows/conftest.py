@@ -190,3 +190,23 @@ def prefect_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _prefect_console_on_a_live_stream():
+    """CliRunner closes the stream it swapped in for stderr; Prefect's console handlers created while
+    a command ran in it outlive it, and the next flow's first log line then fails recursively
+    (RecursionError in rich). Point any such handler back at the real stderr after each test."""
+    yield
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one
+                handler.console.file = sys.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fish_speech_core.codes import DEFAULT_SPEC, array_problem, read_npy, recorded_spec
-from fish_speech_core.dataset import PATH_ESCAPES, read_filelist, read_regular_bytes
+from fish_speech_core.dataset import NESTED_FOLDER, PATH_ESCAPES, read_filelist, read_regular_bytes
 from fish_speech_core.files import (
     PathEscapeError,
     is_abandoned,
@@ -91,9 +91,13 @@ class PackSummary:
     removed_stale: list[Path] = field(default_factory=list)
 
 
-def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> list[SpeakerGroup]:
-    """Every transcript under ``root`` (recursively), grouped by parent folder, all sorted.
+def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> tuple[list[SpeakerGroup], list[Reject]]:
+    """Every transcript under ``root`` grouped by speaker folder, all sorted, and the rejects.
 
+    A record is named after the folder holding its items (as the reference packer does), so the
+    speakers are ``root`` itself or the folders directly under it. A deeper item
+    (``root/alice/s1/x.lab``) is rejected as ``nested-speaker-folder``: named after its own
+    folder it would become a speaker ``s1`` shared with ``bob/s1``, never ``alice``.
     Folder symlinks are not followed (as in validation's discovery); file symlinks are listed
     and :func:`encode_item` refuses those whose target leaves ``root``.
     """
@@ -101,15 +105,23 @@ def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> li
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     by_folder: dict[Path, list[PackItem]] = {}
+    rejects: list[Reject] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .fishtune state, hidden folders
+        depth = len(Path(dirpath).relative_to(root).parts)
         for name in sorted(filenames):
             path = Path(dirpath) / name
             # not only regular files: a FIFO or a link named x.lab is rejected by name, never skipped
             if path.suffix == text_extension and not is_temporary(path) and not path.is_dir():
+                if depth > 1:
+                    speaker = Path(dirpath).relative_to(root).parts[0]
+                    rejects.append(Reject(str(path), f"{NESTED_FOLDER}: speakers are the folders directly under "
+                                          f"{root}; move it into {speaker}/ (or pack {Path(dirpath)} as its own input)"))
+                    continue
                 item = PackItem(codes=path.with_suffix(CODES_SUFFIX), transcript=path, label=str(path), root=root)
                 by_folder.setdefault(path.parent, []).append(item)
-    return [SpeakerGroup(name=folder.name, items=tuple(items)) for folder, items in sorted(by_folder.items())]
+    groups = [SpeakerGroup(name=folder.name, items=tuple(items)) for folder, items in sorted(by_folder.items())]
+    return groups, rejects
 
 
 def parse_filelist(filelist: str | os.PathLike, root: str | os.PathLike) -> tuple[list[SpeakerGroup], list[Reject]]:
@@ -255,7 +267,9 @@ def pack(
         groups, rejects = parse_filelist(filelist, inputs[0])
     else:
         for root in inputs:
-            groups.extend(discover_folder(root, text_extension))
+            found, nested = discover_folder(root, text_extension)
+            groups.extend(found)
+            rejects.extend(nested)
 
     _remove_interrupted_shards(Path(output))
     items = [item for group in groups for item in group.items]

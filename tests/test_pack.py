@@ -172,3 +172,23 @@ def test_default_pack_workers_grow_with_items_and_stay_within_cpus():
     assert default_pack_workers(10**6, cpus=64) == 8
     assert default_pack_workers(None, cpus=4) == 4  # unknown count (filelist): one per CPU
     assert default_pack_workers(0, cpus=4) == 1
+
+
+def test_nested_speaker_folders_are_rejected_never_merged_by_name(tmp_path):
+    # alice/s1 and bob/s1 would both become a speaker "s1": the speakers are the folders directly
+    # under the input (as validate decides), deeper items are rejected with the reason.
+    data = tmp_path / "data"
+    for speaker in ("alice", "bob"):
+        for folder, stem in ((data / speaker, "top"), (data / speaker / "s1", "deep")):
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / f"{stem}.npy", np.full((8, 6), 7, dtype=np.int32))
+            (folder / f"{stem}.lab").write_text(f"{speaker} {stem}", encoding="utf-8")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    summary = pack([data], tmp_path / "out")
+    records = {r.name: [s.texts[0].strip() for s in r.sentences] for r in iter_text_data(summary.shards)}
+    assert records == {"alice": ["alice top"], "bob": ["bob top"]}
+    assert sorted((r.item, r.reason.split(":")[0]) for r in summary.rejects) == [
+        (str(data / "alice" / "s1" / "deep.lab"), "nested-speaker-folder"),
+        (str(data / "bob" / "s1" / "deep.lab"), "nested-speaker-folder")]
+    assert "move it into alice/" in summary.rejects[0].reason
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before

@@ -60,7 +60,7 @@ def pack_command(
 
     total = None
     if filelist is None:
-        total = sum(len(g.items) for root in inputs for g in discover_folder(root, text_extension))
+        total = sum(len(g.items) for root in inputs for g in discover_folder(root, text_extension)[0])
         if total == 0:
             console.print(f"[red]No *{escape(text_extension)} transcripts found in {escape(', '.join(map(str, inputs)))}.[/]")
             raise typer.Exit(1)

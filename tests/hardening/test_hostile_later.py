@@ -93,12 +93,18 @@ def test_extract_records_the_codec_spec_and_refuses_nan_audio(codec, tmp_path):
     assert not sidecar_path_for(bad.with_suffix(".npy")).exists() and not bad.with_suffix(".npy").exists()
 
 
-def test_extract_cli_refuses_a_codec_with_nan_weights_once(reference, tmp_path):
+def _nan_codec(reference, path, part: str):
+    """The small reference codec with NaN in the first tensor of ``part`` (backbone / head)."""
     firefly = reference / "firefly"
     model = load_codec(firefly / "small-model.pth", firefly / "small-config.json")
     with torch.no_grad():
-        next(model.backbone.parameters()).fill_(float("nan"))
-    save_codec(model, tmp_path / "nan-codec.pth")
+        next(getattr(model, part).parameters()).fill_(float("nan"))
+    save_codec(model, path)
+    return path
+
+
+def test_extract_cli_refuses_a_codec_with_nan_weights_once(reference, tmp_path):
+    _nan_codec(reference, tmp_path / "nan-codec.pth", "backbone")
     data = tmp_path / "data"
     for i in range(2):
         write_clip(data / "spk" / f"{i}.wav", seconds=1.0, seed=i)
@@ -420,11 +426,7 @@ def test_doctor_accepts_the_reference_model_pth(reference):
 
 
 def test_decode_with_a_nan_decoder_writes_nothing(reference, tmp_path):
-    firefly = reference / "firefly"
-    model = load_codec(firefly / "small-model.pth", firefly / "small-config.json")
-    with torch.no_grad():
-        next(model.head.parameters()).fill_(float("nan"))
-    save_codec(model, tmp_path / "nan-head.pth")
+    _nan_codec(reference, tmp_path / "nan-head.pth", "head")
     codes = tmp_path / "codes.npy"
     np.save(codes, np.full((8, 6), 3, np.int32))
     result = cli("decode", codes, "--checkpoint-path", tmp_path / "nan-head.pth", "-o", tmp_path / "x.wav")

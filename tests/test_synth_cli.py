@@ -77,6 +77,9 @@ def test_synthesize_same_seed_gives_identical_wav_bytes(models, tmp_path):
     assert outs[0] != outs[2]
     audio, rate = sf.read(tmp_path / "a.wav")
     assert rate == 44100 and audio.ndim == 1 and audio.size > 0 and audio.size % 2048 == 0
+    import torch
+
+    assert torch.is_grad_enabled()  # the in-process command gives autograd back (later training needs it)
 
 
 def test_synthesize_user_errors_are_clear(models, tmp_path):

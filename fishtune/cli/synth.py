@@ -100,60 +100,65 @@ def synthesize_command(
         write_wav,
     )
 
+    # Inference only, restored at the end: the command also runs in-process (CliRunner, callers).
+    grad_was_enabled = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
-    started = time.perf_counter()
     try:
-        synth = load_synthesizer(model, codec, codec_choice, lora, device)
-    except (ValueError, NotImplementedError, OSError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
-    loaded = time.perf_counter() - started
-    try:
-        prompt_codes = encode_reference(synth, prompt_audio) if prompt_audio is not None else None
-    except ValueError as error:  # not audio, empty, NaN, shorter than one code frame
-        typer.echo(f"Error: --prompt-audio: {error}", err=True)
-        raise typer.Exit(2) from None
-    chunks = split_text(text, chunk_chars)
-    settings = SamplingSettings(temperature, top_p, repetition_penalty)
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    ) as progress:
-        task = progress.add_task(f"chunk 1/{len(chunks)}", total=max_new_tokens, info="")
-
-        def on_step(n: int) -> None:
-            progress.update(task, completed=n, info=f"{n} tokens")
-
-        def on_chunk(i: int, total: int, result) -> None:
-            progress.update(
-                task, completed=0, description=f"chunk {min(i + 2, total)}/{total}",
-                info=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s",
-            )
-
+        started = time.perf_counter()
         try:
-            result = synthesize(
-                synth, text, prompt_codes, prompt_text, settings, max_new_tokens, seed,
-                chunk_chars, on_chunk=on_chunk, on_step=on_step,
-            )
-        except ValueError as error:  # e.g. the prompt leaves no room within max_seq_len
+            synth = load_synthesizer(model, codec, codec_choice, lora, device)
+        except (ValueError, NotImplementedError, OSError) as error:
             typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(2) from None
-    try:
-        check_finite_audio(result.audio, output)
-        write_wav(output, result.audio, result.sample_rate)
-    except ValueError as error:  # NaN audio from damaged weights
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
-    seconds = result.audio.numel() / result.sample_rate
-    typer.echo(
-        f"Wrote {output}: {seconds:.2f} s of audio at {result.sample_rate} Hz from "
-        f"{len(result.chunks)} chunk(s), {result.new_tokens} tokens "
-        f"({result.codes.size(1)} code frames) at {result.tokens_per_second:.1f} tokens/s on "
-        f"{synth.device.type}; load {loaded:.1f} s, total {time.perf_counter() - started:.1f} s."
-    )
-    if result.codes.size(1) == 0:
-        typer.echo("Warning: the model produced no speech codes (an untrained model?); the "
-                   "file is empty.", err=True)
+        loaded = time.perf_counter() - started
+        try:
+            prompt_codes = encode_reference(synth, prompt_audio) if prompt_audio is not None else None
+        except ValueError as error:  # not audio, empty, NaN, shorter than one code frame
+            typer.echo(f"Error: --prompt-audio: {error}", err=True)
+            raise typer.Exit(2) from None
+        chunks = split_text(text, chunk_chars)
+        settings = SamplingSettings(temperature, top_p, repetition_penalty)
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        ) as progress:
+            task = progress.add_task(f"chunk 1/{len(chunks)}", total=max_new_tokens, info="")
+
+            def on_step(n: int) -> None:
+                progress.update(task, completed=n, info=f"{n} tokens")
+
+            def on_chunk(i: int, total: int, result) -> None:
+                progress.update(
+                    task, completed=0, description=f"chunk {min(i + 2, total)}/{total}",
+                    info=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s",
+                )
+
+            try:
+                result = synthesize(
+                    synth, text, prompt_codes, prompt_text, settings, max_new_tokens, seed,
+                    chunk_chars, on_chunk=on_chunk, on_step=on_step,
+                )
+            except ValueError as error:  # e.g. the prompt leaves no room within max_seq_len
+                typer.echo(f"Error: {error}", err=True)
+                raise typer.Exit(2) from None
+        try:
+            check_finite_audio(result.audio, output)
+            write_wav(output, result.audio, result.sample_rate)
+        except ValueError as error:  # NaN audio from damaged weights
+            typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(2) from None
+        seconds = result.audio.numel() / result.sample_rate
+        typer.echo(
+            f"Wrote {output}: {seconds:.2f} s of audio at {result.sample_rate} Hz from "
+            f"{len(result.chunks)} chunk(s), {result.new_tokens} tokens "
+            f"({result.codes.size(1)} code frames) at {result.tokens_per_second:.1f} tokens/s on "
+            f"{synth.device.type}; load {loaded:.1f} s, total {time.perf_counter() - started:.1f} s."
+        )
+        if result.codes.size(1) == 0:
+            typer.echo("Warning: the model produced no speech codes (an untrained model?); the "
+                       "file is empty.", err=True)
+    finally:
+        torch.set_grad_enabled(grad_was_enabled)
 
 
 def decode_command(

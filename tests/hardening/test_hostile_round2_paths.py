@@ -194,6 +194,9 @@ def test_merge_train_and_init_base_refuse_outputs_inside_their_inputs(tmp_path):
     before = tree_digest(base)
     code, output = _cli("merge", "--base-weight", base, "--lora-weight", tmp_path / "none.ckpt", "--output", base / "sub")
     assert code == 1 and "is inside base" in output and str(base) in output
+    _item(tmp_path / "data" / "spk", "a", "hello")  # real shards: train checks --data against the base first
+    assert _cli("pack", "-i", tmp_path / "data", "-o", tmp_path / "protos")[0] == 0
+    before = tree_digest(base)
     code, output = _cli("train", "--project", "p", "--base", base, "--data", tmp_path / "protos", "--results-dir", base)
     assert code == 1 and "run folder" in output and "inside --base" in output
     code, output = _cli("init-base", base / "tok", "--tokenizer", base)

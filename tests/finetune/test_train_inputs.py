@@ -4,6 +4,7 @@ mode recorded, coverage reported, and byte-identical checkpoints for the same in
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -69,6 +70,15 @@ def test_train_records_sampling_and_max_length_and_reports_coverage(setup, tmp_p
     assert sorted(saved["fishtune_seen"]) == saved["fishtune_seen"]
     flat = " ".join(out.output.split())  # rich wraps the table title to the terminal width
     assert "sentences seen / sentences in the training split" in flat and "SPK0" in flat
+
+    # same inputs (same paths: a checkpoint records its run's config), same checkpoint bytes
+    first = (run / "checkpoints" / "step_000000004.ckpt").read_bytes()
+    shutil.rmtree(run)
+    again = run_cli("train", "--project", "cov", "--base", base, "--data", protos, "--max-steps", "4",
+                    "--val-check-interval", "2", "--batch-size", "2", "--val-fraction", "0.2",
+                    "--results-dir", tmp_path)
+    assert again.exit_code == 0, again.output
+    assert (run / "checkpoints" / "step_000000004.ckpt").read_bytes() == first
 
     # --sampling reference is recorded too, and resuming with the other mode is refused
     out = run_cli("train", "--project", "cov", "--base", base, "--data", protos, "--max-steps", "6",

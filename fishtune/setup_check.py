@@ -26,6 +26,9 @@ REQUIRED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pyarrow", ("pyarrow", "pyarrow.parquet")),
     ("s3fs", ("s3fs",)),
 )
+# What `fishtune doctor` re-checks on every run: the compiled parts that break on a mismatched install,
+# without lightning and peft (10 s of imports each here; the install-time check covers them).
+QUICK: tuple[tuple[str, tuple[str, ...]], ...] = tuple(r for r in REQUIRED if r[0] not in ("lightning", "peft"))
 FIX = "reinstall from the lock: `make clean-venv && make test` (or `uv sync --locked --extra test`)"
 
 

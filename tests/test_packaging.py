@@ -103,12 +103,6 @@ def test_setup_check_names_the_broken_package_in_one_line(capsys):
     assert item.distribution == "torch" and item.version == "2.11.0" and "\n" not in item.line()
 
 
-def test_setup_check_passes_in_this_environment():
-    done = subprocess.run([sys.executable, "-m", "fishtune.setup_check"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("fishtune setup: ok (torch 2.11.0, torchaudio 2.11.0, prefect ")
-
-
 @pytest.mark.slow
 def test_wheel_installs_from_the_lock_and_runs_the_demo_outside_the_repository(tmp_path):
     """Build the wheel, install it with the locked dependencies into a fresh venv, run the demo elsewhere."""
@@ -143,7 +137,8 @@ def test_wheel_installs_from_the_lock_and_runs_the_demo_outside_the_repository(t
     assert all(path.startswith(site) for path in where), where
     assert sorted(p.name for p in Path(where[1]).iterdir()) == ["alice", "bruno", "carmen"]
     assert "fishtune.flows.finetune:finetune" in Path(where[2]).read_text()
-    run(str(python), "-m", "fishtune.setup_check", cwd=work)
+    check = run(str(python), "-m", "fishtune.setup_check", cwd=work).stdout  # what make runs after installing
+    assert check.startswith("fishtune setup: ok (torch 2.11.0, torchaudio 2.11.0, prefect ")
 
     demo = run(str(venv / "bin" / "fishtune"), "demo", "--max-steps", "10", cwd=work, timeout=1200)
     out = work / "demo-output" / "store"
@@ -163,7 +158,7 @@ def test_doctor_reports_a_package_that_does_not_import(monkeypatch):
     from fishtune import setup_check
     from fishtune.cli import app
 
-    monkeypatch.setattr(setup_check, "REQUIRED", (*setup_check.REQUIRED, ("torchaudio", ("torchaudio._no_such_ext",))))
+    monkeypatch.setattr(setup_check, "QUICK", (*setup_check.QUICK, ("torchaudio", ("torchaudio._no_such_ext",))))
     result = CliRunner().invoke(app, ["doctor", "--json"])
     assert result.exit_code == 1
     errors = [f for f in json.loads(result.stdout) if f["level"] == "error"]

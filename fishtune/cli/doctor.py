@@ -27,10 +27,10 @@ def doctor(
 ) -> None:
     """Check the environment and the files a finetune needs; exit 1 if anything is an error."""
     from fish_speech_core.doctor import Finding, has_errors, run_checks, to_json
-    from fishtune.setup_check import FIX, check
+    from fishtune.setup_check import FIX, QUICK, check
 
     # Packages that are installed but do not load (torchaudio built for another torch) come first.
-    problems = check()
+    problems = check(QUICK)
     broken = [Finding("error", f"{b.distribution} {b.version} does not import: {b.error}", FIX) for b in problems]
     torch_broken = any(b.distribution == "torch" for b in problems)  # every other check needs torch
     findings = broken + ([] if torch_broken else run_checks(base, codec, storage))

@@ -77,14 +77,13 @@ def train_command(
 ) -> None:
     """Finetune a Fish Speech 1.4 text2semantic checkpoint with LoRA on packed shards."""
     from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
-    from fish_speech_core.finetune.shards import check_data_fits_base
 
     if base.is_dir():
-        # The base checks train() makes first, before Lightning is even imported: a bad base or a
-        # --max-length it cannot attend to is refused in the time the CLI takes to start.
+        # train()'s first base check, before Lightning is even imported: a bad base or a --max-length
+        # it cannot attend to is refused in the time the CLI takes to start. (The shards-vs-base
+        # check reads every shard, so it is left to train(), which makes it before any model.)
         try:
             resolve_max_length(max_length, base_max_seq_len(base), base)
-            check_data_fits_base(base, data)  # codes rows/values vs the base, naming the shard
         except TrainError as err:
             _fail(str(err))
 

@@ -131,9 +131,8 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     except RuntimeError as err:
         if not _is_ephemeral_startup_failure(err):
             raise
-        console.print(f"[red]finetune failed:[/red] {escape(_ephemeral_startup_message())}", soft_wrap=True)
-        raise typer.Exit(1) from None
-    if not state.is_completed() and _is_ephemeral_startup_failure(_state_exception(state)):
+        state = None  # Prefect raises it before or returns it as the run's failure: one message for both
+    if state is None or not state.is_completed() and _is_ephemeral_startup_failure(_state_exception(state)):
         console.print(f"[red]finetune failed:[/red] {escape(_ephemeral_startup_message())}", soft_wrap=True)
         raise typer.Exit(1)
     if not state.is_completed():

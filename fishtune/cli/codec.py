@@ -146,30 +146,21 @@ def extract_command(
 
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import (
-        BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-    )
+
+    from fish_speech_core.progress import progress_bar
 
     console = Console(stderr=True)
-    total_hours = plan.todo_seconds / 3600
-    with Progress(
-        TextColumn("[bold]extract"),
-        BarColumn(),
-        TextColumn("{task.completed:.3f}/{task.total:.3f} h audio"),
-        TextColumn("{task.fields[files]} files"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("extract", total=max(total_hours, 1e-9), files=f"0/{len(plan.todo)}")
+    # Counted in seconds of audio, not files: the ETA holds when clip lengths vary (its rate
+    # reads as times real time); the note counts files.
+    with progress_bar(console=console) as progress:
+        task = progress.add_task("extract", total=plan.todo_seconds, unit="s audio",
+                                 note=f"0/{len(plan.todo)} files")
         done = 0
 
         def on_result(result) -> None:
             nonlocal done
             done += 1
-            progress.update(task, advance=result.seconds / 3600, files=f"{done}/{len(plan.todo)}")
+            progress.update(task, advance=result.seconds, note=f"{done}/{len(plan.todo)} files")
 
         try:
             summary = run_extraction(model, plan, settings, model_hash, on_result)

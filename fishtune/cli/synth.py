@@ -89,8 +89,8 @@ def synthesize_command(
     codec_choice = _codec_choice(codec_preset, codec_config, "--codec-preset")
 
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fish_speech_core.progress import progress_bar
     from fish_speech_core.synthesis import (
         check_finite_audio,
         encode_reference,
@@ -118,20 +118,16 @@ def synthesize_command(
             raise typer.Exit(2) from None
         chunks = split_text(text, chunk_chars)
         settings = SamplingSettings(temperature, top_p, repetition_penalty)
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-        ) as progress:
-            task = progress.add_task(f"chunk 1/{len(chunks)}", total=max_new_tokens, info="")
+        # Over --max-new-tokens per chunk: a chunk usually ends (end of speech) before its total.
+        with progress_bar() as progress:
+            task = progress.add_task(f"chunk 1/{len(chunks)}", total=max_new_tokens, unit="tokens")
 
             def on_step(n: int) -> None:
-                progress.update(task, completed=n, info=f"{n} tokens")
+                progress.update(task, completed=n)
 
             def on_chunk(i: int, total: int, result) -> None:
-                progress.update(
-                    task, completed=0, description=f"chunk {min(i + 2, total)}/{total}",
-                    info=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s",
-                )
+                progress.reset(task, total=max_new_tokens, description=f"chunk {min(i + 2, total)}/{total}",
+                               note=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s")
 
             try:
                 result = synthesize(

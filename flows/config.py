@@ -9,14 +9,9 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fish_speech_core.choices import AudioFormat, Sampling  # shared with the CLI and the core
 from fish_speech_core.files import refuse_overlap
 from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_credentials
-
-
-class AudioFormat(str, Enum):
-    keep = "keep"
-    flac = "flac"
-    wav = "wav"
 
 
 class Preset(str, Enum):
@@ -25,13 +20,6 @@ class Preset(str, Enum):
     tiny = "tiny"  # CPU demo and tests: r=4, batch 2, max length 256, validate every 10 steps
     small = "small"  # the Fish Speech 1.4 recipe: r=8 alpha=16, batch 8, validate every 100 steps
     large = "large"  # r=32 alpha=64
-
-
-class Sampling(str, Enum):
-    """Where a training sample's consecutive sentences start (fish_speech_core.finetune.data.SAMPLING_MODES)."""
-
-    cover = "cover"  # anywhere in the speaker, wrapping: every clip is trained on
-    reference = "reference"  # Fish Speech 1.4: short speakers always from their first clip
 
 
 class NormalizeOptions(BaseModel):

@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fish_speech_core.choices import AudioFormat
+
 console = Console(stderr=True)
 
 MAX_SECONDS_HELP = "Reject audio longer than this many seconds (long clips waste memory and rarely align well)."
@@ -99,7 +101,7 @@ def normalize_command(
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="Worker processes (0 = one per CPU core)."),
     clean: bool = typer.Option(False, "--clean", help="Empty OUTPUT first (only OUTPUT)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every file, even those already up to date."),
-    format: str = typer.Option("keep", "--format", help="Output format: keep (same as input), flac or wav."),
+    format: AudioFormat = typer.Option(AudioFormat.keep, "--format", help="Output format: keep (same as input), flac or wav."),
     prevent_clipping: bool = typer.Option(
         True, "--prevent-clipping/--allow-clipping", help="Scale files whose gain would clip down to the --peak ceiling."
     ),
@@ -110,19 +112,17 @@ def normalize_command(
 ) -> None:
     """Loudness-normalize a dataset into OUTPUT: peak to --peak dBFS, then gain to --loudness LUFS."""
     from fish_speech_core.files import DiskFullError, NotWritableError
-    from fish_speech_core.normalize import FORMATS, NormalizeSettings, STATE_DIR, normalize_tree, write_report
+    from fish_speech_core.normalize import NormalizeSettings, STATE_DIR, normalize_tree, write_report
     from fish_speech_core.parallel import default_workers
     from fish_speech_core.validate import ValidationSettings
 
-    if format not in FORMATS:
-        raise typer.BadParameter(f"choose one of {', '.join(FORMATS)}", param_hint="--format")
     _data_dir(input)
     _report_outside(report, [("INPUT", input)])
     try:
         result = normalize_tree(
             input,
             output,
-            NormalizeSettings(peak, loudness, block_size, format, prevent_clipping),
+            NormalizeSettings(peak, loudness, block_size, format.value, prevent_clipping),
             ValidationSettings(text_extension, max_seconds),
             filelist,
             num_workers or default_workers(),

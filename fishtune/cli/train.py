@@ -7,15 +7,12 @@ from pathlib import Path
 
 import typer
 
+from fish_speech_core.choices import Sampling
+
 
 class Backend(str, Enum):
     gloo = "gloo"
     nccl = "nccl"
-
-
-class Sampling(str, Enum):  # fish_speech_core.finetune.data.SAMPLING_MODES
-    cover = "cover"
-    reference = "reference"
 
 
 class Format(str, Enum):

@@ -11,22 +11,20 @@ from pathlib import Path
 
 import typer
 
-from fishtune.flows.config import AudioFormat, FinetuneConfig, NormalizeOptions, Preset, Sampling
+from fishtune.cli.model_options import command_from_model, model_options, option_flags, validated
+from fishtune.flows.config import FinetuneConfig, Preset
 
-_F = FinetuneConfig.model_fields
-_N = NormalizeOptions.model_fields
 # Package data, so the demo and deploy work the same from a wheel as from a checkout.
 DEMO_DATA = Path(str(files("fishtune.examples") / "demo-data"))
 PREFECT_FILE = Path(str(files("fishtune.deployments") / "prefect.yaml"))
-FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag to fix
-    "project": "--project", "data": "--data", "speaker": "--speaker", "storage": "--storage",
-    "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
-    "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
-    "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
-    "max_steps": "--max-steps", "max_length": "--max-length", "sampling": "--sampling", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate",
-    "preview_sentences_per_speaker": "--preview-sentences",
-    "preview_max_new_tokens": "--preview-max-tokens", "merge_step": "--merge-step", "asr": "--asr", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+# Every FinetuneConfig field is a `fishtune finetune` option named after it (nested normalize.x:
+# --x); these keep their shorter, older names.
+OPTION_NAMES = {
+    "preview_sentences_per_speaker": "--preview-sentences", "preview_max_new_tokens": "--preview-max-tokens",
+    "warm_start": "--warm-start/--from-base",
 }
+OPTIONS = model_options(FinetuneConfig, OPTION_NAMES)
+FLAGS = option_flags(OPTIONS)  # pydantic field path -> CLI flag, so validation errors name the flag to fix
 
 
 # Prefect's ephemeral server needs ~10 s on an idle laptop but timed out at its 90 s on a loaded
@@ -55,66 +53,13 @@ def _ephemeral_startup_message() -> str:
     )
 
 
-def build_config(**values) -> FinetuneConfig:
-    """The flow's config from CLI values; every invalid value is reported at once, by flag."""
-    from pydantic import ValidationError
-
-    normalize = {k: values.pop(k) for k in ("loudness", "peak", "format")}
-    try:
-        return FinetuneConfig(**values, normalize=normalize)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            path = ".".join(str(p) for p in error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{FLAGS.get(path, path)}: {message}" if path else message)
-        raise typer.BadParameter("; ".join(problems)) from None
-
-
-def finetune_command(
-    data: str = typer.Option(..., "--data", help=_F["data"].description),
-    project: str = typer.Option(_F["project"].default, "--project", help=_F["project"].description),
-    speaker: str | None = typer.Option(None, "--speaker", help=_F["speaker"].description),
-    storage: str = typer.Option(_F["storage"].default, "--storage", help=_F["storage"].description),
-    work_dir: str | None = typer.Option(None, "--work-dir", help=_F["work_dir"].description),
-    base: str | None = typer.Option(None, "--base", help=_F["base"].description),
-    codec: str | None = typer.Option(None, "--codec", help=_F["codec"].description),
-    preset: Preset = typer.Option(_F["preset"].default.value, "--preset", help=_F["preset"].description),
-    max_steps: int = typer.Option(_F["max_steps"].default, "--max-steps", help=_F["max_steps"].description),
-    max_length: int | None = typer.Option(None, "--max-length", help=_F["max_length"].description),
-    sampling: Sampling = typer.Option(_F["sampling"].default.value, "--sampling", help=_F["sampling"].description),
-    seed: int = typer.Option(_F["seed"].default, "--seed", help=_F["seed"].description),
-    progress_every: int = typer.Option(_F["progress_every"].default, "--progress-every", help=_F["progress_every"].description),
-    evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help=_F["evaluate"].description),
-    preview_sentences: int = typer.Option(_F["preview_sentences_per_speaker"].default, "--preview-sentences", help=_F["preview_sentences_per_speaker"].description),
-    preview_max_tokens: int = typer.Option(_F["preview_max_new_tokens"].default, "--preview-max-tokens", help=_F["preview_max_new_tokens"].description),
-    merge_step: int | None = typer.Option(None, "--merge-step", help=_F["merge_step"].description),
-    asr: str | None = typer.Option(None, "--asr", help=_F["asr"].description),
-    warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
-    gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
-    loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
-    peak: float = typer.Option(_N["peak"].default, "--peak", help=_N["peak"].description),
-    format: AudioFormat = typer.Option(_N["format"].default.value, "--format", help=_N["format"].description),
-    max_seconds: float = typer.Option(_F["max_seconds"].default, "--max-seconds", help=_F["max_seconds"].description),
-    text_extension: str = typer.Option(_F["text_extension"].default, "--text-extension", help=_F["text_extension"].description),
-    num_workers: int = typer.Option(_F["num_workers"].default, "--num-workers", help=_F["num_workers"].description),
-) -> None:
+@command_from_model(FinetuneConfig, OPTIONS)
+def finetune_command(config: FinetuneConfig) -> None:
     """Run the finetune flow (validate -> normalize -> ...) with caching; prints the report location."""
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console(stderr=True)
-    config = build_config(
-        data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
-        preset=preset, max_steps=max_steps, max_length=max_length, sampling=sampling, seed=seed, progress_every=progress_every, evaluate=evaluate,
-        preview_sentences_per_speaker=preview_sentences, preview_max_new_tokens=preview_max_tokens, merge_step=merge_step, asr=asr, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
-        peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
-    )
     _prefect_defaults()
-    from fish_speech_core.storage import redact
-    from fishtune.flows.finetune import finetune
-
-    _run_and_print(config, console)
+    _run_and_print(config, Console(stderr=True))
 
 
 def _run_and_print(config: FinetuneConfig, console) -> dict:
@@ -202,12 +147,12 @@ def demo_command(
             from fish_speech_core.codec.config import FireflyConfig
 
             save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
-    config = build_config(
+    config = validated(FinetuneConfig, dict(
         data=str(data), project="demo", storage=str(output / "store"), base=str(base), codec=str(codec),
-        preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate, loudness=-23.0, peak=-1.0, format=AudioFormat.keep,
+        preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate,
         preview_sentences_per_speaker=preview_sentences,
         preview_max_new_tokens=64,  # random models rarely stop on their own: keep their previews short
-    )
+    ), FLAGS)
     console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)", markup=False)
     _run_and_print(config, console)
 

@@ -56,7 +56,11 @@ class FinetuneConfig(BaseModel):
     max_seconds: float = Field(30.0, gt=0.5, le=600.0, description="Reject clips longer than this many seconds.")
     text_extension: str = Field(".lab", pattern=r"^\.[A-Za-z0-9]+$", description="Transcript file extension.")
     normalize: NormalizeOptions = Field(default_factory=NormalizeOptions, description="Loudness normalization.")
-    num_workers: int = Field(1, ge=1, le=64, description="Worker processes for validate / normalize.")
+    num_workers: int = Field(1, ge=1, le=64, description="Worker processes that validate, normalize and pack the files (1: in this process).")
+    extract_loader_workers: int = Field(
+        1, ge=0, le=64,
+        description="Data-loader worker processes that decode audio for extraction while the codec encodes (0: in the main process).",
+    )
     base: str | None = Field(None, description="Base model folder or URL (Fish Speech 1.4 LLaMA checkpoint + tokenizer).")
     codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
     preset: Preset = Field(Preset.small, description="LoRA training preset.")

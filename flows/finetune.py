@@ -269,7 +269,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             extract_args = dict(
                 normalized_url=normalized["url"], codec=config.codec, store_root=store.root,
                 work_dir=str(work_dir / "extract" / place), text_extension=config.text_extension,
-                max_seconds=config.max_seconds, num_workers=config.num_workers,
+                max_seconds=config.max_seconds, num_workers=config.extract_loader_workers,
             )
             # GPU step: in this process by default, or as a child run on the GPU pool (cached here,
             # so a rerun with the same inputs launches nothing).

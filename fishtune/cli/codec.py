@@ -64,8 +64,8 @@ def extract_command(
         help="Files per encoder batch. Default: 1 on CPU (batching only adds padding work there), 16 on CUDA.",
     ),
     num_workers: int = typer.Option(
-        1, "--num-workers", min=0, help="Processes decoding/resampling audio while the model "
-        "encodes (0: decode in the main process).",
+        1, "--num-workers", min=0, help="Data-loader worker processes that read, decode and resample "
+        "audio while the codec encodes (0: in the main process, between batches).",
     ),
     device: Device = typer.Option(Device.auto, "--device", help="Where the codec runs (auto: cuda if available)."),
     filelist: Path | None = typer.Option(

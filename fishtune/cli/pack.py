@@ -21,8 +21,8 @@ def pack_command(
     ),
     num_workers: int | None = typer.Option(
         None, "--num-workers", "-j", min=1, show_default="one per 1000 items, at most CPU count and 8",
-        help="Worker processes reading items; the output is identical for any number. Small packs "
-        "run faster in one process (starting workers costs more than it saves).",
+        help="Worker processes that read and encode the items (transcript + codes); the output is identical for any number. "
+        "Small packs run faster in one process (starting workers costs more than it saves).",
     ),
     shard_size: float = typer.Option(
         10.0, "--shard-size", min=0.001,

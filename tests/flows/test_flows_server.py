@@ -11,8 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.flows.conftest import free_port
-
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -110,43 +108,67 @@ def _wait_until(check, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.3)
 
 
+def _chromium():
+    """Headless Debian Chromium through Debian's chromedriver: the Service path set, so
+    selenium-manager never looks for (or downloads) a driver or a browser."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+
+def _wait_for(browser, css: str, text: str | None = None, timeout: float = 30.0):
+    """The first element matching ``css`` (whose text contains ``text``), waiting for it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    def first(driver):
+        return next((e for e in driver.find_elements(By.CSS_SELECTOR, css) if text is None or text in e.text), False)
+
+    return WebDriverWait(browser, timeout, poll_frequency=0.3, ignored_exceptions=(StaleElementReferenceException,)).until(
+        first, f"no {css!r}" + (f" with text {text!r}" if text else "") + f" after {timeout:.0f} s")
+
+
 @pytest.mark.slow
 def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     # `make test` installs them (system-deps); missing browsers are a setup error, never a skip.
     assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "install Debian's chromium and chromium-driver (make system-deps)"
     from prefect.client.orchestration import get_client
 
-    from tests.flows.webdriver import Chrome
-
-    browser = Chrome(free_port(), str(CHROMIUM), str(CHROMEDRIVER))
-    value = lambda element: browser.script("return arguments[0].value", element)
+    browser = _chromium()
+    value = lambda element: element.get_property("value")
     try:
         browser.get(f"{deployed.server.url}/v2/deployments/deployment/{deployed.finetune.id}/run")
-        browser.wait_for("body", text="Everything a finetune run needs")  # the model docstring rendered as help
-        assert "Integrated loudness target in LUFS" in browser.text(browser.wait_for("body"))
-        project = browser.wait_for("textarea")  # the first field of the form: Project
+        _wait_for(browser, "body", text="Everything a finetune run needs")  # the model docstring rendered as help
+        assert "Integrated loudness target in LUFS" in _wait_for(browser, "body").text
+        project = _wait_for(browser, "textarea")  # the first field of the form: Project
         _wait_until(lambda: value(project) == "demo", "the form's defaults to load")
-        browser.clear(project)
-        browser.type(project, "ui-form")
-        steps = browser.wait_for('input[type="number"][max="1000000"]')  # Max Steps, bounded by le=1_000_000
-        browser.clear(steps)
-        browser.type(steps, "7")
+        project.clear()
+        project.send_keys("ui-form")
+        steps = _wait_for(browser, 'input[type="number"][max="1000000"]')  # Max Steps, bounded by le=1_000_000
+        steps.clear()
+        steps.send_keys("7")
         _wait_until(lambda: (value(project), value(steps)) == ("ui-form", "7"), "the typed values to stick")
         # Under load the SQLite-backed server may answer create_flow_run with 503 (database busy);
         # a person would press Submit again, so the test does, but only for that status.
         for attempt in range(3):
-            browser.click(browser.wait_for("button", text="Submit"))
+            _wait_for(browser, "button", text="Submit").click()
             try:
-                _wait_until(lambda: "/run" not in browser.url(), "the UI to leave the form after creating the run", 30)
+                _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
                 break
             except AssertionError:
-                calls = browser.script(
+                calls = browser.execute_script(
                     "return performance.getEntriesByType('resource').map(e => e.name + ' ' + e.responseStatus)"
                 )
                 created = [c for c in calls if "/create_flow_run" in c]
                 if attempt < 2 and created and created[-1].endswith(" 503"):
                     continue
-                (deployed.server.root / "ui-submit.png").write_bytes(browser.screenshot())
+                (deployed.server.root / "ui-submit.png").write_bytes(browser.get_screenshot_as_png())
                 raise AssertionError(f"form not submitted; API calls: {[c for c in calls if '/api/' in c][-8:]}") from None
     finally:
         browser.quit()

@@ -226,7 +226,7 @@ def _check_max_length(config: FinetuneConfig) -> None:
 
 
 @flow(name="finetune", log_prints=True, persist_result=True)
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
+def finetune(config: FinetuneConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finetune Fish Speech 1.4 on a dataset: validate, normalize (then extract, pack, train, merge)."""
     logger = get_run_logger()
     store = Store(config.storage)
@@ -236,6 +236,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     for name in ("data", "storage", "base", "codec"):  # URLs are recorded without any user info
         if parameters.get(name):
             parameters[name] = storage.redact(parameters[name])
+    if overrides:  # what this run changed from its project's saved spec (flows/project.py)
+        parameters["overrides"] = {k: storage.redact(v) if isinstance(v, str) else v for k, v in overrides.items()}
     manifest = RunManifest(str(run_id), "finetune", parameters, versions=storage.versions())
     logger.info("storage %s, work folder %s", store, work_dir)
 

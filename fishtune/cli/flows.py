@@ -6,8 +6,10 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -117,8 +119,9 @@ def finetune_command(
     _run_and_print(config, console)
 
 
-def _run_and_print(config: FinetuneConfig, console) -> dict:
-    """Run the flow, print the stage table and where the report / merged model are; exit 1 on failure."""
+def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any] | None = None) -> dict:
+    """Run the flow (``run``, returning its state; default: finetune on ``config``), print the stage
+    table and where the report / merged model are; exit 1 on failure."""
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
@@ -127,7 +130,7 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     from fishtune.flows.finetune import cache_label, finetune
 
     try:
-        state = finetune(config, return_state=True)
+        state = run() if run else finetune(config, return_state=True)
     except RuntimeError as err:
         if not _is_ephemeral_startup_failure(err):
             raise
@@ -229,19 +232,19 @@ def _deployable(prefect_file: Path) -> tuple[list[str], list[str]]:
 
 
 def deploy_command(
-    data: str = typer.Option(..., "--data", help="Data prefix the watch flow scans and finetune reads (FISHTUNE_DATA)."),
-    storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs (FISHTUNE_STORAGE); use a location every worker can reach."),
+    storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs and the project specs the watch flow reads (FISHTUNE_STORAGE); use a location every worker can reach."),
+    data: str | None = typer.Option(None, "--data", help="Default dataset of the plain finetune deployment (FISHTUNE_DATA). Optional: projects carry their own data."),
     prefect_file: Path = typer.Option(PREFECT_FILE, "--prefect-file", exists=True, dir_okay=False, help="The deployments file (default: the one installed with fishtune)."),
     create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the cpu and cuda process work pools when missing."),
 ) -> None:
-    """Create the work pools and deployments (finetune, extract, train, watch) on the Prefect server.
+    """Create the work pools and deployments (finetune, finetune-project, extract, train, watch) on the Prefect server.
 
     Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
     installed (the Docker images, or the same lock), not a copy of this repository.
     """
     from fish_speech_core.storage import CredentialsInURLError, refuse_credentials
 
-    for flag, url in (("--data", data), ("--storage", storage)):
+    for flag, url in (("--data", data or ""), ("--storage", storage)):
         try:
             refuse_credentials(url)  # deployments store their environment on the server
         except CredentialsInURLError as err:
@@ -253,7 +256,7 @@ def deploy_command(
             "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
         )
     prefect = [sys.executable, "-m", "prefect"]
-    env = {**os.environ, "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
+    env = {**os.environ, "FISHTUNE_STORAGE": storage, **({"FISHTUNE_DATA": data} if data else {})}
     if create_pools:
         for pool in ("cpu", "cuda"):
             exists = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
@@ -231,6 +233,34 @@ def _deployable(prefect_file: Path) -> tuple[list[str], list[str]]:
     return ready, missing
 
 
+_ENV_PLACEHOLDER = re.compile(r"^\{\{\s*\$(\w+)\s*\}\}$")
+
+
+def _drop_unset(parameters: dict, env: dict[str, str]) -> dict:
+    kept = {}
+    for name, value in parameters.items():
+        match = _ENV_PLACEHOLDER.match(value) if isinstance(value, str) else None
+        if match and match[1] not in env:
+            continue
+        kept[name] = _drop_unset(value, env) if isinstance(value, dict) else value
+    return kept
+
+
+def _with_set_parameters(prefect_file: Path, env: dict[str, str], folder: Path) -> Path:
+    """``prefect_file``, or a copy in ``folder`` without the parameter defaults that are an unset
+    ``{{ $NAME }}`` (prefect deploy would make them "", which the schema refuses: FISHTUNE_DATA)."""
+    import yaml
+
+    spec = yaml.safe_load(prefect_file.read_text())
+    deployments = [{**d, "parameters": _drop_unset(d["parameters"], env)} if d.get("parameters") else d
+                   for d in spec.get("deployments", [])]
+    if deployments == spec.get("deployments", []):
+        return prefect_file
+    copy = folder / prefect_file.name
+    copy.write_text(yaml.safe_dump({**spec, "deployments": deployments}, sort_keys=False))
+    return copy
+
+
 def deploy_command(
     storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs and the project specs the watch flow reads (FISHTUNE_STORAGE); use a location every worker can reach."),
     data: str | None = typer.Option(None, "--data", help="Default dataset of the plain finetune deployment (FISHTUNE_DATA). Optional: projects carry their own data."),
@@ -266,10 +296,12 @@ def deploy_command(
     for name in missing:
         typer.echo(f"skipped deployment {name!r}: its flow module is not installed here", err=True)
     names = [arg for name in ready for arg in ("--name", name)]
-    done = subprocess.run(
-        [*prefect, "--no-prompt", "deploy", "--prefect-file", str(prefect_file.resolve()), *names], env=env,
-        cwd=prefect_file.resolve().parent,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        deploy_file = _with_set_parameters(prefect_file.resolve(), env, Path(tmp))
+        done = subprocess.run(
+            [*prefect, "--no-prompt", "deploy", "--prefect-file", str(deploy_file), *names], env=env,
+            cwd=prefect_file.resolve().parent,
+        )
     if done.returncode:
         typer.echo("prefect deploy failed (see above)", err=True)
         raise typer.Exit(done.returncode)

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fishtune import projects
@@ -82,3 +83,20 @@ def test_project_spec_on_s3(s3_bucket):
     assert projects.list_projects(root) == ["remote"] and config.storage == root
     assert projects.load(root, "remote") == config
     assert projects.edit(root, "remote", {"max_steps": "9"}).max_steps == 9 == projects.load(root, "remote").max_steps
+
+
+@pytest.mark.slow
+def test_project_run_uses_the_spec_and_records_this_runs_overrides(prefect_env, tmp_path):
+    store = tmp_path / "store"
+    projects.create(str(store), "run-test", {"data": str(DEMO), "base": "b", "codec": "c", "speaker": "carmen"})
+    saved = (store / "projects" / "run-test.json").read_bytes()
+    result, out = _run("run", "run-test", "--storage", str(store), "--set", "codec=", "--set", "base=", "--set", "max_seconds=20")
+    assert result.exit_code == 0, out
+    assert "validate" in out and "normalize" in out and "Report:" in out
+    [manifest] = [json.loads(p.read_text()) for p in (store / "runs").glob("*/manifest.json")]
+    assert [s["stage"] for s in manifest["stages"]] == ["validate", "normalize"]  # no codec for this run: stops there
+    assert (manifest["parameters"]["project"], manifest["parameters"]["speaker"]) == ("run-test", "carmen")
+    assert manifest["parameters"]["overrides"] == {"codec": None, "base": None, "max_seconds": 20.0}
+    assert (store / "projects" / "run-test.json").read_bytes() == saved  # overrides are never saved
+    result, out = _run("run", "run-test", "--storage", str(store), "--set", "max_steps=0")
+    assert result.exit_code == 2 and out.strip() == "error: max_steps: Input should be greater than 0"

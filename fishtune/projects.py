@@ -23,8 +23,6 @@ from fishtune.flows.config import FinetuneConfig
 PROJECTS = "projects"
 # Not settable: the name is the spec's file name, the storage is the store that holds the spec.
 FIXED = ("project", "storage")
-# Saved absolute: runs read the spec in other folders (and a relative path names another place there).
-PATH_FIELDS = ("data", "base", "codec", "work_dir")
 _NAME = TypeAdapter(Annotated[str, FinetuneConfig.model_fields["project"]])
 
 
@@ -81,7 +79,7 @@ def apply_settings(values: dict[str, Any], settings: Mapping[str, Any]) -> dict[
 
     Keys are field paths (``max_steps``, ``normalize.loudness``); values are typed or strings
     (pydantic converts ``"500"``); an empty string clears an optional field (``base=``); a mapping
-    for a nested model changes only the fields it names; local paths become absolute.
+    for a nested model changes only the fields it names.
     """
     values = copy.deepcopy(dict(values))
     for path, value in settings.items():
@@ -93,8 +91,6 @@ def apply_settings(values: dict[str, Any], settings: Mapping[str, Any]) -> dict[
             target = target.setdefault(name, {})
             if not isinstance(target, dict):
                 raise ProjectError(f"{path}: {'.'.join(parents[:depth + 1])} has no fields to set")
-        if path in PATH_FIELDS and isinstance(value, str) and value and storage.is_local(value):
-            value = storage.normalize_url(value)
         if isinstance(value, Mapping) and isinstance(target.get(leaf), dict):
             _merge(target[leaf], value)
         else:

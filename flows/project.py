@@ -16,7 +16,7 @@ from fishtune import projects
 from fishtune.flows.finetune import finetune
 
 
-@flow(name="finetune-project", log_prints=True, persist_result=True)
+@flow(name="finetune-project", log_prints=True, persist_result=True, flow_run_name="finetune-project/{project}")
 def finetune_project(project: str, storage: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finetune a saved project from its spec on the store; overrides (field path -> value) apply to this run only."""
     config = projects.load(storage, project)

@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from fish_speech_core.storage import DEFAULT_ROOT, CredentialsInURLError, Store
 from fishtune import projects
+from fishtune.flows.config import FinetuneConfig
 
 console = Console(stderr=True)
 project_app = typer.Typer(help="Saved finetune projects: a spec on the store that every run (and the data-changed trigger) uses.",
@@ -29,6 +30,7 @@ STORAGE = typer.Option(DEFAULT_ROOT, "--storage", envvar="FISHTUNE_STORAGE",
 SET = typer.Option([], "--set", metavar="FIELD=VALUE",
                    help="A finetune setting (FinetuneConfig field, nested as normalize.loudness=-20; FIELD= clears it). Repeatable.")
 WATCH = "watch/watch"
+_F = FinetuneConfig.model_fields
 _EVERY = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -49,9 +51,9 @@ def _one_line():
 
 def create_command(
     name: str = typer.Argument(..., help="Project name: lowercase letters, digits and dashes."),
-    data: str = typer.Option(..., "--data", help="Dataset root: a local folder or s3://bucket/prefix of speaker folders."),
-    base: str = typer.Option(..., "--base", help="Base model folder or URL (Fish Speech 1.4 LLaMA checkpoint + tokenizer)."),
-    codec: str = typer.Option(..., "--codec", help="Firefly VQ-GAN codec checkpoint (path or URL)."),
+    data: str = typer.Option(..., "--data", help=_F["data"].description),
+    base: str = typer.Option(..., "--base", help=_F["base"].description),
+    codec: str = typer.Option(..., "--codec", help=_F["codec"].description),
     storage: str = STORAGE,
     settings: list[str] = SET,
 ) -> None:
@@ -62,10 +64,13 @@ def create_command(
 
 
 def list_command(storage: str = STORAGE) -> None:
-    """The projects on the store, with their data."""
+    """The projects on the store, with their data (or why a spec cannot be read)."""
     with _one_line():
         for name in projects.list_projects(storage):
-            typer.echo(f"{name}\t{projects.load(storage, name).data}")
+            try:
+                typer.echo(f"{name}\t{projects.load(storage, name).data}")
+            except projects.ProjectError as exc:
+                typer.echo(f"{name}\tunreadable: {exc}")
 
 
 def show_command(name: str = typer.Argument(...), storage: str = STORAGE) -> None:
@@ -101,6 +106,14 @@ def schedule_slug(storage: str, name: str) -> str:
     return f"project-{name}-{hashlib.sha256(Store(storage).root.encode()).hexdigest()[:8]}"
 
 
+def _interval(every: str) -> timedelta:
+    match = _EVERY.match(every.strip())
+    interval = timedelta(**{_UNITS[match[2]]: int(match[1])}) if match else None
+    if interval is None or interval < timedelta(minutes=1):
+        _fail(f"--every {every!r}: expected a number and s, m, h or d of at least one minute (e.g. 5m)")
+    return interval
+
+
 def schedule_command(
     name: str = typer.Argument(...),
     every: str | None = typer.Option(None, "--every", help="Watch this project every N s/m/h/d (e.g. 5m)."),
@@ -116,22 +129,18 @@ def schedule_command(
         if sum((every is not None, cron is not None, off)) != 1:
             raise projects.ProjectError("give one of --every, --cron or --off")
         config = projects.load(storage, name)
-    if every is not None:
-        match = _EVERY.match(every.strip())
-        if not match or timedelta(**{_UNITS[match[2]]: int(match[1])}) < timedelta(minutes=1):
-            _fail(f"--every {every!r}: expected a number and s, m, h or d of at least one minute (e.g. 5m)")
+    interval = _interval(every) if every is not None else None
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         _fail("schedules live on the Prefect server: start one (prefect server start) and set PREFECT_API_URL")
-    try:
-        if every is not None:
-            schedule = IntervalSchedule(interval=timedelta(**{_UNITS[match[2]]: int(match[1])}))
-        else:
-            schedule = None if off else CronSchedule(cron=cron, timezone=timezone)
-    except ValidationError as exc:
-        _fail(f"--cron {cron!r}: {projects.problems(exc)}")
+    schedule = IntervalSchedule(interval=interval) if interval else None
+    if cron is not None:
+        try:
+            schedule = CronSchedule(cron=cron, timezone=timezone)
+        except ValidationError as exc:
+            _fail(f"--cron {cron!r}: {projects.problems(exc)}")
     replaced = set_schedule(config.storage, name, schedule)
     if off:
         typer.echo(f"removed the watch schedule of project {name}" if replaced else f"project {name} had no schedule of its own")

@@ -60,6 +60,9 @@ def test_project_create_show_edit_list_and_one_line_errors(tmp_path, monkeypatch
         (("edit", "voice-a"), "error: nothing to change"),
         (("edit", "nope", "--set", "max_steps=3"), "error: no project 'nope' in"),
         (("show", "nope"), "error: no project 'nope' in"),
+        (("schedule", "voice-a"), "error: give one of --every, --cron or --off"),
+        (("schedule", "voice-a", "--every", "10s"), "error: --every '10s': expected a number and s, m, h or d of at least one minute"),
+        (("schedule", "nope", "--every", "5m"), "error: no project 'nope' in"),
         (("show", "Bad Name"), "error: project name 'Bad Name': String should match pattern"),
         (("create", "voice-a", "--data", "d", "--base", "b", "--codec", "c"), "error: project 'voice-a' exists in"),
         (("create", "voice-c", "--data", "s3://KEY:hunter2@bucket/raw", "--base", "b", "--codec", "c"), "error: data: s3://***@bucket/raw carries credentials"),
@@ -75,6 +78,8 @@ def test_project_create_show_edit_list_and_one_line_errors(tmp_path, monkeypatch
     (store / "projects" / "voice-b.json").write_text(json.dumps({**spec, "max_steps": -1}))
     result, out = _run("show", "voice-b", "--storage", str(store))
     assert result.exit_code == 2 and out.strip() == f"error: {store}/projects/voice-b.json: max_steps: Input should be greater than 0"
+    listed = _run("list", "--storage", str(store))[0].stdout.splitlines()  # the others are still listed
+    assert listed == [f"voice-a\t{DEMO}", f"voice-b\tunreadable: {store}/projects/voice-b.json: max_steps: Input should be greater than 0"]
 
 
 def test_project_spec_on_s3(s3_bucket):

@@ -57,7 +57,9 @@ class FinetuneConfig(BaseModel):
         description="Artifact store root: a local folder or s3://bucket/prefix. Credentials and endpoint come from the AWS environment only.",
     )
     work_dir: str | None = Field(
-        None, description="Local scratch folder for incremental work. Empty: <storage>/work locally, ~/.cache/fishtune/work for s3.",
+        None, description="Local scratch folder of this run's host for incremental work. Empty: the folder 'work' "
+                          "inside a local storage root, ~/.cache/fishtune/work for s3, or the host's FISHTUNE_WORK_DIR. "
+                          "GPU child runs always use their own host's.",
     )
     max_seconds: float = ValidateParams.model_fields["max_seconds"]
     text_extension: str = ValidateParams.model_fields["text_extension"]

@@ -47,6 +47,12 @@ def test_config_is_validated_up_front():
     schema = FinetuneConfig.model_json_schema()
     assert schema["$defs"]["AudioFormat"]["enum"] == ["keep", "flac", "wav"]
     assert all("description" in p for p in schema["properties"].values())
+    # the UI renders descriptions as HTML: an <angle> word would vanish from the help
+    assert not [name for name, p in schema["properties"].items() if "<" in p["description"]]
+    # local paths are absolute once validated: a worker in another folder reads the same files
+    config = FinetuneConfig(data="examples/demo-data", base="models/base", storage="store")
+    assert all(Path(getattr(config, name)).is_absolute() for name in ("data", "base", "storage"))
+    assert FinetuneConfig(data="s3://bucket/data").data == "s3://bucket/data"
 
 
 def _stages(result: dict) -> dict[str, dict]:

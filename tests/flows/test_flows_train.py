@@ -156,7 +156,7 @@ def test_fishtune_demo_end_to_end(tmp_path):
     assert [r["step"] for r in scores["summary"]["rows"]] == [0, 10, 20]
     assert all(list((out / "store" / "evaluate").glob(f"*/{p}")) for r in scores["summary"]["rows"] for p in r["previews"])
     plot = next((out / "store" / "evaluate").glob("*/plot.png"))  # loss/similarity plot published and linked
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Plot: `{plot}`" in text  # named: a local file is no UI image
     lineage = json.loads((merged / "lineage.json").read_text())
     assert lineage["adapter"] == scores["checkpoint"]
     assert (out / "prefect-home").is_dir()  # Prefect's state stayed under --output

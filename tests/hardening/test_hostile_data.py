@@ -284,7 +284,7 @@ def test_the_flow_tasks_reject_the_same_files_and_go_on(hostile, tmp_path):
     assert normalized["summary"]["files"] == 2
     published = set(store.lookup("normalize", normalized["key"]).files)
     assert published == {f"spk/{stem}{ext}" for stem in ("good", LONG_STEM) for ext in (".wav", ".lab")} | {
-        "normalize-report.json"
+        "normalize-report.json", "summary.json"
     }
 
 

@@ -50,7 +50,7 @@ class FinetuneConfig(BaseModel):
         description="Dataset root: a local folder or s3://bucket/prefix holding one folder per speaker of audio + .lab transcripts.",
     )
     speaker: str | None = Field(
-        None, description="Use only this speaker's folder (what the data-landed trigger sets). Empty: every speaker."
+        None, description="Use only this speaker's folder. Empty: every speaker."
     )
     storage: str = Field(
         DEFAULT_ROOT, validate_default=True,

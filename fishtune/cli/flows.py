@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -62,8 +66,9 @@ def finetune_command(config: FinetuneConfig) -> None:
     _run_and_print(config, Console(stderr=True))
 
 
-def _run_and_print(config: FinetuneConfig, console) -> dict:
-    """Run the flow, print the stage table and where the report / merged model are; exit 1 on failure."""
+def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any] | None = None) -> dict:
+    """Run the flow (``run``, returning its state; default: finetune on ``config``), print the stage
+    table and where the report / merged model are; exit 1 on failure."""
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
@@ -73,7 +78,7 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     from fishtune.flows.report import cache_label
 
     try:
-        state = finetune(config, return_state=True)
+        state = run() if run else finetune(config, return_state=True)
     except RuntimeError as err:
         if not _is_ephemeral_startup_failure(err):
             raise
@@ -174,21 +179,49 @@ def _deployable(prefect_file: Path) -> tuple[list[str], list[str]]:
     return ready, missing
 
 
+_ENV_PLACEHOLDER = re.compile(r"^\{\{\s*\$(\w+)\s*\}\}$")
+
+
+def _drop_unset(parameters: dict, env: dict[str, str]) -> dict:
+    kept = {}
+    for name, value in parameters.items():
+        match = _ENV_PLACEHOLDER.match(value) if isinstance(value, str) else None
+        if match and match[1] not in env:
+            continue
+        kept[name] = _drop_unset(value, env) if isinstance(value, dict) else value
+    return kept
+
+
+def _with_set_parameters(prefect_file: Path, env: dict[str, str], folder: Path) -> Path:
+    """``prefect_file``, or a copy in ``folder`` without the parameter defaults that are an unset
+    ``{{ $NAME }}`` (prefect deploy would make them "", which the schema refuses: FISHTUNE_DATA)."""
+    import yaml
+
+    spec = yaml.safe_load(prefect_file.read_text())
+    deployments = [{**d, "parameters": _drop_unset(d["parameters"], env)} if d.get("parameters") else d
+                   for d in spec.get("deployments", [])]
+    if deployments == spec.get("deployments", []):
+        return prefect_file
+    copy = folder / prefect_file.name
+    copy.write_text(yaml.safe_dump({**spec, "deployments": deployments}, sort_keys=False))
+    return copy
+
+
 def deploy_command(
-    data: str = typer.Option(..., "--data", help="Data prefix the watch flow scans and finetune reads (FISHTUNE_DATA)."),
-    storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs (FISHTUNE_STORAGE); use a location every worker can reach."),
+    storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs and the project specs the watch flow reads (FISHTUNE_STORAGE); use a location every worker can reach."),
+    data: str | None = typer.Option(None, "--data", help="Default dataset of the plain finetune deployment (FISHTUNE_DATA). Optional: projects carry their own data."),
     prefect_file: Path = typer.Option(PREFECT_FILE, "--prefect-file", exists=True, dir_okay=False, help="The deployments file (default: the one installed with fishtune)."),
     create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the cpu and cuda process work pools when missing."),
     gpus: int = typer.Option(1, "--gpus", min=1, max=4096, help="GPUs the cuda pool's workers have in all: slots of the global `gpu` concurrency limit every GPU child run takes."),
 ) -> None:
-    """Create the work pools, the `gpu` concurrency limit and the deployments (finetune, its GPU stages, watch) on the Prefect server.
+    """Create the work pools, the `gpu` concurrency limit and the deployments (finetune, finetune-project, its GPU stages, watch) on the Prefect server.
 
     Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
     installed (the Docker images, or the same lock), not a copy of this repository.
     """
     from fish_speech_core.storage import CredentialsInURLError, refuse_credentials
 
-    for flag, url in (("--data", data), ("--storage", storage)):
+    for flag, url in (("--data", data or ""), ("--storage", storage)):
         try:
             refuse_credentials(url)  # deployments store their environment on the server
         except CredentialsInURLError as err:
@@ -200,7 +233,7 @@ def deploy_command(
             "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
         )
     prefect = [sys.executable, "-m", "prefect"]
-    env = {**os.environ, "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
+    env = {**os.environ, "FISHTUNE_STORAGE": storage, **({"FISHTUNE_DATA": data} if data else {})}
     if create_pools:
         for pool in ("cpu", "cuda"):
             exists = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
@@ -211,10 +244,12 @@ def deploy_command(
     for name in missing:
         typer.echo(f"skipped deployment {name!r}: its flow module is not installed here", err=True)
     names = [arg for name in ready for arg in ("--name", name)]
-    done = subprocess.run(
-        [*prefect, "--no-prompt", "deploy", "--prefect-file", str(prefect_file.resolve()), *names], env=env,
-        cwd=prefect_file.resolve().parent,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        deploy_file = _with_set_parameters(prefect_file.resolve(), env, Path(tmp))
+        done = subprocess.run(
+            [*prefect, "--no-prompt", "deploy", "--prefect-file", str(deploy_file), *names], env=env,
+            cwd=prefect_file.resolve().parent,
+        )
     if done.returncode:
         typer.echo("prefect deploy failed (see above)", err=True)
         raise typer.Exit(done.returncode)

@@ -1,4 +1,4 @@
-"""Deployments, workers, the data-landed trigger, child runs and the UI against a real Prefect server."""
+"""Deployments, workers, the data-changed trigger on a saved project, child runs and the UI against a real Prefect server."""
 
 import json
 import re
@@ -13,6 +13,20 @@ import pytest
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """A folder with a tiny random (seeded) ``codec.pth`` and ``base``: the models every trained run here uses."""
+    from fish_speech_core.codec import init_codec, save_codec
+    from fish_speech_core.codec.config import FireflyConfig
+    from fish_speech_core.lm.config import PRESETS
+    from fish_speech_core.lm.init_base import init_base
+
+    models = tmp_path_factory.mktemp("tiny-models")
+    save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), models / "codec.pth")
+    init_base(models / "base", PRESETS["tiny"], seed=0)
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +47,7 @@ def deployed(prefect_server, tmp_path_factory):
                              PREFECT_RESULTS_LOCAL_STORAGE_PATH: Path(prefect_server.env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])}):
         with get_client(sync_client=True) as client:
             finetune = client.read_deployment_by_name("finetune/finetune")
+            project = client.read_deployment_by_name("finetune-project/finetune-project")
             watch = client.read_deployment_by_name("watch/watch")
             train = client.read_deployment_by_name("train/train")  # train_flow on the cuda pool, one at a time
             assert train.work_pool_name == "cuda"
@@ -45,29 +60,48 @@ def deployed(prefect_server, tmp_path_factory):
         elsewhere.mkdir()
         prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "2", log="worker-cuda.log",
                              cwd=elsewhere, env={"HOME": str(elsewhere)})
-        yield SimpleNamespace(data=data, store=store, finetune=finetune, watch=watch, server=prefect_server)
+        yield SimpleNamespace(data=data, store=store, finetune=finetune, project=project, watch=watch, server=prefect_server)
 
 
-def _wait_run(client, deployment_id, project: str, timeout: float = 120.0):
-    """The finished run of ``deployment_id`` whose config has ``project`` (waits for it)."""
+def _wait_run(client, deployment_id, project: str, timeout: float = 120.0, count: int = 1):
+    """The finished runs of ``deployment_id`` for ``project`` (waits for ``count`` of them): the
+    finetune deployment's by its config, finetune-project's by its parameter."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     deadline = time.monotonic() + timeout
     while True:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
-        mine = [r for r in runs if r.parameters.get("config", {}).get("project") == project]
-        if mine and all(r.state and r.state.is_final() for r in mine) or time.monotonic() > deadline:
-            return mine
+        mine = [r for r in runs if (r.parameters.get("config") or r.parameters).get("project") == project]
+        if len(mine) >= count and all(r.state and r.state.is_final() for r in mine) or time.monotonic() > deadline:
+            return sorted(mine, key=lambda r: r.expected_start_time)
         time.sleep(1)
 
 
-@pytest.mark.slow
-def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tmp_path):
-    from prefect.client.orchestration import get_client
+def _watch_tick(client, deployed, timeout: float = 60.0) -> None:
+    """One run of the watch deployment with its deployed parameters (what a cron tick starts), finished."""
+    run = client.create_flow_run_from_deployment(deployed.watch.id)
+    deadline = time.monotonic() + timeout
+    while not (run := client.read_flow_run(run.id)).state.is_final():
+        assert time.monotonic() < deadline, f"watch run {run.name} did not finish in {timeout:.0f} s"
+        time.sleep(0.5)
+    assert run.state.is_completed(), (run.state, (deployed.server.root / "worker-cpu.log").read_text()[-3000:])
 
+
+def _project_manifests(store: Path, project: str) -> list[dict]:
+    manifests = [json.loads(p.read_text()) for p in (store / "runs").glob("*/manifest.json")]
+    return sorted((m for m in manifests if m["parameters"]["project"] == project), key=lambda m: m["started"])
+
+
+@pytest.mark.slow
+def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tiny_models, tmp_path):
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from fishtune.cli import app
+    from fishtune.cli.project import schedule_slug
     from fishtune.tasks.remote import ChildRunFailed, run_child
 
-    data, store = deployed.data, deployed.store
+    data, store, runner = deployed.data, deployed.store, CliRunner()
     pools = deployed.server.prefect("work-pool", "ls").stdout
     assert "cpu" in pools and "cuda" in pools
     with get_client(sync_client=True) as client:
@@ -79,23 +113,56 @@ def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tmp_path):
         assert schema["definitions"]["AudioFormat"]["enum"] == ["keep", "flac", "wav"]
         assert finetune.parameters["config"]["data"] == str(data)  # FISHTUNE_DATA filled in at deploy time
 
-        # The data-landed event starts finetune for that speaker (the trigger renders the parameters).
-        # Emitted from a separate process: this process's events worker may already be bound to
-        # the session harness's server (it is created once per process).
-        deployed.server.prefect(
-            "event", "emit", "fishtune.speaker.data.landed",
-            "--resource", json.dumps({"prefect.resource.id": "fishtune.speaker.bruno", "fishtune.speaker": "bruno"}),
-            "--payload", json.dumps({"data": str(data), "speaker": "bruno", "project": "triggered"}),
-        )
-        runs = _wait_run(client, finetune.id, "triggered")
-        assert len(runs) == 1, runs
-        run = runs[0]
-        log = (deployed.server.root / "worker-cpu.log").read_text()[-3000:]
-        assert run.state.is_completed(), (run.state, log)
-        assert run.parameters["config"]["speaker"] == "bruno"
-        manifest = json.loads((store / "runs" / str(run.id) / "manifest.json").read_text())
-        assert manifest["parameters"]["speaker"] == "bruno" and manifest["status"] == "completed"
-        assert list(manifest["stages"][0]["summary"]["speakers"]) == ["bruno"]
+        assert watch.parameters == {"storage": str(store)} and "data" not in watch.parameters  # projects carry their data
+        assert [s.slug for s in watch.schedules] == ["every-project"]
+        assert deployed.project.work_pool_name == "cpu" and deployed.project.parameters == {"storage": str(store)}
+
+    # A project (its spec on the store) of two speakers; the first watch tick on this fresh
+    # deployment starts ONE run for it (not one per speaker), which trains with the saved base and codec.
+    pdata = tmp_path / "project-data"
+    for speaker in ("alice", "carmen"):
+        (pdata / speaker).mkdir(parents=True)
+        for clip in sorted((DEMO / speaker).iterdir())[:6]:  # 3 clips each: audio + transcript
+            shutil.copy(clip, pdata / speaker / clip.name)
+    created = runner.invoke(app, ["project", "create", "triggered", "--data", str(pdata), "--base", str(tiny_models / "base"),
+                                  "--codec", str(tiny_models / "codec.pth"), "--storage", str(store), "--set", "preset=tiny",
+                                  "--set", "max_steps=2"])
+    assert created.exit_code == 0, created.output
+    with get_client(sync_client=True) as client:
+        _watch_tick(client, deployed)
+        runs = _wait_run(client, deployed.project.id, "triggered", timeout=300)
+        assert len(runs) == 1 and runs[0].state.is_completed(), (runs, (deployed.server.root / "worker-cpu.log").read_text()[-3000:])
+        assert runs[0].parameters == {"project": "triggered", "storage": str(store)}  # the spec decides the rest
+        [first] = _project_manifests(store, "triggered")
+        s1 = {s["stage"]: s for s in first["stages"]}
+        assert list(s1) == ["validate", "normalize", "extract", "pack", "train", "merge"]
+        assert s1["validate"]["summary"]["accepted"] == 6 and s1["pack"]["summary"]["sentences"] == 6
+
+        # A new clip lands: the next tick retrains the project on ALL of its data (old + new);
+        # the unchanged clips are reused, and the merged model is a new version.
+        for clip in sorted((DEMO / "carmen").iterdir())[6:8]:
+            shutil.copy(clip, pdata / "carmen" / clip.name)
+        _watch_tick(client, deployed)
+        runs = _wait_run(client, deployed.project.id, "triggered", timeout=300, count=2)
+        assert len(runs) == 2 and runs[1].state.is_completed(), runs
+        first, second = _project_manifests(store, "triggered")
+    s2 = {s["stage"]: s for s in second["stages"]}
+    assert list(s2) == list(s1) and second["parameters"]["speaker"] is None
+    assert s2["validate"]["summary"]["accepted"] == 7 and s2["pack"]["summary"]["sentences"] == 7
+    assert (s2["normalize"]["summary"]["written"], s2["normalize"]["summary"]["skipped"]) == (1, 6)
+    assert (s2["extract"]["summary"]["extracted"], s2["extract"]["summary"]["skipped"]) == (1, 6)
+    assert s2["train"]["summary"]["final_step"] == 2
+    assert s2["merge"]["summary"]["version"] != s1["merge"]["summary"]["version"]
+
+    # Its own watch schedule: replaced, never duplicated, beside the file's every-project one.
+    for args in (["--every", "5m"], ["--cron", "0 3 * * *"]):
+        scheduled = runner.invoke(app, ["project", "schedule", "triggered", *args, "--storage", str(store)])
+        assert scheduled.exit_code == 0, scheduled.output
+    with get_client(sync_client=True) as client:
+        schedules = {s.slug: s for s in client.read_deployment_schedules(deployed.watch.id)}
+    assert set(schedules) == {"every-project", schedule_slug(str(store), "triggered")}
+    mine = schedules[schedule_slug(str(store), "triggered")]
+    assert mine.schedule.cron == "0 3 * * *" and mine.parameters == {"storage": str(store), "project": "triggered"}
 
     # A child run through run_deployment: its result comes back; a failed child raises with its name.
     ok = run_child("finetune/finetune", {"config": {"data": str(data), "storage": str(store), "speaker": "alice",
@@ -194,7 +261,7 @@ def _children(client, deployment: str) -> list:
 
 
 @pytest.mark.slow
-def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed, tmp_path):
+def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed, tiny_models, tmp_path):
     """Two runs at once, one submitted by `fishtune finetune` with relative paths from another folder
     (the workers run elsewhere, with another HOME): every GPU stage is a child run on the cuda pool,
     named and tagged per project, and no two GPU steps overlap although the cuda worker takes 2 jobs."""
@@ -203,15 +270,9 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
 
-    from fish_speech_core.codec import init_codec, save_codec
-    from fish_speech_core.codec.config import FireflyConfig
-    from fish_speech_core.lm.config import PRESETS
-    from fish_speech_core.lm.init_base import init_base
     from fishtune.tasks.remote import ChildRunFailed, run_child
 
-    models = tmp_path / "models"
-    save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), models / "codec.pth")
-    init_base(models / "base", PRESETS["tiny"], seed=0)
+    models = tiny_models
     submit = tmp_path / "submit"  # the CLI's folder: neither the workers' nor the checkout
     submit.mkdir()
     rel = lambda p: os.path.relpath(p, submit)

@@ -262,15 +262,17 @@ def _children(client, deployment: str) -> list:
 
 @pytest.mark.slow
 def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed, tiny_models, tmp_path):
-    """Two runs at once, one submitted by `fishtune finetune` with relative paths from another folder
-    (the workers run elsewhere, with another HOME): every GPU stage is a child run on the cuda pool,
-    named and tagged per project, and no two GPU steps overlap although the cuda worker takes 2 jobs."""
+    """Two runs at once: A submitted by `fishtune finetune` with relative paths from another folder
+    (the workers run elsewhere, with another HOME), B through the deployment with a broken codec.
+    Every GPU stage of A (evaluate included) is a child run on the cuda pool, named and tagged per
+    project; B's failing child fails B naming the child; and no two GPU steps overlap although the
+    cuda worker takes 2 jobs at once."""
     import os
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from fishtune.tasks.remote import ChildRunFailed, run_child
+    from fishtune.tasks.remote import ChildRunFailed, check_pool, run_child
 
     models = tiny_models
     submit = tmp_path / "submit"  # the CLI's folder: neither the workers' nor the checkout
@@ -284,34 +286,40 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
         cwd=submit, env={**deployed.server.env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True,
     )
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
     config = {"data": str(deployed.data), "storage": str(deployed.store), "speaker": "bruno", "project": "gpu-b",
-              "codec": str(models / "codec.pth"), "gpu_pool": "cuda", "base": str(models / "base"), "preset": "tiny",
-              "max_steps": 10}
-    b = run_child("finetune/finetune", {"config": config}, timeout=600, poll_interval=1)
+              "codec": str(broken), "gpu_pool": "cuda"}
+    with pytest.raises(ChildRunFailed) as info:  # a failing child fails the parent, with the child's name and state
+        run_child("finetune/finetune", {"config": config}, timeout=600, poll_interval=1)
+    assert "ended Failed" in str(info.value)
     output, _ = cli.communicate(timeout=600)
     assert cli.returncode == 0, output[-3000:]
-    stages = {s["stage"]: s for s in b["stages"]}
-    assert list(stages) == ["validate", "normalize", "extract", "pack", "train", "merge"]
-    assert stages["train"]["summary"]["final_step"] == 10 and b["merged_model"]
     run_a = json.loads(next(p for p in (deployed.store / "runs").glob("*/manifest.json")
                             if json.loads(p.read_text())["parameters"]["project"] == "gpu-a").read_text())
     assert run_a["status"] == "completed"
     assert [s["stage"] for s in run_a["stages"]] == ["validate", "normalize", "extract", "pack", "train", "evaluate", "merge"]
+    assert {s["stage"]: s for s in run_a["stages"]}["train"]["summary"]["final_step"] == 10
     for name in ("data", "base", "codec", "storage"):  # made absolute where the run was submitted
         assert Path(run_a["parameters"][name]).is_absolute() and Path(run_a["parameters"][name]).exists()
 
     gpu_task_runs = []
     with get_client(sync_client=True) as client:
+        failed = [r for r in _children(client, "finetune/finetune") if r.parameters["config"].get("project") == "gpu-b"]
+        assert len(failed) == 1 and failed[0].state.is_failed()
+        assert re.search(r"child run 'extract/gpu-b' of deployment extract/extract ended Failed",
+                         failed[0].state.message), failed[0].state.message
         limit = client.read_global_concurrency_limit_by_name("gpu")
         assert limit.limit == 1  # `fishtune deploy`: one slot per GPU (--gpus, default 1)
-        expected = {"extract": {"extract/gpu-a", "extract/gpu-b"}, "train": {"train/gpu-a/10", "train/gpu-b/10"},
-                    "evaluate": {"evaluate/gpu-a"}, "merge": {"merge/gpu-a", "merge/gpu-b"}}
+        expected = {"extract": {"extract/gpu-a": "Completed", "extract/gpu-b": "Failed"},
+                    "train": {"train/gpu-a/10": "Completed"}, "evaluate": {"evaluate/gpu-a": "Completed"},
+                    "merge": {"merge/gpu-a": "Completed"}}
         for stage, names in expected.items():
-            children = [c for c in _children(client, f"{stage}/{stage}") if c.name in names]
-            assert sorted(c.name for c in children) == sorted(names), stage
-            for child in children:  # evaluate included: every GPU stage ran on the cuda pool, named and tagged
+            children = {c.name: c for c in _children(client, f"{stage}/{stage}") if c.name in names}
+            assert {name: c.state.name for name, c in children.items()} == names, stage
+            for child in children.values():  # evaluate included: every GPU stage ran on the cuda pool, named and tagged
                 project = child.name.split("/")[1]
-                assert (child.state.name, child.work_pool_name) == ("Completed", "cuda"), child.name
+                assert child.work_pool_name == "cuda", child.name
                 assert {"fishtune", f"project:{project}", f"stage:{stage}"} <= set(child.tags), child.tags
                 runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])))
                 gpu_task_runs += [(r.start_time, r.end_time, child.name) for r in runs if r.name.startswith(stage)]
@@ -321,26 +329,12 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
         assert all({"fishtune", f"project:{r.name.split('/')[1]}"} <= set(r.tags) for r in parents)
     # the cuda worker takes two jobs at once (--limit 2), the `gpu` limit one: the GPU steps never overlap
     gpu_task_runs.sort()
-    assert len(gpu_task_runs) == 7
+    assert len(gpu_task_runs) == 5
     for (_, end, first), (start, _, second) in zip(gpu_task_runs, gpu_task_runs[1:]):
         assert end <= start, f"{first} and {second} shared the GPU"
-
-    # A failing child fails the parent, with the child's name and state in the message.
-    broken = tmp_path / "broken.pth"
-    broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(ChildRunFailed) as info:
-        run_child("finetune/finetune", {"config": {**config, "codec": str(broken), "project": "gpu-child-fails"}},
-                  timeout=300, poll_interval=1)
-    assert "ended Failed" in str(info.value)
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed.finetune.id])))
-    failed = [r for r in runs if r.parameters["config"].get("project") == "gpu-child-fails"]
-    assert len(failed) == 1 and failed[0].state.is_failed()
-    assert re.search(r"child run 'extract/gpu-child-fails' of deployment extract/extract ended Failed",
-                     failed[0].state.message), failed[0].state.message
-    with pytest.raises(ChildRunFailed, match="gpu_pool 'other': deployment extract/extract runs on work pool 'cuda'"):
-        run_child("finetune/finetune", {"config": {**config, "gpu_pool": "other", "project": "gpu-other"}},
-                  timeout=300, poll_interval=1)
+    # a gpu_pool the deployments are not on is refused before any child starts, saying what to do
+    with pytest.raises(ValueError, match="gpu_pool 'other': deployment extract/extract runs on work pool 'cuda'"):
+        check_pool("extract/extract", "other")
 
 
 @pytest.mark.slow

@@ -30,8 +30,10 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server, tmp_path_factory):
-    """``fishtune deploy`` on the server, the watch schedule paused, cpu and cuda workers running."""
+def deployed(moto_s3, prefect_server, tmp_path_factory):
+    """``fishtune deploy`` on the server, the watch schedule paused, cpu and cuda workers running.
+
+    moto_s3 first: the server and its workers inherit the AWS environment that points at it."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -53,14 +55,17 @@ def deployed(prefect_server, tmp_path_factory):
             assert train.work_pool_name == "cuda"
             # no cron-started watch runs (and the events they emit) while these tests count runs
             client.pause_deployment(watch.id)
-        prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log")
-        # the GPU worker in a folder and HOME of its own (another host, as far as paths go); two jobs
-        # at once: the global `gpu` limit, not the worker, keeps GPU steps apart
-        elsewhere = root / "cuda-worker"
+        # each worker in a folder and HOME (so cache folder) of its own: other hosts, as far as paths
+        # go; the cuda worker takes two jobs at once: the global `gpu` limit keeps GPU steps apart
+        cpu_home, elsewhere = root / "cpu-worker", root / "cuda-worker"
+        cpu_home.mkdir()
         elsewhere.mkdir()
+        prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log", cwd=cpu_home,
+                             env={"HOME": str(cpu_home)})
         prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "2", log="worker-cuda.log",
                              cwd=elsewhere, env={"HOME": str(elsewhere)})
-        yield SimpleNamespace(data=data, store=store, finetune=finetune, project=project, watch=watch, server=prefect_server)
+        yield SimpleNamespace(data=data, store=store, finetune=finetune, project=project, watch=watch, server=prefect_server,
+                              cuda_home=elsewhere)
 
 
 def _wait_run(client, deployment_id, project: str, timeout: float = 120.0, count: int = 1):
@@ -261,9 +266,10 @@ def _children(client, deployment: str) -> list:
 
 
 @pytest.mark.slow
-def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed, tiny_models, tmp_path):
-    """Two runs at once: A submitted by `fishtune finetune` with relative paths from another folder
-    (the workers run elsewhere, with another HOME), B through the deployment with a broken codec.
+def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed, tiny_models, s3_bucket, tmp_path):
+    """Two runs at once, data and store on S3 (moto): A submitted by `fishtune finetune` with relative
+    model paths from another folder (the workers run elsewhere, each with its own HOME and cache
+    folder), B through the deployment with a broken codec.
     Every GPU stage of A (evaluate included) is a child run on the cuda pool, named and tagged per
     project; B's failing child fails B naming the child; and no two GPU steps overlap although the
     cuda worker takes 2 jobs at once."""
@@ -274,13 +280,19 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
 
     from fishtune.tasks.remote import ChildRunFailed, check_pool, run_child
 
+    import fsspec
+
     models = tiny_models
+    fs = fsspec.filesystem("s3")
+    for speaker in ("bruno", "carmen"):
+        fs.put(str(deployed.data / speaker), f"{s3_bucket}/raw/{speaker}", recursive=True)
+    data, store = f"{s3_bucket}/raw", f"{s3_bucket}/store"
     submit = tmp_path / "submit"  # the CLI's folder: neither the workers' nor the checkout
     submit.mkdir()
     rel = lambda p: os.path.relpath(p, submit)
     cli = subprocess.Popen(
-        [sys.executable, "-m", "fishtune", "finetune", "--data", rel(deployed.data), "--speaker", "carmen",
-         "--storage", rel(deployed.store), "--project", "gpu-a", "--codec", rel(models / "codec.pth"),
+        [sys.executable, "-m", "fishtune", "finetune", "--data", data, "--speaker", "carmen",
+         "--storage", store, "--work-dir", rel(tmp_path / "parent-work"), "--project", "gpu-a", "--codec", rel(models / "codec.pth"),
          "--base", rel(models / "base"), "--preset", "tiny", "--max-steps", "10", "--gpu-pool", "cuda",
          "--evaluate", "--preview-sentences", "1", "--preview-max-tokens", "16"],
         cwd=submit, env={**deployed.server.env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -288,20 +300,25 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
     )
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    config = {"data": str(deployed.data), "storage": str(deployed.store), "speaker": "bruno", "project": "gpu-b",
-              "codec": str(broken), "gpu_pool": "cuda"}
+    config = {"data": data, "storage": store, "speaker": "bruno", "project": "gpu-b", "codec": str(broken),
+              "gpu_pool": "cuda"}
     with pytest.raises(ChildRunFailed) as info:  # a failing child fails the parent, with the child's name and state
         run_child("finetune/finetune", {"config": config}, timeout=600, poll_interval=1)
     assert "ended Failed" in str(info.value)
     output, _ = cli.communicate(timeout=600)
     assert cli.returncode == 0, output[-3000:]
-    run_a = json.loads(next(p for p in (deployed.store / "runs").glob("*/manifest.json")
-                            if json.loads(p.read_text())["parameters"]["project"] == "gpu-a").read_text())
+    fs.invalidate_cache()
+    manifests = [json.loads(fs.cat_file(p)) for p in fs.glob(f"{store}/runs/*/manifest.json")]
+    run_a = next(m for m in manifests if m["parameters"]["project"] == "gpu-a")
     assert run_a["status"] == "completed"
     assert [s["stage"] for s in run_a["stages"]] == ["validate", "normalize", "extract", "pack", "train", "evaluate", "merge"]
     assert {s["stage"]: s for s in run_a["stages"]}["train"]["summary"]["final_step"] == 10
-    for name in ("data", "base", "codec", "storage"):  # made absolute where the run was submitted
+    for name in ("base", "codec", "work_dir"):  # made absolute where the run was submitted
         assert Path(run_a["parameters"][name]).is_absolute() and Path(run_a["parameters"][name]).exists()
+    assert (run_a["parameters"]["data"], run_a["parameters"]["storage"]) == (data, store)
+    # the GPU children used their own host's work folder (the cuda worker's HOME), never the parent's
+    assert list((deployed.cuda_home / ".cache" / "fishtune" / "work" / "train").iterdir())
+    assert not (tmp_path / "parent-work" / "train").exists() and (tmp_path / "parent-work" / "data").is_dir()
 
     gpu_task_runs = []
     with get_client(sync_client=True) as client:

@@ -101,7 +101,6 @@ def finetune_command(
 ) -> None:
     """Run the finetune flow (validate -> normalize -> ...) with caching; prints the report location."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=True)
     config = build_config(
@@ -111,9 +110,6 @@ def finetune_command(
         peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
     )
     _prefect_defaults()
-    from fish_speech_core.storage import redact
-    from fishtune.flows.finetune import finetune
-
     _run_and_print(config, console)
 
 

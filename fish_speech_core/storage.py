@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import posixpath
-import random
 import re
 import shutil
 import stat
@@ -47,6 +47,10 @@ class ArtifactError(RuntimeError):
 
 # ---------------------------------------------------------------- retries (I/O only)
 
+# The one per-call retry layer of storage I/O (docs/orchestration.md, Retries): botocore makes a
+# single attempt (BOTOCORE_RETRIES) and no Prefect task retries a storage call on top.
+IO_ATTEMPTS = 4
+IO_BACKOFF = 0.5  # seconds before the 2nd attempt; doubled each time, plus up to 25 % jitter
 # Transient I/O failures worth retrying. Not ValueError/KeyError: those are our bugs or bad data.
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 # Network errors of the S3 stack that are not OSError subclasses, matched by class name so this
@@ -54,6 +58,7 @@ RETRYABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionE
 TRANSIENT_NAMES = frozenset(
     {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError"}
 )
+_log = logging.getLogger(__name__)
 
 
 def is_transient(exc: BaseException, retry_on: tuple[type[BaseException], ...] = RETRYABLE) -> bool:
@@ -64,24 +69,31 @@ def is_transient(exc: BaseException, retry_on: tuple[type[BaseException], ...] =
 
 def retry_io(
     fn: Callable[[], T],
-    attempts: int = 4,
-    backoff: float = 0.5,
+    attempts: int = IO_ATTEMPTS,
+    backoff: float = IO_BACKOFF,
     retry_on: tuple[type[BaseException], ...] = RETRYABLE,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Call ``fn`` until it succeeds, at most ``attempts`` times, sleeping ``backoff * 2**i`` (+ jitter).
 
     For storage calls only: never wrap training or other compute in this.
-    ``FileNotFoundError`` is never retried (a missing object does not appear by waiting).
+    ``FileNotFoundError`` is never retried (a missing object does not appear by waiting); the last
+    error is raised as it is.
     """
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc, retry_on) or attempt == attempts - 1:
-                raise
-            sleep(backoff * 2**attempt * (1 + 0.25 * random.random()))
-    raise AssertionError("unreachable")
+    import tenacity
+
+    def note(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        _log.warning("storage call failed (%s: %s); attempt %d of %d in %.1f s", type(error).__name__,
+                     redact_text(str(error)), state.attempt_number + 1, attempts, state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=backoff, exp_base=2) + tenacity.wait_random(0, 0.25 * backoff),
+        retry=tenacity.retry_if_exception(lambda exc: is_transient(exc, retry_on)),
+        sleep=sleep, before_sleep=note, reraise=True,
+    )
+    return retrying(fn)
 
 
 # ---------------------------------------------------------------- URLs
@@ -166,9 +178,12 @@ def join(url: str, *parts: str) -> str:
 
 
 # botocore's default (legacy mode, 5 attempts) takes ~9 s to give up on one call to a dead endpoint,
-# and retry_io retries that call again: ~40 s per failing call. fishtune owns the backoff, so
-# botocore gets 2 attempts unless the user configured retries in the environment.
-BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 2}
+# and retry_io would retry that call again. retry_io is the one retry layer, so botocore makes one
+# attempt per call, unless the user configured botocore's retries in the environment (then those
+# rule, and retry_io still wraps each call). s3fs keeps its own narrow retry of failures in the
+# middle of a transfer (read timeouts, dropped bodies, SlowDown); it cannot be set per instance
+# without also changing the instance Prefect's result storage shares, see docs/orchestration.md.
+BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 1}
 
 
 def s3_options() -> dict:
@@ -340,7 +355,7 @@ class Store:
     """One storage root. Holds only the URL: never credentials (they stay in the environment)."""
 
     root: str = DEFAULT_ROOT
-    io_attempts: int = 4  # per storage call; s3fs retries each call a few times on its own as well
+    io_attempts: int = IO_ATTEMPTS  # per storage call (retry_io); botocore makes one attempt each
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", normalize_url(refuse_credentials(self.root, "storage root")))

@@ -181,12 +181,12 @@ def test_run_manifest_json_parquet_and_report(remote, request, tmp_path):
 @pytest.mark.slow
 def test_s3_down_is_a_clear_transient_error(moto_s3, s3_bucket):
     """A stopped S3 endpoint: the endpoint error (retried as transient); after a restart it works again."""
-    store = Store(f"{s3_bucket}/store", io_attempts=1)  # s3fs still retries the call internally
+    store = Store(f"{s3_bucket}/store", io_attempts=1)  # one attempt: retry_io is the only retry layer
     moto_s3.stop()
     try:
         with pytest.raises(Exception, match=r"Could not connect to the endpoint URL: .*127\.0\.0\.1") as info:
             store.lookup("stage", "k")
-        assert storage.is_transient(info.value)  # retry_io retries it (and s3fs did already)
+        assert storage.is_transient(info.value)  # retry_io retries it
         assert "testing-secret-never-logged" not in str(info.value)
     finally:
         moto_s3.start()  # moto keeps buckets in memory: the restarted server is empty
@@ -197,7 +197,7 @@ def test_s3_down_is_a_clear_transient_error(moto_s3, s3_bucket):
 
 
 def test_failing_s3_endpoint_gets_bounded_retries_with_backoff(monkeypatch):
-    """An endpoint that cuts every connection: 4 fishtune attempts x 2 botocore attempts, then a clean error."""
+    """An endpoint that cuts every connection: 4 retry_io attempts x 1 botocore attempt, then a clean error."""
     import socket
     import threading
     import time
@@ -241,10 +241,13 @@ def test_failing_s3_endpoint_gets_bounded_retries_with_backoff(monkeypatch):
         s3fs.S3FileSystem.clear_instance_cache()
     assert storage.is_transient(info.value)
     assert "testing-secret-never-logged" not in str(info.value)
-    print(f"{len(accepted)} connections in {elapsed:.1f} s: {type(info.value).__name__}: {info.value}")
-    # s3fs's own retry layer may repeat a reset call too; the product is still bounded
-    assert store.io_attempts * storage.BOTOCORE_RETRIES["total_max_attempts"] <= len(accepted) <= 40
-    assert elapsed < 30
+    print(f"{len(accepted)} connections in {elapsed:.1f} s: {type(info.value).__name__}: {info.value}",
+          [round(t - accepted[0], 2) for t in accepted])
+    # retry_io is the one retry layer: one botocore attempt per call (the HTTP client may reopen a
+    # reset connection once within an attempt, so up to two connections each), no layer multiplies it
+    assert storage.BOTOCORE_RETRIES["total_max_attempts"] == 1
+    assert store.io_attempts <= len(accepted) <= 2 * store.io_attempts
+    assert elapsed < 15
     # fishtune's backoff: the gaps between its attempts grow (0.5 s, 1 s, 2 s, + jitter)
     gaps = [b - a for a, b in zip(accepted, accepted[1:])]
     assert max(gaps) >= 1.5

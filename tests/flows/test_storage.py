@@ -243,8 +243,8 @@ def test_failing_s3_endpoint_gets_bounded_retries_with_backoff(monkeypatch):
     assert "testing-secret-never-logged" not in str(info.value)
     print(f"{len(accepted)} connections in {elapsed:.1f} s: {type(info.value).__name__}: {info.value}",
           [round(t - accepted[0], 2) for t in accepted])
-    # retry_io is the one retry layer: one botocore attempt per call (the HTTP client may reopen a
-    # reset connection once within an attempt, so up to two connections each), no layer multiplies it
+    # retry_io is the one retry layer: one botocore attempt per call, no layer multiplies it (the HTTP
+    # stack sometimes opens a second connection within one attempt: at most two each)
     assert storage.BOTOCORE_RETRIES["total_max_attempts"] == 1
     assert store.io_attempts <= len(accepted) <= 2 * store.io_attempts
     assert elapsed < 15

@@ -148,10 +148,40 @@ def test_sync_tree_from_s3_copies_only_changes(s3_bucket, tmp_path):
     assert storage.hash_tree(f"{s3_bucket}/raw/alice") == storage.hash_tree(str(dest / "alice"))
 
 
-def test_upload_download_roundtrip_s3(s3_bucket, tmp_path):
+def test_s3_hashes_are_memoized_by_etag(s3_bucket, tmp_path, monkeypatch):
+    import fsspec
+    import s3fs
+
+    from fish_speech_core import hashcache
+
+    monkeypatch.setenv(hashcache.CACHE_ENV, str(tmp_path / "hashes.sqlite"))
+    monkeypatch.setattr(hashcache, "_MEMOS", {})
+    fs = fsspec.filesystem("s3")
+    fs.put(str(DEMO / "alice"), f"{s3_bucket}/memo/alice", recursive=True)
+    url = f"{s3_bucket}/memo/alice"
+    first = storage.hash_tree(url)
+    assert first == storage.hash_tree(str(DEMO / "alice"))
+    one = f"{url}/alice_000.lab"
+    assert storage.hash_url(one) == hashlib.sha256((DEMO / "alice" / "alice_000.lab").read_bytes()).hexdigest()
+    opened: list[str] = []
+    real_open = s3fs.S3FileSystem.open
+    monkeypatch.setattr(s3fs.S3FileSystem, "open", lambda self, path, *a, **k: opened.append(path) or real_open(self, path, *a, **k))
+    monkeypatch.setattr(hashcache, "_MEMOS", {})  # the next process
+    assert storage.hash_tree(url) == first and storage.hash_url(one) == storage.hash_url(one)
+    assert opened == []  # listing and HEAD only: no object was read
+    fs.pipe_file(one, b"changed text")  # a new ETag
+    assert storage.hash_url(one) == hashlib.sha256(b"changed text").hexdigest()
+    assert storage.hash_tree(url) != first
+    assert [p.rsplit("/", 1)[-1] for p in opened] == ["alice_000.lab"]  # read once, then memoized
+
+
+def test_hash_url_and_download_from_s3(s3_bucket, tmp_path):
+    import fsspec
+
     src = tmp_path / "x.bin"
     src.write_bytes(b"\x00\x01" * 1000)
-    url = storage.upload(src, f"{s3_bucket}/files/x.bin")
+    url = f"{s3_bucket}/files/x.bin"
+    fsspec.filesystem("s3").put_file(str(src), url)
     assert storage.hash_url(url) == hashlib.sha256(src.read_bytes()).hexdigest()
     back = storage.download(url, tmp_path / "back" / "x.bin")
     assert back.read_bytes() == src.read_bytes()

@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from fish_speech_core.codes import DEFAULT_SPEC, array_problem, read_npy, recorded_spec
-from fish_speech_core.dataset import NESTED_FOLDER, PATH_ESCAPES, read_filelist, read_regular_bytes
+from fish_speech_core.dataset import (
+    DEFAULT_TEXT_EXTENSION,
+    NESTED_FOLDER,
+    PATH_ESCAPES,
+    read_filelist,
+    read_regular_bytes,
+)
 from fish_speech_core.files import (
     PathEscapeError,
     is_abandoned,
@@ -91,7 +97,7 @@ class PackSummary:
     removed_stale: list[Path] = field(default_factory=list)
 
 
-def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> tuple[list[SpeakerGroup], list[Reject]]:
+def discover_folder(root: str | os.PathLike, text_extension: str = DEFAULT_TEXT_EXTENSION) -> tuple[list[SpeakerGroup], list[Reject]]:
     """Every transcript under ``root`` grouped by speaker folder, all sorted, and the rejects.
 
     A record is named after the folder holding its items (as the reference packer does), so the
@@ -233,7 +239,7 @@ def pack(
     inputs: Sequence[str | os.PathLike],
     output: str | os.PathLike,
     *,
-    text_extension: str = ".lab",
+    text_extension: str = DEFAULT_TEXT_EXTENSION,
     num_workers: int = 1,
     shard_size_mb: float = 10.0,
     filelist: str | os.PathLike | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fish_speech_core.audio import audio_info, read_audio, resample, to_mono
+from fish_speech_core.audio import DEFAULT_MAX_SECONDS, audio_info, read_audio, resample, to_mono
 from fish_speech_core.codec.checkpoint import codec_hash
 from fish_speech_core.codec.model import FireflyCodec, NonFiniteEncodingError
 from fish_speech_core.codes import SIDECAR_SUFFIX, CodeSpec, sidecar_path_for
@@ -53,7 +53,7 @@ class ExtractSettings:
 
     batch_size: int = 16
     num_workers: int = 1
-    max_seconds: float = 30.0
+    max_seconds: float = DEFAULT_MAX_SECONDS
     dtype: str = "fp32"  # "fp32" (reference parity) or "bf16" (autocast on the encoder)
     overwrite: bool = False
     bucket: bool = True  # length-bucketed batches; False = file order (for comparisons)

@@ -12,9 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile
 
-# The longest clip fishtune trains on (seconds): validation rejects longer files, extraction refuses
-# them (the recipe's 30 s; the dual-AR context holds ~21 codes per second).
-DEFAULT_MAX_SECONDS = 30.0
 # Lower-case suffixes fishtune treats as audio. libsndfile >= 1.1 reads mp3; ogg where built in.
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".mp3", ".ogg")
 # Audio a user may well drop in a speaker folder that fishtune does not read (the reference

@@ -5,41 +5,35 @@ Field descriptions double as CLI help (``fishtune finetune --help``) and UI help
 
 from __future__ import annotations
 
-from enum import Enum
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fish_speech_core import storage
 from fish_speech_core.files import refuse_overlap
 from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_credentials
+from fishtune.tasks.params import (
+    PROJECT,
+    AudioFormat,
+    EvaluateParams,
+    ExtractParams,
+    MergeParams,
+    NormalizeParams,
+    PackParams,
+    Preset,
+    Sampling,
+    TrainParams,
+    ValidateParams,
+)
 
-
-class AudioFormat(str, Enum):
-    keep = "keep"
-    flac = "flac"
-    wav = "wav"
-
-
-class Preset(str, Enum):
-    """LoRA training presets (settings in tasks/train.py:PRESETS)."""
-
-    tiny = "tiny"  # CPU demo and tests: r=4, batch 2, max length 256, validate every 10 steps
-    small = "small"  # the Fish Speech 1.4 recipe: r=8 alpha=16, batch 8, validate every 100 steps
-    large = "large"  # r=32 alpha=64
-
-
-class Sampling(str, Enum):
-    """Where a training sample's consecutive sentences start (fish_speech_core.finetune.data.SAMPLING_MODES)."""
-
-    cover = "cover"  # anywhere in the speaker, wrapping: every clip is trained on
-    reference = "reference"  # Fish Speech 1.4: short speakers always from their first clip
+# Field() of a stage's parameter model, reused so the description and limits are written once
+_extract, _train, _evaluate = ExtractParams.model_fields, TrainParams.model_fields, EvaluateParams.model_fields
 
 
 class NormalizeOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    loudness: float = Field(-23.0, ge=-70.0, le=0.0, description="Integrated loudness target in LUFS (ITU-R BS.1770-4).")
-    peak: float = Field(-1.0, ge=-30.0, le=0.0, description="Peak target in dBFS before the loudness gain; also the anti-clipping ceiling.")
-    format: AudioFormat = Field(AudioFormat.keep, description="Output audio format: keep the input's, or convert to flac / wav.")
+    loudness: float = NormalizeParams.model_fields["loudness"]
+    peak: float = NormalizeParams.model_fields["peak"]
+    format: AudioFormat = NormalizeParams.model_fields["format"]
 
 
 class FinetuneConfig(BaseModel):
@@ -48,7 +42,7 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     project: str = Field(
-        "demo", min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$",
+        PROJECT, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$",
         description="Project name (lowercase letters, digits, dashes): groups the runs and versioned models of one voice.",
     )
     data: str = Field(
@@ -59,40 +53,34 @@ class FinetuneConfig(BaseModel):
         None, description="Use only this speaker's folder (what the data-landed trigger sets). Empty: every speaker."
     )
     storage: str = Field(
-        DEFAULT_ROOT,
+        DEFAULT_ROOT, validate_default=True,
         description="Artifact store root: a local folder or s3://bucket/prefix. Credentials and endpoint come from the AWS environment only.",
     )
     work_dir: str | None = Field(
-        None, description="Local scratch folder for incremental work. Empty: <storage>/work locally, ~/.cache/fishtune/work for s3.",
+        None, description="Local scratch folder of this run's host for incremental work. Empty: the folder 'work' "
+                          "inside a local storage root, ~/.cache/fishtune/work for s3, or the host's FISHTUNE_WORK_DIR. "
+                          "GPU child runs always use their own host's.",
     )
-    max_seconds: float = Field(30.0, gt=0.5, le=600.0, description="Reject clips longer than this many seconds.")
-    text_extension: str = Field(".lab", pattern=r"^\.[A-Za-z0-9]+$", description="Transcript file extension.")
+    max_seconds: float = ValidateParams.model_fields["max_seconds"]
+    text_extension: str = ValidateParams.model_fields["text_extension"]
     normalize: NormalizeOptions = Field(default_factory=NormalizeOptions, description="Loudness normalization.")
-    num_workers: int = Field(1, ge=1, le=64, description="Worker processes for validate / normalize.")
+    num_workers: int = Field(1, ge=1, le=64, description="Worker processes of validate, normalize and pack.")
     base: str | None = Field(None, description="Base model folder or URL (Fish Speech 1.4 LLaMA checkpoint + tokenizer).")
     codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
-    preset: Preset = Field(Preset.small, description="LoRA training preset.")
-    max_steps: int = Field(1000, gt=0, le=1_000_000, description="Training steps.")
-    max_length: int | None = Field(
-        None, ge=20, le=1_000_000,
-        description="Tokens per training sample. Empty: the preset's (tiny 256, else 4096), capped at the base's "
-                    "max_seq_len. A value over the base's max_seq_len fails before any stage.",
-    )
-    sampling: Sampling = Field(
-        Sampling.cover,
-        description="Training sample placement: cover (every clip of every speaker, near-equally often) or "
-                    "reference (Fish Speech 1.4's rule: speakers shorter than max_length/20 clips always start "
-                    "at their first clip).",
-    )
-    seed: int = Field(42, ge=0, description="Seed of the training sample stream and the adapter init.")
-    progress_every: int = Field(10, ge=1, le=100_000, description="Update the training progress in the Prefect UI every this many steps.")
+    extract_batch_size: int | None = _extract["batch_size"]
+    preset: Preset = _train["preset"]
+    max_steps: int = _train["max_steps"]
+    max_length: int | None = _train["max_length"]
+    sampling: Sampling = _train["sampling"]
+    seed: int = _train["seed"]
+    progress_every: int = _train["progress_every"]
     evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")
     preview_sentences_per_speaker: int = Field(
-        3, ge=1, le=20,
+        _evaluate["sentences_per_speaker"].default, ge=1, le=20,
         description="With evaluate: held-out sentences rendered per speaker and checkpoint (each speaker's own clip is the voice prompt).",
     )
     preview_max_new_tokens: int = Field(
-        1024, ge=8, le=8192,
+        _evaluate["max_new_tokens"].default, ge=8, le=8192,
         description="With evaluate: most code frames generated per preview sentence (~21.5 per second of audio).",
     )
     asr: str | None = Field(
@@ -107,15 +95,52 @@ class FinetuneConfig(BaseModel):
     )
     warm_start: bool = Field(False, description="Continue from the latest successful LoRA of this project instead of the base.")
     gpu_pool: str | None = Field(
-        None, description="Run extract/train as child deployments on this work pool (e.g. 'cuda'). Empty: in this process."
+        None, description="Run the GPU stages (extract, train, evaluate, merge) as child runs of their deployments, "
+                          "which must be on this work pool (e.g. 'cuda'). Empty: in this process.",
     )
 
     @field_validator("data", "storage", "work_dir", "base", "codec")
     @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        # Refused before the flow starts: Prefect would store the parameters (and every log line
-        # that echoes them) in its database.
-        return None if value is None else refuse_credentials(value)
+    def _no_credentials_and_absolute(cls, value: str | None) -> str | None:
+        # Credentials are refused before the flow starts: Prefect would store the parameters (and
+        # every log line that echoes them) in its database. Local paths become absolute here, where
+        # the run is submitted: a worker on another folder (or host) must not resolve them anew.
+        if value is None:
+            return None
+        value = refuse_credentials(value)
+        return str(local_path(value).expanduser().absolute()) if is_local(value) else value
+
+    def validate_params(self) -> ValidateParams:
+        return ValidateParams(max_seconds=self.max_seconds, text_extension=self.text_extension, num_workers=self.num_workers)
+
+    def normalize_params(self) -> NormalizeParams:
+        return NormalizeParams(**self.normalize.model_dump(), max_seconds=self.max_seconds,
+                               text_extension=self.text_extension, num_workers=self.num_workers)
+
+    def extract_params(self) -> ExtractParams:
+        return ExtractParams(text_extension=self.text_extension, max_seconds=self.max_seconds,
+                             batch_size=self.extract_batch_size)
+
+    def pack_params(self) -> PackParams:
+        return PackParams(text_extension=self.text_extension, num_workers=self.num_workers)
+
+    def train_params(self) -> TrainParams:
+        return TrainParams(project=self.project, preset=self.preset, max_steps=self.max_steps, max_length=self.max_length,
+                           sampling=self.sampling, seed=self.seed, progress_every=self.progress_every)
+
+    def evaluate_params(self) -> EvaluateParams:
+        return EvaluateParams(sentences_per_speaker=self.preview_sentences_per_speaker,
+                              max_new_tokens=self.preview_max_new_tokens, seed=self.seed,
+                              text_extension=self.text_extension, asr=self.asr)
+
+    def merge_params(self, train_key: str = "") -> MergeParams:
+        return MergeParams(project=self.project, train_key=train_key)
+
+    def workspace(self) -> str:
+        """The name of this dataset's incremental extraction folder: where the data is, which
+        speaker, how it was normalized (not its content: the next run redoes changed files only)."""
+        return storage.digest_listing({"data": storage.normalize_url(self.data), "speaker": self.speaker or "",
+                                       "normalize": storage.canonical_json(self.normalize.model_dump(mode="json"))})[:16]
 
     @model_validator(mode="after")
     def _outputs_outside_data(self) -> FinetuneConfig:

@@ -1,199 +1,45 @@
-"""The ``finetune`` flow: validate -> normalize -> (extract -> pack -> train -> merge -> evaluate).
+"""The ``finetune`` flow: validate -> normalize -> extract -> pack -> train -> (evaluate) -> merge.
 
-Every stage is a cached task keyed by input content; a rerun with nothing changed is all
-``Cached``. Each stage result is resolved here (``return_state=True`` + ``.result()``), so a
-failed stage fails the flow. The run manifest and report land in ``<storage>/runs/<run id>/``.
+It only wires: each stage is a task keyed by its input content (:mod:`fishtune.tasks.stage`), run
+in this process or, with ``gpu_pool``, as a child run on the GPU pool (:mod:`fishtune.flows.gpu`).
+A rerun with nothing changed is all ``Cached``; a failed stage fails the flow. The run manifest
+and report (:mod:`fishtune.flows.report`) land in ``<storage>/runs/<run id>/``.
 """
 
 from __future__ import annotations
 
-import re
+import inspect
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from fish_speech_core import storage
 from fish_speech_core.doctor import check_compatibility, read_codec_config
+from fish_speech_core.finetune.steps import checkpoint_step
+from fish_speech_core.links import browser_link
+from fish_speech_core.registry import latest_lora
 from fish_speech_core.storage import RunManifest, StageRecord, Store
 from fishtune.flows.config import FinetuneConfig
-from fishtune.flows.extract import extract_on_pool
-from fishtune.flows.train import train_on_pool
+from fishtune.flows.gpu import DEPLOYMENTS, LAUNCHERS, LOCAL
+from fishtune.flows.report import plot_url, report_markdown
 from fishtune.tasks import data as data_tasks
-from fishtune.tasks.codec import extract_task
+from fishtune.tasks.remote import check_pool
 from fishtune.tasks.runtime import bind, default_work_dir
-from fishtune.tasks.train import evaluate_task, latest_lora, merge_task, train_task
-
-
-def _run_stage(manifest: RunManifest, task, inputs: dict[str, str], **kwargs) -> dict:
-    """Run one task, record its wall time and cache hit, and raise if it failed."""
-    started = time.perf_counter()
-    state = task(**kwargs, return_state=True)
-    seconds = time.perf_counter() - started
-    result = state.result()  # raises the task's exception: a failed stage fails the flow
-    record = StageRecord(
-        stage=result["stage"],
-        key=result["key"],
-        url=result["url"],
-        cached=state.name == "Cached",
-        seconds=round(seconds, 3),
-        inputs=inputs,
-        outputs={k: result[k] for k in ("url", "manifest", "shards", "checkpoint") if k in result and result[k]},
-        summary=result.get("summary", {}),
-    )
-    manifest.stages.append(record)
-    return result
-
-
-def plot_url(evaluated: StageRecord) -> str:
-    """Where the evaluate stage's loss/similarity plot lives on the store (redacted URL or local path)."""
-    return storage.redact(storage.join(evaluated.url, evaluated.summary["plot"]))
-
-
-# Per-file counters of the stages that keep per-file work (normalize, extract): (redone, reused).
-PER_FILE_COUNTS = {"normalize": ("written", "skipped"), "extract": ("extracted", "skipped")}
-
-
-def cache_label(stage: str, cached: bool, summary: dict) -> str:
-    """``hit``; or ``miss``, with what the stage reused when it ran: ``miss (1 of 26 files redone)``
-    or ``miss (artifact reused)`` (the same inputs were published before, e.g. by another project)."""
-    if cached:
-        return "hit"
-    if summary.get("reused_artifact"):
-        return "miss (artifact reused)"
-    redone_key, reused_key = PER_FILE_COUNTS.get(stage, (None, None))
-    if redone_key and summary.get(reused_key):
-        redone = int(summary.get(redone_key, 0))
-        return f"miss ({redone} of {redone + int(summary[reused_key])} files redone)"
-    return "miss"
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def coverage_section(coverage: dict[str, dict[str, int]]) -> list[str]:
-    """Per speaker: sentences seen in training / sentences in the training split."""
-    lines = ["| speaker | sentences seen / sentences in the training split |", "|---|---:|"]
-    for speaker, row in sorted(coverage.items()):
-        share = row["seen"] / row["sentences"] if row["sentences"] else 0.0
-        lines.append(f"| {_cell(speaker)} | {row['seen']} / {row['sentences']} ({share:.0%}) |")
-    return lines
-
-
-def preview_section(evaluated: StageRecord, overridden: bool = False) -> list[str]:
-    """The report's Previews section: per checkpoint (means over speakers), per checkpoint and speaker
-    (scores + audio links), the speakers' prompts and sentences, the plot and the pick (merged unless
-    ``overridden`` by the user's merge_step)."""
-    e = evaluated.summary
-    num = lambda v, f: "" if v is None else format(v, f)
-    on_store = lambda p: storage.redact(storage.join(evaluated.url, p))
-    link = lambda p: f"[{Path(p).name}]({on_store(p)})"
-    # word error rate only when an ASR engine was configured (the asr setting)
-    has_wer = any(r.get("wer") is not None for r in e["rows"])
-    wer_head, wer_rule = (" word error rate |", "---:|") if has_wer else ("", "")
-    wer = lambda row: f" {num(row.get('wer'), '.2f')} |" if has_wer else ""
-    lines = ["## Previews", "",
-             "Similarity = cosine between a voice embedding of the preview and of the speaker's real clips; "
-             "duration = rendered / expected seconds for the text (sane in 0.5–2); checks ok = share of clips "
-             "without silence, clipping or duration problems. Per checkpoint: means over the speakers "
-             "(what chooses the checkpoint).", "",
-             "| model | step | val loss | similarity | duration | checks ok |" + wer_head, "|---|---:|---:|---:|---:|---:|" + wer_rule]
-    lines += [f"| {r['name']} | {r['step']} | {num(r.get('val_loss'), '.4f')} | {num(r.get('similarity'), '.3f')} | "
-              f"{num(r.get('duration_ratio'), '.2f')} | {num(r.get('ok_fraction'), '.0%')} |" + wer(r) for r in e["rows"]]
-    lines += ["", "### Per speaker", "", "| model | speaker | similarity | duration | checks ok |" + wer_head + " previews |",
-              "|---|---|---:|---:|---:|" + wer_rule + "---|"]
-    for r in e["rows"]:
-        # rows cached before per-speaker previews carry no "speakers": one line for the model
-        for s in r.get("speakers") or [{**r, "speaker": ""}]:
-            lines += [f"| {r['name']} | {_cell(s['speaker'])} | {num(s.get('similarity'), '.3f')} | "
-                      f"{num(s.get('duration_ratio'), '.2f')} | {num(s.get('ok_fraction'), '.0%')} |" + wer(s) + " "
-                      + (", ".join(link(p) for p in s["previews"]) or "none")
-                      + (f" ({_cell(s['problem'])})" if s.get("problem") else "") + " |"]
-    if e.get("speakers"):
-        lines += ["", "| speaker | prompt clip | held-out sentences | from |", "|---|---|---|---|"]
-        lines += [f"| {_cell(s['speaker'])} | [{Path(s['prompt']).name}]({on_store(s['prompt'])}) "
-                  f"\"{_cell(s['prompt_text'])}\" | " + " / ".join(f"\"{_cell(t)}\"" for t in s["sentences"])
-                  + f" | {_cell(s['source'])}" + (f" — {_cell(s['note'])}" if s.get("note") else "") + " |"
-                  for s in e["speakers"]]
-    if e.get("plot"):
-        plot = plot_url(evaluated)
-        lines += ["", f"![held-out loss and similarity vs step]({plot})", "", f"Plot: `{plot}`"]
-    lines += ["", f"**{'Recommended' if overridden else 'Merged'} checkpoint (previews):** step {e['recommended_step']} — "
-              f"`{storage.redact(evaluated.outputs.get('checkpoint', ''))}` ({e['rule']})"]
-    return lines
-
-
-def report_markdown(config: FinetuneConfig, manifest: RunManifest) -> str:
-    """The run report: data summary, rejects by reason, per-stage wall time and cache hit/miss."""
-    lines = [f"# fishtune finetune `{config.project}` — run `{manifest.run_id}`", ""]
-    lines += [f"- data: `{storage.redact(config.data)}`" + (f" (speaker `{config.speaker}`)" if config.speaker else "")]
-    lines += [f"- storage: `{storage.redact(config.storage)}`", f"- status: **{manifest.status}**", ""]
-    validation = next((s for s in manifest.stages if s.stage == "validate"), None)
-    if validation:
-        s = validation.summary
-        lines += ["## Data", "", f"{s['accepted']} accepted, {s['rejected']} rejected, {s['total_hours'] * 60:.2f} min of audio", ""]
-        lines += ["| speaker | accepted | rejected | hours |", "|---|---:|---:|---:|"]
-        lines += [f"| {name} | {row['accepted']} | {row['rejected']} | {row['hours']:.4f} |" for name, row in s["speakers"].items()]
-        if s["rejects_by_reason"]:
-            lines += ["", "| reject reason | files |", "|---|---:|"]
-            lines += [f"| {reason} | {n} |" for reason, n in s["rejects_by_reason"].items()]
-        lines += [f"\n> {note}" for note in s["advice"]]
-        lines += [""]
-    lines += ["## Stages", "", "| stage | cache | wall s | artifact |", "|---|---|---:|---|"]
-    lines += [
-        f"| {s.stage} | {cache_label(s.stage, s.cached, s.summary)} | {s.seconds:.2f} | `{storage.redact(s.url)}` |" for s in manifest.stages
-    ]
-    trained = next((s for s in manifest.stages if s.stage == "train"), None)
-    if trained:
-        t = trained.summary
-        lines += ["", "## Training", ""]
-        if t.get("resumed_from_step"):
-            lines += [f"Resumed from the checkpoint at step {t['resumed_from_step']}.", ""]
-        lines += ["| step | train loss | val loss |", "|---:|---:|---:|"]
-        fmt = lambda v: "" if v is None else f"{v:.4f}"
-        lines += [f"| {r['step']} | {fmt(r.get('train_loss'))} | {fmt(r.get('val_loss'))} |" for r in t.get("history", [])]
-        if t.get("coverage"):
-            lines += ["", *coverage_section(t["coverage"])]
-        checkpoint = trained.outputs.get("checkpoint")
-        lines += ["", f"**Recommended checkpoint:** step {t.get('recommended_step')} — `{storage.redact(checkpoint or '')}`"
-                  + (f" ({t['recommended_note']})" if t.get("recommended_note") else "")]
-    evaluated = next((s for s in manifest.stages if s.stage == "evaluate"), None)
-    if evaluated:
-        lines += ["", *preview_section(evaluated, overridden=config.merge_step is not None)]
-    merged = next((s for s in manifest.stages if s.stage == "merge"), None)
-    if merged and config.merge_step is not None:
-        lines += ["", f"**Merged checkpoint (merge_step, your choice):** step {config.merge_step} — "
-                  f"`{storage.redact(merged.inputs.get('checkpoint', ''))}`"]
-    if merged:
-        lines += ["", f"**Merged model:** `{storage.redact(merged.url)}` (version `{merged.summary.get('version')}`)"]
-    return "\n".join(lines) + "\n"
-
+from fishtune.tasks.stage import artifact_key
 
 def chosen_checkpoint(checkpoints: list[str], step: int) -> str:
     """The kept checkpoint URL of training step ``step``; ValueError names the kept steps otherwise."""
-    by_step = {int(re.search(r"(\d+)", Path(c).stem).group(1)): c for c in checkpoints}
+    by_step = {checkpoint_step(c): c for c in checkpoints}
     if step not in by_step:
         raise ValueError(f"merge_step {step}: no kept checkpoint of that step; kept steps: {sorted(by_step)}")
     return by_step[step]
-
-
-def _artifact_key(project: str, what: str = "report") -> str:
-    return re.sub(r"[^a-z0-9-]", "-", f"fishtune-{project}-{what}".lower())
-
-
-def _plot_artifact(project: str, evaluated: StageRecord) -> None:
-    """An image artifact for the plot, only when the UI can fetch it (an http(s) store URL)."""
-    if evaluated.summary.get("plot"):
-        url = plot_url(evaluated)
-        if url.startswith(("http://", "https://")):
-            create_image_artifact(url, key=_artifact_key(project, "checkpoint-plot"), description="loss and similarity vs step")
 
 
 def _check_models(config: FinetuneConfig) -> None:
@@ -225,109 +71,181 @@ def _check_max_length(config: FinetuneConfig) -> None:
     resolve_max_length(config.max_length, max_seq_len, config.base, flag="max_length")
 
 
-@flow(name="finetune", log_prints=True, persist_result=True)
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Finetune Fish Speech 1.4 on a dataset: validate, normalize (then extract, pack, train, merge)."""
+def run_name() -> str:
+    """``finetune/<project>/<yyyymmdd-hhmm>`` (UTC): what the UI lists, so runs tell apart."""
+    config = flow_run.parameters.get("config") or {}
+    project = config.get("project", "demo") if isinstance(config, dict) else config.project
+    return f"finetune/{project}/{datetime.now(timezone.utc):%Y%m%d-%H%M}"
+
+
+def run_tags(project: str, stage: str | None = None) -> list[str]:
+    return ["fishtune", f"project:{project}"] + ([f"stage:{stage}"] if stage else [])
+
+
+@dataclass
+class Stages:
+    """Runs the stages of one finetune run: binds each task to the run's store and lock folder,
+    sends the GPU stages to the pool when asked, names the runs and records each in the manifest."""
+
+    config: FinetuneConfig
+    store: Store
+    work_dir: Path
+    manifest: RunManifest
+    pool_checked: set[str] = field(default_factory=set)
+
+    def __call__(self, name: str, inputs: dict[str, str], task: Task | None = None, title: str = "", **arguments) -> dict:
+        project = self.config.project
+        if task is None and self.config.gpu_pool:  # a child flow run on the GPU pool (it resolves its own work folder)
+            if name not in self.pool_checked:
+                check_pool(DEPLOYMENTS[name], self.config.gpu_pool)
+                self.pool_checked.add(name)
+            task = LAUNCHERS[name]
+            arguments |= {"run_name": f"{name}/{project}{title}", "run_tags": run_tags(project, name)}
+        else:
+            task = task or LOCAL[name]
+            if "work_dir" in inspect.signature(task.fn).parameters:
+                arguments["work_dir"] = str(self.work_dir)
+        bound = bind(task, self.store, self.work_dir).with_options(task_run_name=f"{name}/{project}{title}")
+        started = time.perf_counter()
+        state = bound(store_root=self.store.root, **arguments, return_state=True)
+        seconds = time.perf_counter() - started
+        result = state.result()  # raises the task's exception: a failed stage fails the flow
+        self.manifest.stages.append(StageRecord(
+            stage=result["stage"], key=result["key"], url=result["url"], cached=state.name == "Cached",
+            seconds=round(seconds, 3), inputs=inputs,
+            outputs={k: result[k] for k in ("url", "manifest", "shards", "checkpoint") if result.get(k)},
+            summary=result.get("summary", {}),
+        ))
+        return result
+
+
+@dataclass
+class Outputs:
+    normalized: str | None = None
+    chosen: str | None = None  # what was merged: the previews' pick with evaluate, else train's
+    merged: str | None = None
+
+
+def pipeline(config: FinetuneConfig, run: Stages, out: Outputs) -> None:
+    """The stages in order; stops early (with a warning) when a model needed later was not given."""
+    logger = get_run_logger()
+    manifest = run.manifest
+    data_dir = data_tasks.fetch_data(config.data, str(run.work_dir), [config.speaker] if config.speaker else None)
+    if config.base:  # lineage: the merged model will point back to these exact base weights
+        manifest.inputs["base"] = storage.hash_any(config.base)
+    validated = run("validate", {"data": storage.redact(config.data)}, data_tasks.validate_task,
+                    data_dir=data_dir, params=config.validate_params())
+    manifest.inputs["data"] = validated["data_sha256"]
+    if not validated["summary"]["accepted"]:
+        raise ValueError(f"no accepted audio in {storage.redact(config.data)}: see {validated['url']}/report.md")
+    normalized = run("normalize", {"data": validated["data_sha256"]}, data_tasks.normalize_task,
+                     data_dir=data_dir, params=config.normalize_params())
+    out.normalized = normalized["url"]
+    if not config.codec:
+        logger.warning("no --codec given: stopping after normalize (extract, pack and train need it)")
+        return
+    tokens = run("extract", {"normalize": normalized["key"]}, normalized_url=normalized["url"], codec=config.codec,
+                 params=config.extract_params(), workspace=config.workspace())
+    packed = run("pack", {"extract": tokens["key"]}, data_tasks.pack_task, codes_dir=tokens["url"],
+                 params=config.pack_params())
+    if not config.base:
+        logger.warning("no --base given: stopping after pack (train and merge need a base model)")
+        return
+    init_lora = latest_lora(run.store, config.project, config.base) if config.warm_start else None
+    if init_lora:
+        manifest.inputs["init_lora"] = storage.redact(init_lora)
+    # resumes its own run folder after a failure, never a blind retry
+    lora = run("train", {"pack": packed["key"], "base": manifest.inputs["base"]}, title=f"/{config.max_steps}",
+               pack_url=packed["url"], base=config.base, params=config.train_params(), init_lora=init_lora)
+    if not lora["checkpoint"]:
+        raise RuntimeError(f"training published no checkpoint: see {storage.redact(lora['url'])}")
+    out.chosen = lora["checkpoint"]
+    if config.evaluate:  # previews decide which checkpoint is merged
+        scored = run("evaluate", {"train": lora["key"]}, train_url=lora["url"], base=config.base, codec=config.codec,
+                     normalized_url=normalized["url"], pack_url=packed["url"], params=config.evaluate_params())
+        out.chosen = scored["checkpoint"]
+        _plot_artifact(config.project, manifest.stages[-1])
+    if config.merge_step is not None:  # the user's choice overrides the recommendation
+        out.chosen = chosen_checkpoint(lora["checkpoints"], config.merge_step)
+        manifest.inputs["merge_step"] = str(config.merge_step)
+    merged = run("merge", {"checkpoint": out.chosen, "base": manifest.inputs["base"]}, checkpoint=out.chosen,
+                 base=config.base, params=config.merge_params(train_key=lora["key"]))
+    out.merged = merged["url"]
+
+
+def _plot_artifact(project: str, evaluated: StageRecord) -> None:
+    """An image artifact for the plot, only when the UI can fetch it (an https link)."""
+    link = browser_link(storage.join(evaluated.url, evaluated.summary["plot"])) if evaluated.summary.get("plot") else None
+    if link:
+        create_image_artifact(link, key=artifact_key("fishtune", project, "checkpoint-plot"),
+                              description="loss and similarity vs step")
+
+
+def _tag_this_run(project: str) -> None:
+    """Add ``fishtune`` and ``project:<name>`` to this flow run's tags (a run from the UI or a
+    trigger carries only its deployment's)."""
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        tags = list(client.read_flow_run(run_id).tags or [])
+        client.update_flow_run(run_id, tags=sorted({*tags, *run_tags(project)}))
+
+
+def _was_cancelled() -> bool:
+    """This run is being cancelled (from the UI or the API), not failing."""
+    run_id = flow_run.get_id()
+    if not run_id:
+        return False
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+    except Exception:  # noqa: BLE001 - the API is unreachable: the stage's error is what matters
+        return False
+    return state is not None and state.name in ("Cancelling", "Cancelled")
+
+
+@flow(name="finetune", log_prints=True, persist_result=True, flow_run_name=run_name)
+def finetune(config: FinetuneConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Finetune Fish Speech 1.4 on a dataset: validate, normalize (then extract, pack, train, merge).
+
+    ``overrides``: the fields a project run changed from the project's saved spec (recorded only).
+    """
     logger = get_run_logger()
     store = Store(config.storage)
     work_dir = Path(config.work_dir) if config.work_dir else default_work_dir(store)
     run_id = flow_run.get_id() or uuid.uuid4().hex
     parameters = config.model_dump(mode="json")
-    for name in ("data", "storage", "base", "codec"):  # URLs are recorded without any user info
+    for name in ("data", "storage", "base", "codec", "work_dir"):  # URLs are recorded without any user info
         if parameters.get(name):
             parameters[name] = storage.redact(parameters[name])
+    if overrides:
+        parameters["overrides"] = dict(overrides)
     manifest = RunManifest(str(run_id), "finetune", parameters, versions=storage.versions())
     logger.info("storage %s, work folder %s", store, work_dir)
-
-    fetch = data_tasks.fetch_data  # I/O only: retries, no cache (the mirror is itself incremental)
-    validate = bind(data_tasks.validate_task, store, work_dir)
-    normalize = bind(data_tasks.normalize_task, store, work_dir)
-    lora = merged = chosen = None
+    _tag_this_run(config.project)
+    out = Outputs()
     try:
         _check_models(config)  # before any heavy step: a 1.2/1.4 mix-up fails here, not deep in training
         _check_max_length(config)
-        data_dir = fetch(config.data, str(work_dir), [config.speaker] if config.speaker else None)
-        data_input = {"data": storage.redact(config.data)}
-        if config.base:  # lineage: the merged model will point back to these exact base weights
-            manifest.inputs["base"] = storage.hash_any(config.base)
-        validated = _run_stage(
-            manifest, validate, data_input, data_dir=data_dir, store_root=store.root,
-            max_seconds=config.max_seconds, text_extension=config.text_extension, num_workers=config.num_workers,
-        )
-        manifest.inputs["data"] = validated["data_sha256"]
-        if not validated["summary"]["accepted"]:
-            raise ValueError(f"no accepted audio in {storage.redact(config.data)}: see {validated['url']}/report.md")
-        n = config.normalize
-        normalized = _run_stage(
-            manifest, normalize, {"data": validated["data_sha256"]}, data_dir=data_dir, store_root=store.root,
-            work_dir=str(work_dir), peak=n.peak, loudness=n.loudness, format=n.format.value,
-            max_seconds=config.max_seconds, text_extension=config.text_extension, num_workers=config.num_workers,
-        )
-        if config.codec:
-            place = storage.digest_listing({"data": storage.normalize_url(config.data), "speaker": config.speaker or "",
-                                            "normalize": storage.canonical_json(n.model_dump(mode="json"))})[:16]
-            extract_args = dict(
-                normalized_url=normalized["url"], codec=config.codec, store_root=store.root,
-                work_dir=str(work_dir / "extract" / place), text_extension=config.text_extension,
-                max_seconds=config.max_seconds, num_workers=config.num_workers,
-            )
-            # GPU step: in this process by default, or as a child run on the GPU pool (cached here,
-            # so a rerun with the same inputs launches nothing).
-            extract = bind(extract_on_pool if config.gpu_pool else extract_task, store, work_dir)
-            tokens = _run_stage(manifest, extract, {"normalize": normalized["key"]}, **extract_args)
-            pack = bind(data_tasks.pack_task, store, work_dir)
-            packed = _run_stage(manifest, pack, {"extract": tokens["key"]}, codes_dir=tokens["url"], store_root=store.root,
-                                text_extension=config.text_extension, num_workers=config.num_workers)
-            if config.base:
-                init_lora = latest_lora(store, config.project, config.base) if config.warm_start else None
-                if init_lora:
-                    manifest.inputs["init_lora"] = storage.redact(init_lora)
-                # GPU step: in this process by default (resumes its own run folder after a failure,
-                # never a blind retry), or the train_flow deployment on the GPU pool.
-                train = bind(train_on_pool if config.gpu_pool else train_task, store, work_dir)
-                lora = _run_stage(
-                    manifest, train, {"pack": packed["key"], "base": manifest.inputs["base"]},
-                    pack_url=packed["url"], base=config.base, store_root=store.root, work_dir=str(work_dir),
-                    project=config.project, preset=config.preset.value, max_steps=config.max_steps,
-                    seed=config.seed, init_lora=init_lora, progress_every=config.progress_every,
-                    sampling=config.sampling.value, max_length=config.max_length,
-                )
-                if not lora["checkpoint"]:
-                    raise RuntimeError(f"training published no checkpoint: see {storage.redact(lora['url'])}")
-                chosen = lora["checkpoint"]
-                if config.evaluate:  # previews decide which checkpoint is merged
-                    evaluate = bind(evaluate_task, store, work_dir)
-                    scored = _run_stage(manifest, evaluate, {"train": lora["key"]}, train_url=lora["url"], base=config.base,
-                                        codec=config.codec, normalized_url=normalized["url"], store_root=store.root,
-                                        work_dir=str(work_dir), pack_url=packed["url"],
-                                        sentences_per_speaker=config.preview_sentences_per_speaker,
-                                        max_new_tokens=config.preview_max_new_tokens, seed=config.seed,
-                                        text_extension=config.text_extension, asr=config.asr)
-                    chosen = scored["checkpoint"]
-                    _plot_artifact(config.project, manifest.stages[-1])
-                if config.merge_step is not None:  # the user's choice overrides the recommendation
-                    chosen = chosen_checkpoint(lora["checkpoints"], config.merge_step)
-                    manifest.inputs["merge_step"] = str(config.merge_step)
-                merge = bind(merge_task, store, work_dir)
-                merged = _run_stage(manifest, merge, {"checkpoint": chosen, "base": manifest.inputs["base"]},
-                                    checkpoint=chosen, base=config.base, store_root=store.root,
-                                    work_dir=str(work_dir), project=config.project, train_key=lora["key"])
-            else:
-                logger.warning("no --base given: stopping after pack (train and merge need a base model)")
-        else:
-            logger.warning("no --codec given: stopping after normalize (extract, pack and train need it)")
+        pipeline(config, Stages(config, store, work_dir, manifest), out)
         manifest.status = "completed"
     except BaseException:
-        manifest.status = "failed"
+        manifest.status = "cancelled" if _was_cancelled() else "failed"
         raise
     finally:
         manifest.finished = datetime.now(timezone.utc).isoformat()
         markdown = report_markdown(config, manifest)
-        create_markdown_artifact(markdown, key=_artifact_key(config.project), description=f"finetune run {run_id}")
+        create_markdown_artifact(markdown, key=artifact_key("fishtune", config.project, "report"),
+                                 description=f"finetune run {run_id}")
         try:
             written = storage.write_manifest(store, manifest, markdown)
         except Exception as exc:
-            if manifest.status != "failed":
+            if manifest.status == "completed":
                 raise
             logger.error("could not write the run manifest either: %s", storage.redact_text(exc))  # keep the stage's error
         else:
@@ -338,7 +256,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         "manifest": written["manifest"],
         "report": written["report"],
         "stages": [asdict(s) for s in manifest.stages],
-        "normalized": normalized["url"],
-        "recommended_checkpoint": chosen,  # what was merged: the previews' pick with evaluate, else train's
-        "merged_model": merged["url"] if merged else None,
+        "normalized": out.normalized,
+        "recommended_checkpoint": out.chosen,
+        "merged_model": out.merged,
     }

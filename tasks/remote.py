@@ -1,17 +1,36 @@
 """Run a stage as a child deployment (e.g. on the ``cuda`` pool) and fail loudly if it fails.
 
 Tasks cannot be sent to a work pool, only flow runs of deployments can; and ``run_deployment``
-returns normally when the child fails. This wrapper checks the child's final state and raises
-with its name and state, so the parent flow fails with a message that says which child broke.
+returns normally when the child fails. :func:`run_child` checks the child's final state and
+raises with its name and state; :func:`on_pool` makes, from a stage task, the task that launches
+its child flow under the *same* cache key, so a rerun with the same inputs launches nothing.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
+
+from prefect import Task, task
+from pydantic import BaseModel
+
+GPU_LIMIT = "gpu"  # global concurrency limit: one slot per GPU, taken by every GPU child run
 
 
 class ChildRunFailed(RuntimeError):
     """A child flow run ended in a state other than Completed."""
+
+
+def check_pool(deployment: str, pool: str) -> None:
+    """Refuse a ``gpu_pool`` that is not the pool the child deployment runs on (one line, what to do)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(deployment)
+    if found.work_pool_name != pool:
+        raise ValueError(f"gpu_pool {pool!r}: deployment {deployment} runs on work pool {found.work_pool_name!r}; "
+                         f"set gpu_pool to {found.work_pool_name!r}, or move the deployment "
+                         f"(work_pool in deployments/prefect.yaml, then fishtune deploy)")
 
 
 def run_child(
@@ -20,6 +39,8 @@ def run_child(
     timeout: float = 24 * 3600,
     poll_interval: float = 2.0,
     job_variables: dict[str, Any] | None = None,
+    flow_run_name: str | None = None,
+    tags: list[str] | None = None,
 ) -> Any:
     """Start ``deployment`` ('flow-name/deployment-name'), wait for it, return its result.
 
@@ -31,12 +52,56 @@ def run_child(
     """
     from prefect.deployments import run_deployment
 
-    run = run_deployment(
-        deployment, parameters=parameters, timeout=timeout, poll_interval=poll_interval, job_variables=job_variables
-    )
+    run = run_deployment(deployment, parameters=parameters, timeout=timeout, poll_interval=poll_interval,
+                         job_variables=job_variables, flow_run_name=flow_run_name, tags=tags)
     state = run.state
+    if state is not None and (state.is_crashed() or state.is_cancelled()):
+        end_orphaned_task_runs(run.id, state)
     if state is None or not state.is_completed():
         name = state.name if state else "no state"
         detail = f": {state.message}" if state and state.message else ""
         raise ChildRunFailed(f"child run {run.name!r} of deployment {deployment} ended {name}{detail}")
     return state.result()
+
+
+def end_orphaned_task_runs(flow_run_id, final) -> int:
+    """Give the child's unfinished task runs its final state (Crashed / Cancelled).
+
+    A SIGKILLed child cannot report its own task runs: without this they stay Running in the UI
+    for ever. Returns how many were changed.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Cancelled, Crashed
+
+    make = Crashed if final.is_crashed() else Cancelled
+    changed = 0
+    with get_client(sync_client=True) as client:
+        for task_run in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))):
+            if task_run.state is not None and not task_run.state.is_final():
+                client.set_task_run_state(task_run.id, make(message=f"its flow run ended {final.name}"), force=True)
+                changed += 1
+    return changed
+
+
+def on_pool(stage_task: Task, deployment: str) -> Task:
+    """A task with ``stage_task``'s signature and cache key that runs ``deployment`` (the stage's
+    child flow, taking the same arguments) instead of the body.
+
+    Extra keyword arguments of the launcher, not of the stage: ``run_name`` and ``run_tags`` for
+    the child flow run (what the UI shows)."""
+
+    stage = inspect.signature(stage_task.fn)
+
+    def launch(*args: Any, run_name: str | None = None, run_tags: list[str] | None = None, **kwargs: Any) -> dict:
+        bound = stage.bind(*args, **kwargs)
+        bound.apply_defaults()
+        parameters = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in bound.arguments.items()}
+        return run_child(deployment, parameters, flow_run_name=run_name, tags=run_tags)
+
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("run_name", "run_tags")]
+    launch.__signature__ = stage.replace(parameters=[*stage.parameters.values(), *extra])
+    launch.__doc__ = f"Run {deployment} (the {stage_task.name} child flow) on its work pool; a cache hit launches nothing."
+    launch.__name__ = launch.__qualname__ = f"{stage_task.name}_on_pool"
+    return task(launch, name=f"{stage_task.name}-on-pool", cache_policy=stage_task.cache_policy, persist_result=True,
+                tags=stage_task.tags)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from prefect import Task
@@ -29,11 +30,22 @@ def result_storage(store: Store) -> Path | str:
     return f"remote-file-system/{name}"
 
 
+WORK_DIR_ENV = "FISHTUNE_WORK_DIR"  # a worker host's scratch folder, when the default does not suit it
+
+
 def default_work_dir(store: Store) -> Path:
-    """Scratch space for incremental work: inside a local store, else the user cache folder."""
+    """Scratch space for incremental work on *this* host: ``$FISHTUNE_WORK_DIR``, else inside a
+    local store, else the user cache folder. A GPU child resolves its own, never the parent's."""
+    if os.environ.get(WORK_DIR_ENV):
+        return Path(os.environ[WORK_DIR_ENV]).expanduser().absolute()
     if store.local:
         return local_path(store.url("work"))
     return Path.home() / ".cache" / "fishtune" / "work"
+
+
+def work_folder(store_root: str, work_dir: str | None) -> Path:
+    """``work_dir`` when given, else this host's default for the store."""
+    return Path(work_dir) if work_dir else default_work_dir(Store(store_root))
 
 
 def bind(task: Task, store: Store, work_dir: Path) -> Task:

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fish_speech_core.audio import DEFAULT_MAX_SECONDS, audio_info, read_audio, resample, to_mono
+from fish_speech_core.audio import audio_info, read_audio, resample, to_mono
 from fish_speech_core.codec.checkpoint import codec_hash
 from fish_speech_core.codec.model import FireflyCodec, NonFiniteEncodingError
 from fish_speech_core.codes import SIDECAR_SUFFIX, CodeSpec, sidecar_path_for
+from fish_speech_core.defaults import CPU_BATCH_SECONDS, MAX_SECONDS
 from fish_speech_core.files import atomic_write, remove_temporaries, sha256_bytes, sha256_file
 
 SIDECAR_FORMAT = "fishtune-codes/1"
@@ -47,13 +48,22 @@ def default_batch_size(device: str) -> int:
     return CPU_BATCH_SIZE if str(device).startswith("cpu") else GPU_BATCH_SIZE
 
 
+def batching_for(device: str, batch_size: int | None = None,
+                 max_batch_seconds: float | None = None) -> tuple[int, float | None]:
+    """(files per batch, padded-seconds cap) for ``device``: unset ones take the device's defaults."""
+    on_cpu = str(device).startswith("cpu")
+    if not max_batch_seconds:
+        max_batch_seconds = CPU_BATCH_SECONDS if on_cpu else None
+    return batch_size or default_batch_size(device), max_batch_seconds
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     """Knobs of one extraction run. Only ``dtype`` changes the codes (it is in the sidecar)."""
 
     batch_size: int = 16
     num_workers: int = 1
-    max_seconds: float = DEFAULT_MAX_SECONDS
+    max_seconds: float = MAX_SECONDS
     dtype: str = "fp32"  # "fp32" (reference parity) or "bf16" (autocast on the encoder)
     overwrite: bool = False
     bucket: bool = True  # length-bucketed batches; False = file order (for comparisons)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from fish_speech_core.finetune.presets import DEFAULT_SEED
+from fish_speech_core.defaults import SEED
 from fish_speech_core.formats.prompt import (
     CODEBOOK_OFFSET,
     CODEBOOK_PAD_ID,
@@ -355,7 +355,7 @@ class TextSemanticDataset(IterableDataset):
         tokenizer: FishTokenizer,
         config: SamplingConfig = SamplingConfig(),
         *,
-        seed: int = DEFAULT_SEED,
+        seed: int = SEED,
         rank: int = 0,
         world_size: int = 1,
         val_fraction: float = 0.0,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fish_speech_core.finetune.presets import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R
+from fish_speech_core.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R
 from fish_speech_core.formats.prompt import PROMPT_FORMAT_VERSION
 from fish_speech_core.lm.checkpoint import state_dict_problems
 from fish_speech_core.weights import read_weights
@@ -50,9 +50,9 @@ class LoraError(ValueError):
 class LoraSettings:
     """Rank, alpha and dropout of the adapters; scaling = alpha / r."""
 
-    r: int = DEFAULT_LORA_R
-    alpha: float = DEFAULT_LORA_ALPHA
-    dropout: float = DEFAULT_LORA_DROPOUT
+    r: int = LORA_R
+    alpha: float = LORA_ALPHA
+    dropout: float = LORA_DROPOUT
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,7 +76,7 @@ class LoraSettings:
         return LORA_PRESETS[name]
 
 
-LORA_PRESETS = {"r_8_alpha_16": LoraSettings()}  # the recipe's adapter (finetune.presets defaults)
+LORA_PRESETS = {"r_8_alpha_16": LoraSettings()}  # the recipe's adapter (fish_speech_core.defaults)
 DEFAULT_PRESET = "r_8_alpha_16"
 
 

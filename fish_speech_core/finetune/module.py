@@ -33,13 +33,7 @@ from fish_speech_core.finetune.lora import (
     lora_parameters,
     lora_state_dict,
 )
-from fish_speech_core.finetune.presets import (
-    DEFAULT_LORA_ALPHA,
-    DEFAULT_LORA_DROPOUT,
-    DEFAULT_LORA_R,
-    DEFAULT_MAX_STEPS,
-    DEFAULT_SEED,
-)
+from fish_speech_core import defaults
 from fish_speech_core.lm import DualARTransformer, lm_losses
 
 
@@ -53,10 +47,10 @@ class TrainConfig:
     project: str
     base: str
     data: tuple[str, ...]
-    lora_r: int = DEFAULT_LORA_R
-    lora_alpha: float = DEFAULT_LORA_ALPHA
-    lora_dropout: float = DEFAULT_LORA_DROPOUT
-    max_steps: int = DEFAULT_MAX_STEPS
+    lora_r: int = defaults.LORA_R
+    lora_alpha: float = defaults.LORA_ALPHA
+    lora_dropout: float = defaults.LORA_DROPOUT
+    max_steps: int = defaults.MAX_STEPS
     batch_size: int = 8
     accumulate_grad_batches: int = 1
     max_length: int | None = None  # None: min(limits.DEFAULT_MAX_LENGTH, the base's max_seq_len)
@@ -78,7 +72,7 @@ class TrainConfig:
     devices: str = "auto"
     precision: str = "auto"
     process_group_backend: str | None = None
-    seed: int = DEFAULT_SEED
+    seed: int = defaults.SEED
     save_top_k: int = 5
     results_dir: str = "results"
     init_lora: str | None = None

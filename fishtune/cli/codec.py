@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
+from fish_speech_core.defaults import CPU_BATCH_SECONDS
+
 PRESET_NAMES = ("tiny", "fish-speech-1.4")
-CPU_BATCH_SECONDS = 60.0  # bench/extract.py: per audio-second, CPU encoding slows past ~1 min/batch
 
 
 def find_audio_files(data: Path, filelist: Path | None = None, text_extension: str = ".lab") -> list[Path]:
@@ -112,7 +113,7 @@ def extract_command(
 
     from fish_speech_core.codec import CodecCheckpointError, load_codec
     from fish_speech_core.codec.extract import (
-        ExtractSettings, check_finite_weights, default_batch_size, plan_extraction, run_extraction,
+        ExtractSettings, batching_for, check_finite_weights, plan_extraction, run_extraction,
     )
     from fish_speech_core.codec.checkpoint import codec_hash
     from fish_speech_core.files import DiskFullError, NotWritableError
@@ -133,9 +134,7 @@ def extract_command(
         typer.echo(f"Cannot load codec {checkpoint_path}: {error}", err=True)
         raise typer.Exit(2) from None
 
-    batch_size = batch_size or default_batch_size(device)
-    if max_batch_seconds == 0:
-        max_batch_seconds = CPU_BATCH_SECONDS if device == "cpu" else None
+    batch_size, max_batch_seconds = batching_for(device, batch_size, max_batch_seconds)
     settings = ExtractSettings(
         batch_size=batch_size, num_workers=num_workers, max_seconds=max_seconds,
         dtype=dtype, overwrite=overwrite, max_batch_seconds=max_batch_seconds,

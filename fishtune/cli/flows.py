@@ -120,7 +120,8 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     from rich.text import Text
 
     from fish_speech_core.storage import redact, redact_text
-    from fishtune.flows.finetune import cache_label, finetune
+    from fishtune.flows.finetune import finetune
+    from fishtune.flows.report import cache_label
 
     try:
         state = finetune(config, return_state=True)
@@ -229,8 +230,9 @@ def deploy_command(
     storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs (FISHTUNE_STORAGE); use a location every worker can reach."),
     prefect_file: Path = typer.Option(PREFECT_FILE, "--prefect-file", exists=True, dir_okay=False, help="The deployments file (default: the one installed with fishtune)."),
     create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the cpu and cuda process work pools when missing."),
+    gpus: int = typer.Option(1, "--gpus", min=1, max=4096, help="GPUs the cuda pool's workers have in all: slots of the global `gpu` concurrency limit every GPU child run takes."),
 ) -> None:
-    """Create the work pools and deployments (finetune, extract, train, watch) on the Prefect server.
+    """Create the work pools, the `gpu` concurrency limit and the deployments (finetune, its GPU stages, watch) on the Prefect server.
 
     Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
     installed (the Docker images, or the same lock), not a copy of this repository.
@@ -255,6 +257,7 @@ def deploy_command(
             exists = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
             if not exists:
                 subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+    _gpu_limit(gpus)
     ready, missing = _deployable(prefect_file)
     for name in missing:
         typer.echo(f"skipped deployment {name!r}: its flow module is not installed here", err=True)
@@ -266,6 +269,17 @@ def deploy_command(
     if done.returncode:
         typer.echo("prefect deploy failed (see above)", err=True)
         raise typer.Exit(done.returncode)
+
+
+def _gpu_limit(slots: int) -> None:
+    """Create (or resize) the global concurrency limit that GPU child runs take one slot of."""
+    from prefect import get_client
+
+    from fishtune.tasks.remote import GPU_LIMIT
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+    typer.echo(f"global concurrency limit {GPU_LIMIT!r}: {slots} slot(s), one per GPU")
 
 
 def register(app: typer.Typer) -> None:

@@ -150,11 +150,11 @@ class PrefectServer:
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"),  # parent and children read the same results
         }
 
-    def spawn(self, *args: str, log: str) -> subprocess.Popen:
+    def spawn(self, *args: str, log: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.root / log, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=_sigint_default,
+                [sys.executable, "-m", "prefect", *args], env={**self.env, **(env or {})}, stdout=out,
+                stderr=subprocess.STDOUT, preexec_fn=_sigint_default, cwd=cwd,
             )
         self.procs.append(proc)
         return proc

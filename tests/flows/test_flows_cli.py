@@ -40,14 +40,14 @@ def test_finetune_reports_every_bad_value_by_flag(tmp_path):
 
 def test_deploy_finds_every_flow_and_skips_missing_ones(tmp_path):
     ready, missing = _deployable(PREFECT_FILE)
-    assert (set(ready), missing) == ({"finetune", "extract", "train", "watch"}, [])
+    assert (set(ready), missing) == ({"finetune", "extract", "train", "evaluate", "merge", "watch"}, [])
     # entry points are module paths (a worker imports the installed fishtune), never repository files
     text = PREFECT_FILE.read_text()
-    assert "entrypoint: fishtune.flows.train:train_flow" in text and ".py:" not in text
+    assert "entrypoint: fishtune.flows.gpu:train_flow" in text and ".py:" not in text
     edited = tmp_path / "prefect.yaml"  # a deployment whose module is not installed is skipped
-    edited.write_text(text.replace("fishtune.flows.train:train_flow", "fishtune.flows.not_landed:train_flow"))
+    edited.write_text(text.replace("fishtune.flows.gpu:train_flow", "fishtune.flows.not_landed:train_flow"))
     ready, missing = _deployable(edited)
-    assert missing == ["train"] and set(ready) == {"finetune", "extract", "watch"}
+    assert missing == ["train"] and set(ready) == {"finetune", "extract", "evaluate", "merge", "watch"}
 
 
 @pytest.mark.slow

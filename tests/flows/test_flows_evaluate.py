@@ -38,7 +38,8 @@ def test_evaluate_renders_every_speaker_for_every_checkpoint_scores_them_and_cac
     prefect_env, tmp_path, speaking_models
 ):
     from fishtune.flows.finetune import finetune
-    from fishtune.tasks.train import evaluate_task
+    from fishtune.tasks.evaluate import evaluate_task
+    from fishtune.tasks.params import EvaluateParams
 
     base, codec = speaking_models
     data = tmp_path / "data"
@@ -112,7 +113,7 @@ def test_evaluate_renders_every_speaker_for_every_checkpoint_scores_them_and_cac
     assert len(before) == len(models) * len(SPEAKERS) * N
     args = dict(train_url=stages["train"]["url"], base=str(base), codec=str(codec), normalized_url=result["normalized"],
                 store_root=str(tmp_path / "store-2"), work_dir=str(work), pack_url=stages["pack"]["url"],
-                sentences_per_speaker=N, max_new_tokens=TOKENS, seed=config.seed)
+                params=EvaluateParams(sentences_per_speaker=N, max_new_tokens=TOKENS, seed=config.seed))
     again = evaluate_task.fn(**args)
     assert again["summary"]["rendered"] == 0 and again["summary"]["scored"] == 0 and _mtimes(previews) == before
     strip = lambda rows: [{**r, "speakers": [{k: v for k, v in s.items() if k != "cached"} for s in r["speakers"]]}
@@ -122,12 +123,13 @@ def test_evaluate_renders_every_speaker_for_every_checkpoint_scores_them_and_cac
 
     # an ASR engine configured (asr="pocketsphinx"): the same previews (nothing rendered), scored again once
     # with a word error rate per model and speaker; those scores are cached under their own key
-    heard = evaluate_task.fn(**{**args, "store_root": str(tmp_path / "store-asr"), "asr": "pocketsphinx"})
+    asr = {"params": args["params"].model_copy(update={"asr": "pocketsphinx"})}
+    heard = evaluate_task.fn(**{**args, "store_root": str(tmp_path / "store-asr"), **asr})
     assert heard["summary"]["rendered"] == 0 and heard["summary"]["scored"] == len(models) * len(SPEAKERS)
     for row in heard["summary"]["rows"]:
         assert all(isinstance(s["wer"], float) and s["wer"] >= 0 for s in row["speakers"])
         assert row["wer"] == pytest.approx(sum(s["wer"] for s in row["speakers"]) / len(SPEAKERS))
-    reheard = evaluate_task.fn(**{**args, "store_root": str(tmp_path / "store-asr-2"), "asr": "pocketsphinx"})
+    reheard = evaluate_task.fn(**{**args, "store_root": str(tmp_path / "store-asr-2"), **asr})
     assert reheard["summary"]["scored"] == 0 and reheard["summary"]["rows"][0]["wer"] == heard["summary"]["rows"][0]["wer"]
 
     # previews are keyed by model content, not by run: another training artifact that kept the same

@@ -9,29 +9,32 @@ import soundfile
 from fish_speech_core import storage
 from fish_speech_core.storage import MARKER, Store
 from fishtune.flows.config import FinetuneConfig
-from fishtune.tasks.caching import CodeVersion, ContentHash, content_policy
+from fishtune.tasks.data import VALIDATE
+from fishtune.tasks.params import ValidateParams
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 
 
-def test_content_hash_policy_keys_bytes_not_paths(tmp_path):
+def test_stage_key_hashes_bytes_not_paths_and_is_the_cache_and_store_key(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(DEMO / "alice", a / "alice")
     shutil.copytree(DEMO / "alice", b / "alice")
-    policy = ContentHash(url_args=["data_dir"])
-    key_a = policy.compute_key(None, {"data_dir": str(a), "x": 1}, {})
-    assert key_a == policy.compute_key(None, {"data_dir": str(b), "x": 2}, {})  # same bytes elsewhere
+    policy = VALIDATE.cache_policy
+    inputs = {"data_dir": str(a), "store_root": "/s", "params": ValidateParams()}
+    key_a = policy.compute_key(None, inputs, {})
+    assert key_a == policy.compute_key(None, {**inputs, "data_dir": str(b), "store_root": "/t"}, {})  # same bytes elsewhere
+    assert key_a == VALIDATE.key(inputs) == storage.artifact_key(
+        "validate", {"data": storage.hash_tree(str(a))}, ValidateParams().key_fields(), storage.code_version())
+    # workers do not change the output; the clip length limit does
+    assert key_a == policy.compute_key(None, {**inputs, "params": ValidateParams(num_workers=8)}, {})
+    assert key_a != policy.compute_key(None, {**inputs, "params": ValidateParams(max_seconds=20.0)}, {})
     (b / "alice" / "alice_000.lab").write_text("different words")
-    assert policy.compute_key(None, {"data_dir": str(b)}, {}) != key_a
-    assert CodeVersion().compute_key(None, {}, {}) == CodeVersion().compute_key(None, {}, {})
-    full = content_policy(["data_dir"], ignore=["num_workers"])
-    inputs = {"data_dir": str(a), "store_root": "/s", "max_seconds": 30.0, "num_workers": 1}
-    class Ctx:  # TASK_SOURCE reads the task's function from the context
-        class task:
-            fn = staticmethod(test_content_hash_policy_keys_bytes_not_paths)
-    base = full.compute_key(Ctx, inputs, {})
-    assert base == full.compute_key(Ctx, {**inputs, "num_workers": 8}, {})  # workers do not change the output
-    assert base != full.compute_key(Ctx, {**inputs, "max_seconds": 20.0}, {})
+    assert policy.compute_key(None, {**inputs, "data_dir": str(b)}, {}) != key_a
+    # the published artifact sits under that key: a lost Prefect cache record still finds it
+    from fishtune.tasks.data import validate_task
+
+    done = validate_task.fn(str(a), str(tmp_path / "store"))
+    assert done["key"] == key_a and Store(str(tmp_path / "store")).lookup("validate", key_a) is not None
 
 
 def test_config_is_validated_up_front():
@@ -44,6 +47,12 @@ def test_config_is_validated_up_front():
     schema = FinetuneConfig.model_json_schema()
     assert schema["$defs"]["AudioFormat"]["enum"] == ["keep", "flac", "wav"]
     assert all("description" in p for p in schema["properties"].values())
+    # the UI renders descriptions as HTML: an <angle> word would vanish from the help
+    assert not [name for name, p in schema["properties"].items() if "<" in p["description"]]
+    # local paths are absolute once validated: a worker in another folder reads the same files
+    config = FinetuneConfig(data="examples/demo-data", base="models/base", storage="store")
+    assert all(Path(getattr(config, name)).is_absolute() for name in ("data", "base", "storage"))
+    assert FinetuneConfig(data="s3://bucket/data").data == "s3://bucket/data"
 
 
 def _stages(result: dict) -> dict[str, dict]:
@@ -100,7 +109,7 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
     store.verify(old)
     store.verify(new)
     changed = {rel for rel in new.files if old.files.get(rel) != new.files[rel]}
-    assert changed == {"alice/alice_001.wav", "normalize-report.json"}
+    assert changed == {"alice/alice_001.wav", "normalize-report.json", "summary.json"}
 
     # manifest + report beside it, and the same report as a Prefect markdown artifact
     manifest = storage.read_manifest(store, third["run_id"])

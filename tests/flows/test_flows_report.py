@@ -5,7 +5,7 @@ import re
 from fish_speech_core.evaluate.plot import plot_checkpoints
 from fish_speech_core.storage import RunManifest, StageRecord
 from fishtune.flows.config import FinetuneConfig
-from fishtune.flows.finetune import plot_url, report_markdown
+from fishtune.flows.report import plot_url, report_markdown
 
 
 SPEAKERS = ("alice", "bruno")
@@ -78,7 +78,8 @@ def test_report_shows_each_checkpoint_with_scores_previews_and_plot(tmp_path):
         assert f"({store}/evaluate/def/{spk['prompt']})" in line and f'"{spk["prompt_text"]}"' in line
         assert '"One \\| two." / "Three."' in line and "validation split" in line  # a pipe in a sentence is escaped
     assert plot_url(evaluate) == str(plot) and plot.is_file()
-    assert f"![held-out loss and similarity vs step]({plot})" in text
+    # a local file: named as text, never a broken image in the UI
+    assert f"Plot: `{plot}`" in text and "![" not in text
     assert "**Merged checkpoint (previews):** step 20" in text
     assert "(earliest within 0.02 of the best similarity (0.755))" in text  # the rule that chose it
 
@@ -87,7 +88,7 @@ def test_report_on_s3_references_redacted_urls():
     manifest, evaluate = _manifest("s3://KEY:SECRET@voices/store")
     text = report_markdown(FinetuneConfig(data="s3://voices/raw", storage="s3://voices/store"), manifest)
     assert "SECRET" not in text and "KEY:" not in text
-    assert "![held-out loss and similarity vs step](s3://***@voices/store/evaluate/def/plot.png)" in text
+    assert "Plot: `s3://***@voices/store/evaluate/def/plot.png`" in text
     assert "(s3://***@voices/store/evaluate/def/step_000000010/alice/00.wav)" in text
 
 

@@ -41,7 +41,12 @@ def deployed(prefect_server, tmp_path_factory):
             # no cron-started watch runs (and the events they emit) while these tests count runs
             client.pause_deployment(watch.id)
         prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log")
-        prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "1", log="worker-cuda.log")
+        # the GPU worker in a folder and HOME of its own (another host, as far as paths go); two jobs
+        # at once: the global `gpu` limit, not the worker, keeps GPU steps apart
+        elsewhere = root / "cuda-worker"
+        elsewhere.mkdir()
+        prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "2", log="worker-cuda.log",
+                             cwd=elsewhere, env={"HOME": str(elsewhere)})
         yield SimpleNamespace(data=data, store=store, finetune=finetune, watch=watch, server=prefect_server)
 
 
@@ -159,39 +164,83 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     assert "# fishtune finetune `ui-form`" in report
 
 
-@pytest.mark.slow
-def test_parent_on_cpu_runs_extract_as_a_child_on_the_cuda_pool(deployed, tmp_path):
-    from prefect.client.orchestration import get_client
+def _children(client, deployment: str) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    found = client.read_deployment_by_name(deployment)
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])))
+
+
+@pytest.mark.slow
+def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed, tmp_path):
+    """Two runs at once, one submitted by `fishtune finetune` with relative paths from another folder
+    (the workers run elsewhere, with another HOME): every GPU stage is a child run on the cuda pool,
+    named and tagged per project, and no two GPU steps overlap although the cuda worker takes 2 jobs."""
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
 
     from fish_speech_core.codec import init_codec, save_codec
     from fish_speech_core.codec.config import FireflyConfig
-    from fishtune.tasks.remote import ChildRunFailed, run_child
-
     from fish_speech_core.lm.config import PRESETS
     from fish_speech_core.lm.init_base import init_base
+    from fishtune.tasks.remote import ChildRunFailed, run_child
 
-    codec = tmp_path / "codec-tiny.pth"
-    save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
-    init_base(tmp_path / "base", PRESETS["tiny"], seed=0)
-    config = {"data": str(deployed.data), "storage": str(deployed.store), "speaker": "carmen", "project": "gpu-child",
-              "codec": str(codec), "gpu_pool": "cuda", "base": str(tmp_path / "base"), "preset": "tiny", "max_steps": 10}
-    result = run_child("finetune/finetune", {"config": config}, timeout=300, poll_interval=1)
-    stages = {s["stage"]: s for s in result["stages"]}
+    models = tmp_path / "models"
+    save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), models / "codec.pth")
+    init_base(models / "base", PRESETS["tiny"], seed=0)
+    submit = tmp_path / "submit"  # the CLI's folder: neither the workers' nor the checkout
+    submit.mkdir()
+    rel = lambda p: os.path.relpath(p, submit)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "fishtune", "finetune", "--data", rel(deployed.data), "--speaker", "carmen",
+         "--storage", rel(deployed.store), "--project", "gpu-a", "--codec", rel(models / "codec.pth"),
+         "--base", rel(models / "base"), "--preset", "tiny", "--max-steps", "10", "--gpu-pool", "cuda",
+         "--evaluate", "--preview-sentences", "1", "--preview-max-tokens", "16"],
+        cwd=submit, env={**deployed.server.env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    config = {"data": str(deployed.data), "storage": str(deployed.store), "speaker": "bruno", "project": "gpu-b",
+              "codec": str(models / "codec.pth"), "gpu_pool": "cuda", "base": str(models / "base"), "preset": "tiny",
+              "max_steps": 10}
+    b = run_child("finetune/finetune", {"config": config}, timeout=600, poll_interval=1)
+    output, _ = cli.communicate(timeout=600)
+    assert cli.returncode == 0, output[-3000:]
+    stages = {s["stage"]: s for s in b["stages"]}
     assert list(stages) == ["validate", "normalize", "extract", "pack", "train", "merge"]
-    assert stages["train"]["summary"]["final_step"] == 10 and result["merged_model"]
-    assert stages["extract"]["summary"]["extracted"] == 8 and stages["pack"]["summary"]["sentences"] == 8
+    assert stages["train"]["summary"]["final_step"] == 10 and b["merged_model"]
+    run_a = json.loads(next(p for p in (deployed.store / "runs").glob("*/manifest.json")
+                            if json.loads(p.read_text())["parameters"]["project"] == "gpu-a").read_text())
+    assert run_a["status"] == "completed"
+    assert [s["stage"] for s in run_a["stages"]] == ["validate", "normalize", "extract", "pack", "train", "evaluate", "merge"]
+    for name in ("data", "base", "codec", "storage"):  # made absolute where the run was submitted
+        assert Path(run_a["parameters"][name]).is_absolute() and Path(run_a["parameters"][name]).exists()
+
+    gpu_task_runs = []
     with get_client(sync_client=True) as client:
-        extract = client.read_deployment_by_name("extract/extract")
-        assert extract.work_pool_name == "cuda" and extract.global_concurrency_limit.limit == 1
-        children = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[extract.id])))
-    assert [(c.state.name, c.work_pool_name) for c in children] == [("Completed", "cuda")]
-    assert children[0].parameters["codec"] == str(codec)
-    with get_client(sync_client=True) as client:  # training ran as a child run of train_flow on the cuda pool
-        train = client.read_deployment_by_name("train/train")
-        assert train.global_concurrency_limit.limit == 1
-        children = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[train.id])))
-    assert [(c.state.name, c.work_pool_name) for c in children] == [("Completed", "cuda")]
+        limit = client.read_global_concurrency_limit_by_name("gpu")
+        assert limit.limit == 1  # `fishtune deploy`: one slot per GPU (--gpus, default 1)
+        expected = {"extract": {"extract/gpu-a", "extract/gpu-b"}, "train": {"train/gpu-a/10", "train/gpu-b/10"},
+                    "evaluate": {"evaluate/gpu-a"}, "merge": {"merge/gpu-a", "merge/gpu-b"}}
+        for stage, names in expected.items():
+            children = [c for c in _children(client, f"{stage}/{stage}") if c.name in names]
+            assert sorted(c.name for c in children) == sorted(names), stage
+            for child in children:  # evaluate included: every GPU stage ran on the cuda pool, named and tagged
+                project = child.name.split("/")[1]
+                assert (child.state.name, child.work_pool_name) == ("Completed", "cuda"), child.name
+                assert {"fishtune", f"project:{project}", f"stage:{stage}"} <= set(child.tags), child.tags
+                runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])))
+                gpu_task_runs += [(r.start_time, r.end_time, child.name) for r in runs if r.name.startswith(stage)]
+        parents = [r for r in client.read_flow_runs() if r.name.startswith("finetune/gpu-")]
+        assert {r.name.split("/")[1] for r in parents} == {"gpu-a", "gpu-b"}
+        assert all(re.fullmatch(r"finetune/gpu-[ab]/\d{8}-\d{4}", r.name) for r in parents), [r.name for r in parents]
+        assert all({"fishtune", f"project:{r.name.split('/')[1]}"} <= set(r.tags) for r in parents)
+    # the cuda worker takes two jobs at once (--limit 2), the `gpu` limit one: the GPU steps never overlap
+    gpu_task_runs.sort()
+    assert len(gpu_task_runs) == 7
+    for (_, end, first), (start, _, second) in zip(gpu_task_runs, gpu_task_runs[1:]):
+        assert end <= start, f"{first} and {second} shared the GPU"
 
     # A failing child fails the parent, with the child's name and state in the message.
     broken = tmp_path / "broken.pth"
@@ -204,7 +253,11 @@ def test_parent_on_cpu_runs_extract_as_a_child_on_the_cuda_pool(deployed, tmp_pa
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployed.finetune.id])))
     failed = [r for r in runs if r.parameters["config"].get("project") == "gpu-child-fails"]
     assert len(failed) == 1 and failed[0].state.is_failed()
-    assert re.search(r"child run '.+' of deployment extract/extract ended Failed", failed[0].state.message), failed[0].state.message
+    assert re.search(r"child run 'extract/gpu-child-fails' of deployment extract/extract ended Failed",
+                     failed[0].state.message), failed[0].state.message
+    with pytest.raises(ChildRunFailed, match="gpu_pool 'other': deployment extract/extract runs on work pool 'cuda'"):
+        run_child("finetune/finetune", {"config": {**config, "gpu_pool": "other", "project": "gpu-other"}},
+                  timeout=300, poll_interval=1)
 
 
 @pytest.mark.slow

@@ -19,14 +19,15 @@ def test_validate_and_normalize_fn_publish_and_reuse_artifacts(tmp_path):
     v = validate_task.fn(str(data), store.root)
     assert v["summary"]["accepted"] == 8 and v["summary"]["rejects_by_reason"] == {}
     assert set(store.lookup("validate", v["key"]).files) == {"manifest.parquet", "summary.json", "report.md"}
-    assert validate_task.fn(str(data), store.root) == v  # the artifact is reused, not recomputed
-    n = normalize_task.fn(str(data), store.root, str(tmp_path / "work"))
+    reused = validate_task.fn(str(data), store.root)  # the artifact is reused, not recomputed
+    assert reused["summary"].pop("reused_artifact") and not v["summary"].pop("reused_artifact") and reused == v
+    n = normalize_task.fn(str(data), store.root, work_dir=str(tmp_path / "work"))
     assert (n["summary"]["written"], n["summary"]["files"]) == (8, 8)
-    again = normalize_task.fn(str(data), store.root, str(tmp_path / "work"))
+    again = normalize_task.fn(str(data), store.root, work_dir=str(tmp_path / "work"))
     assert again["key"] == n["key"] and again["summary"]["reused_artifact"]
     # the published folder holds exactly the accepted items (audio + transcript) and the report
     art = store.lookup("normalize", n["key"])
-    expected = {f"carmen/{p.name}" for p in (DEMO / "carmen").iterdir()} | {"normalize-report.json"}
+    expected = {f"carmen/{p.name}" for p in (DEMO / "carmen").iterdir()} | {"normalize-report.json", "summary.json"}
     assert set(art.files) == expected
 
 
@@ -41,6 +42,7 @@ def test_pack_fn_publishes_shards_readable_as_text_data(tmp_path):
     store = Store(str(tmp_path / "store"))
     p = pack_task.fn(str(codes), store.root)
     summary = dict(p["summary"])
+    assert summary.pop("reused_artifact") is False
     assert summary.pop("bytes") == sum(Path(u).stat().st_size for u in p["shards"]) > 0
     assert summary == {"speakers": 2, "sentences": 5, "frames": 3 * 20 + 3 + 2 * 20 + 1, "rejects": 0}
     records = list(iter_text_data([Path(u) for u in p["shards"]]))

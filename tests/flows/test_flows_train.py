@@ -29,14 +29,25 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
 def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_path, tiny_models, monkeypatch):
     from fish_speech_core.lm.checkpoint import load_pretrained
     from fishtune.flows.finetune import finetune
-    from fishtune.tasks.train import FAULT_ENV
+    from fishtune.tasks import train as train_tasks
 
     base, codec = tiny_models
     data = tmp_path / "data"
     shutil.copytree(DEMO, data)
     config = FinetuneConfig(data=str(data), storage=str(tmp_path / "store"), project="resume", base=str(base),
                             codec=str(codec), preset="tiny", max_steps=20, progress_every=5)
-    monkeypatch.setenv(FAULT_ENV, "10")  # raise once, at the first step past the step-10 checkpoint
+    # raise once, at the first progress report past the step-10 checkpoint (the fault comes from the
+    # test: production code has no hook for it)
+    original_report = train_tasks.ProgressReport.__call__
+    faults = []
+
+    def failing_once(self, info):
+        original_report(self, info)
+        if info["step"] > 10 and not faults:
+            faults.append(info["step"])
+            raise RuntimeError(f"injected training fault at step {info['step']}")
+
+    monkeypatch.setattr(train_tasks.ProgressReport, "__call__", failing_once)
 
     started = time.perf_counter()
     state = finetune(config, return_state=True)
@@ -145,7 +156,7 @@ def test_fishtune_demo_end_to_end(tmp_path):
     assert [r["step"] for r in scores["summary"]["rows"]] == [0, 10, 20]
     assert all(list((out / "store" / "evaluate").glob(f"*/{p}")) for r in scores["summary"]["rows"] for p in r["previews"])
     plot = next((out / "store" / "evaluate").glob("*/plot.png"))  # loss/similarity plot published and linked
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Plot: `{plot}`" in text  # named: a local file is no UI image
     lineage = json.loads((merged / "lineage.json").read_text())
     assert lineage["adapter"] == scores["checkpoint"]
     assert (out / "prefect-home").is_dir()  # Prefect's state stayed under --output
@@ -157,7 +168,7 @@ def test_warm_start_refuses_another_base(tmp_path, tiny_models):
 
     from fish_speech_core import storage
     from fish_speech_core.storage import Store
-    from fishtune.tasks.train import WarmStartError, latest_lora
+    from fish_speech_core.registry import WarmStartError, latest_lora
 
     base, _ = tiny_models
     store = Store(str(tmp_path / "store"))

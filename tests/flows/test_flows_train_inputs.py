@@ -7,7 +7,8 @@ from pydantic import ValidationError
 from fish_speech_core.finetune.limits import TrainError
 from fish_speech_core.storage import RunManifest, StageRecord
 from fishtune.flows.config import FinetuneConfig, Sampling
-from fishtune.flows.finetune import _check_max_length, cache_label, report_markdown
+from fishtune.flows.finetune import _check_max_length
+from fishtune.flows.report import cache_label, report_markdown
 from tests.finetune.helpers_train import run_cli
 
 

@@ -280,11 +280,11 @@ def test_the_flow_tasks_reject_the_same_files_and_go_on(hostile, tmp_path):
     assert {r["path"]: r["reason"] for r in summary["rejects"]} == {
         path: reason for path, (status, reason) in EXPECTED.items() if status == "rejected"
     }
-    normalized = normalize_task.fn(str(hostile), store.root, str(tmp_path / "work"))
+    normalized = normalize_task.fn(str(hostile), store.root, work_dir=str(tmp_path / "work"))
     assert normalized["summary"]["files"] == 2
     published = set(store.lookup("normalize", normalized["key"]).files)
     assert published == {f"spk/{stem}{ext}" for stem in ("good", LONG_STEM) for ext in (".wav", ".lab")} | {
-        "normalize-report.json"
+        "normalize-report.json", "summary.json"
     }
 
 

@@ -213,7 +213,8 @@ def test_finetune_refuses_a_store_inside_the_data(tmp_path):
 
 
 def test_content_keys_hash_what_a_symlink_points_to(tmp_path):
-    from fishtune.tasks.caching import ContentHash
+    from fishtune.tasks.data import VALIDATE
+    from fishtune.tasks.params import ValidateParams
 
     data, clips = tmp_path / "data", tmp_path / "data" / "clips"
     write_clip(clips / "one.wav", seed=1, text=None)
@@ -221,16 +222,17 @@ def test_content_keys_hash_what_a_symlink_points_to(tmp_path):
     (data / "spk").mkdir()
     (data / "spk" / "a.wav").symlink_to(clips / "one.wav")
     (data / "spk" / "a.lab").write_text("hello there")
-    policy = ContentHash(url_args=["data_dir"])
+    policy, params = VALIDATE.cache_policy, ValidateParams()
     listed = storage.list_files(str(data))
     assert "spk/a.wav" in listed  # fsspec alone skips links
-    key_before, tree_before = policy.compute_key(None, {"data_dir": str(data)}, {}), storage.hash_tree(str(data))
+    key_before = policy.compute_key(None, {"data_dir": str(data), "params": params}, {})
+    tree_before = storage.hash_tree(str(data))
 
     (data / "spk" / "a.wav").unlink()
     (data / "spk" / "a.wav").symlink_to(clips / "two.wav")  # re-point: same name, other clip
 
     assert storage.hash_tree(str(data)) != tree_before
-    assert policy.compute_key(None, {"data_dir": str(data)}, {}) != key_before
+    assert policy.compute_key(None, {"data_dir": str(data), "params": params}, {}) != key_before
     mirror = tmp_path / "mirror"
     storage.sync_tree(str(data), mirror)  # the flow's data mirror copies the content, not the link
     assert not (mirror / "spk" / "a.wav").is_symlink()

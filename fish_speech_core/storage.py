@@ -462,7 +462,8 @@ class Store:
         return Artifact(stage, key, url, dict(marker["files"]))
 
     def verify(self, artifact: Artifact) -> None:
-        """Re-hash every file of an artifact against its marker.
+        """Re-hash every file of an artifact against its marker (memoized by stamp: a file written
+        since it was last hashed is read again).
 
         Raises:
             ArtifactError: naming the first file that is missing or differs.

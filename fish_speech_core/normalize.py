@@ -22,6 +22,7 @@ import numpy as np
 import soundfile
 
 from fish_speech_core.audio import read_audio
+from fish_speech_core.choices import AudioFormat, values
 from fish_speech_core.dataset import PATH_ESCAPES, read_regular_bytes
 from fish_speech_core.defaults import LOUDNESS_LUFS, PEAK_DBFS
 from fish_speech_core.files import (
@@ -46,7 +47,7 @@ from fish_speech_core.validate import Record, ValidationSettings, accepted_items
 # it is part of every skip record, so old outputs are redone.
 NORMALIZE_VERSION = 1
 STATE_DIR = ".fishtune"  # hidden, so discovery never mistakes our bookkeeping for data
-FORMATS = ("keep", "flac", "wav")
+FORMATS = values(AudioFormat)  # ("keep", "flac", "wav")
 _CONTAINER = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG"}
 
 

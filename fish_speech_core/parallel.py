@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import TypeVar
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from fish_speech_core.progress import progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -17,25 +17,13 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def progress_bar(transient: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        transient=transient,
-    )
-
-
 def map_with_progress(
     fn: Callable[[T], R],
     inputs: Sequence[T],
     num_workers: int,
     description: str,
     show_progress: bool = True,
+    unit: str = "files",  # what an input is, for the bar (validate and normalize map files)
 ) -> list[R]:
     """``[fn(x) for x in inputs]`` on ``num_workers`` processes; results in input order.
 
@@ -44,8 +32,8 @@ def map_with_progress(
     every item, like a full disk) is re-raised and the items not yet started are dropped.
     """
     results: list[R | None] = [None] * len(inputs)
-    with progress_bar() as progress:
-        task = progress.add_task(description, total=len(inputs), note="", visible=show_progress)
+    with progress_bar(show=show_progress) as progress:
+        task = progress.add_task(description, total=len(inputs), unit=unit)
         if num_workers <= 1 or len(inputs) <= 1:
             for index, value in enumerate(inputs):
                 results[index] = fn(value)

@@ -50,7 +50,7 @@ class FinetuneConfig(BaseModel):
         description="Dataset root: a local folder or s3://bucket/prefix holding one folder per speaker of audio + .lab transcripts.",
     )
     speaker: str | None = Field(
-        None, description="Use only this speaker's folder (what the data-landed trigger sets). Empty: every speaker."
+        None, description="Use only this speaker's folder. Empty: every speaker."
     )
     storage: str = Field(
         DEFAULT_ROOT, validate_default=True,
@@ -68,6 +68,7 @@ class FinetuneConfig(BaseModel):
     base: str | None = Field(None, description="Base model folder or URL (Fish Speech 1.4 LLaMA checkpoint + tokenizer).")
     codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
     extract_batch_size: int | None = _extract["batch_size"]
+    extract_num_workers: int = _extract["num_workers"]
     preset: Preset = _train["preset"]
     max_steps: int = _train["max_steps"]
     max_length: int | None = _train["max_length"]
@@ -119,7 +120,7 @@ class FinetuneConfig(BaseModel):
 
     def extract_params(self) -> ExtractParams:
         return ExtractParams(text_extension=self.text_extension, max_seconds=self.max_seconds,
-                             batch_size=self.extract_batch_size)
+                             batch_size=self.extract_batch_size, num_workers=self.extract_num_workers)
 
     def pack_params(self) -> PackParams:
         return PackParams(text_extension=self.text_extension, num_workers=self.num_workers)

@@ -14,13 +14,13 @@ from prefect import Task, flow
 from prefect.concurrency.sync import concurrency
 
 from fish_speech_core.storage import Store
-from fishtune.tasks.codec import extract_task
-from fishtune.tasks.evaluate import evaluate_task
-from fishtune.tasks.merge import merge_task
+from fishtune.tasks.codec import EXTRACT, extract_task
+from fishtune.tasks.evaluate import EVALUATE, evaluate_task
+from fishtune.tasks.merge import MERGE, merge_task
 from fishtune.tasks.params import EvaluateParams, ExtractParams, MergeParams, TrainParams
 from fishtune.tasks.remote import GPU_LIMIT, on_pool
 from fishtune.tasks.runtime import bind, work_folder
-from fishtune.tasks.train import train_task
+from fishtune.tasks.train import TRAIN, train_task
 
 # flow name / deployment name in deployments/prefect.yaml
 DEPLOYMENTS = {"extract": "extract/extract", "train": "train/train", "evaluate": "evaluate/evaluate",
@@ -66,9 +66,9 @@ def merge_flow(checkpoint: str, base: str, store_root: str, params: MergeParams 
 
 
 LAUNCHERS: dict[str, Task] = {
-    "extract": on_pool(extract_task, DEPLOYMENTS["extract"]),
-    "train": on_pool(train_task, DEPLOYMENTS["train"]),
-    "evaluate": on_pool(evaluate_task, DEPLOYMENTS["evaluate"]),
-    "merge": on_pool(merge_task, DEPLOYMENTS["merge"]),
+    "extract": on_pool(extract_task, EXTRACT, DEPLOYMENTS["extract"]),
+    "train": on_pool(train_task, TRAIN, DEPLOYMENTS["train"]),
+    "evaluate": on_pool(evaluate_task, EVALUATE, DEPLOYMENTS["evaluate"]),
+    "merge": on_pool(merge_task, MERGE, DEPLOYMENTS["merge"]),
 }
 LOCAL: dict[str, Task] = {"extract": extract_task, "train": train_task, "evaluate": evaluate_task, "merge": merge_task}

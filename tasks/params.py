@@ -14,13 +14,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from fish_speech_core import defaults as d
+from fish_speech_core.choices import AudioFormat, Sampling, CodecDtype as Dtype  # shared with the CLI and the core
 from fish_speech_core.finetune.presets import preset_settings
-
-
-class AudioFormat(str, Enum):
-    keep = "keep"
-    flac = "flac"
-    wav = "wav"
 
 
 class Preset(str, Enum):
@@ -29,18 +24,6 @@ class Preset(str, Enum):
     tiny = "tiny"  # CPU demo and tests: r=4, batch 2, max length 256, validate every 10 steps
     small = "small"  # the Fish Speech 1.4 recipe: r=8 alpha=16, batch 8, validate every 100 steps
     large = "large"  # r=32 alpha=64
-
-
-class Sampling(str, Enum):
-    """Where a training sample's consecutive sentences start (fish_speech_core.finetune.data.SAMPLING_MODES)."""
-
-    cover = "cover"  # anywhere in the speaker, wrapping: every clip is trained on
-    reference = "reference"  # Fish Speech 1.4: short speakers always from their first clip
-
-
-class Dtype(str, Enum):
-    fp32 = "fp32"  # reference parity
-    bf16 = "bf16"  # autocast on the encoder
 
 
 PROJECT = "demo"  # the default project name
@@ -87,7 +70,10 @@ class ExtractParams(StageParams):
         None, ge=1, le=1024,
         description="Files per encoder batch. Empty: 1 on CPU (capped at 60 s of padded audio), 16 on CUDA.",
     )
-    num_workers: int = Field(1, ge=0, le=64, description="Audio-loading worker threads of the extraction.")
+    num_workers: int = Field(
+        1, ge=0, le=64,
+        description="Data-loader worker processes that decode audio for extraction while the codec encodes (0: in the main process).",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
 
 

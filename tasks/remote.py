@@ -14,6 +14,8 @@ from typing import Any
 from prefect import Task, task
 from pydantic import BaseModel
 
+from fishtune.tasks.stage import Stage
+
 GPU_LIMIT = "gpu"  # global concurrency limit: one slot per GPU, taken by every GPU child run
 
 
@@ -84,24 +86,24 @@ def end_orphaned_task_runs(flow_run_id, final) -> int:
     return changed
 
 
-def on_pool(stage_task: Task, deployment: str) -> Task:
-    """A task with ``stage_task``'s signature and cache key that runs ``deployment`` (the stage's
-    child flow, taking the same arguments) instead of the body.
+def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
+    """A task with ``stage_task``'s signature, keyed by its stage's key, that runs ``deployment``
+    (the stage's child flow, taking the same arguments) instead of the body.
 
     Extra keyword arguments of the launcher, not of the stage: ``run_name`` and ``run_tags`` for
     the child flow run (what the UI shows)."""
 
-    stage = inspect.signature(stage_task.fn)
+    signature = inspect.signature(stage_task.fn)
 
     def launch(*args: Any, run_name: str | None = None, run_tags: list[str] | None = None, **kwargs: Any) -> dict:
-        bound = stage.bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         parameters = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in bound.arguments.items()}
         return run_child(deployment, parameters, flow_run_name=run_name, tags=run_tags)
 
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("run_name", "run_tags")]
-    launch.__signature__ = stage.replace(parameters=[*stage.parameters.values(), *extra])
+    launch.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     launch.__doc__ = f"Run {deployment} (the {stage_task.name} child flow) on its work pool; a cache hit launches nothing."
     launch.__name__ = launch.__qualname__ = f"{stage_task.name}_on_pool"
-    return task(launch, name=f"{stage_task.name}-on-pool", cache_policy=stage_task.cache_policy, persist_result=True,
+    return task(launch, name=f"{stage_task.name}-on-pool", cache_policy=stage.launch_policy, persist_result=True,
                 tags=stage_task.tags)

@@ -54,6 +54,15 @@ class Stage:
         return StageKey(stage=self)
 
     @property
+    def launch_policy(self) -> CachePolicy:
+        """The key of the task that launches this stage as a child run: the stage key, prefixed.
+
+        Its own record (the child's result) and its own lock: the launcher holds its lock while the
+        child runs, and the child takes the stage key's lock on the same lock folder when the
+        store is local; one key for both would deadlock."""
+        return StageKey(stage=self, prefix="launch-")
+
+    @property
     def tags(self) -> set[str]:
         """Tags of the stage's task runs and child flow runs in the Prefect UI."""
         return {"fishtune", f"stage:{self.name}"}
@@ -104,9 +113,10 @@ class StageKey(CachePolicy):
     """The Prefect cache policy of a stage: its store key."""
 
     stage: Stage | None = None
+    prefix: str = ""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
-        return self.stage.key(inputs)
+        return self.prefix + self.stage.key(inputs)
 
 
 def _as_mapping(files: Files) -> dict[str, Path]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from fish_speech_core.choices import Sampling, values
 from fish_speech_core.defaults import SEED
 from fish_speech_core.formats.prompt import (
     CODEBOOK_OFFSET,
@@ -63,8 +64,8 @@ class Group:
 #              offset and wraps around the speaker's end, so every sentence is equally likely.
 #   reference: Fish Speech 1.4's rule: a random start when the speaker has more sentences than
 #              the window, else all of them from sentence 0 (most clips are never trained on).
-SAMPLING_MODES = ("cover", "reference")
-DEFAULT_SAMPLING = "cover"
+SAMPLING_MODES = values(Sampling)  # ("cover", "reference")
+DEFAULT_SAMPLING = Sampling.cover.value
 
 
 @dataclass(frozen=True)

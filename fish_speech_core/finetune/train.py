@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import lightning.pytorch as _pl
 import torch
@@ -44,9 +44,23 @@ from fish_speech_core.finetune.lora import (
 from fish_speech_core.finetune.module import FinetuneData, LoraFinetune, TrainConfig
 from fish_speech_core.finetune.shards import check_data_fits_base
 from fish_speech_core.lm.checkpoint import Pretrained
+from fish_speech_core.progress import progress_bar
 from fish_speech_core.weights import WeightsError
 
-ProgressHook = Callable[[dict[str, Any]], None]
+
+
+class TrainProgress(TypedDict):
+    """What :func:`train` reports to its ``progress`` hook, after an optimizer step."""
+
+    step: int  # optimizer steps done (a resumed run starts at its checkpoint's step)
+    max_steps: int
+    loss: float  # training loss of the latest step (nan before the first)
+    tokens_per_s: float  # training tokens per second in the latest step
+    lr: float  # learning rate of the latest step
+    eta_s: float | None  # seconds to max_steps at this run's mean step rate; None before a step is timed
+
+
+ProgressHook = Callable[[TrainProgress], None]
 
 
 @dataclass
@@ -146,8 +160,10 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
 
     Args:
         resume: ``"auto"`` (newest valid checkpoint of this project, if any), ``"never"`` or a path.
-        progress: called every ``progress_every`` optimizer steps (and at the end) with
-            ``{"step", "max_steps", "loss", "tokens_per_s", "lr", "eta_s"}``.
+        progress: called on rank 0 every ``progress_every`` optimizer steps and after the last
+            one with a :class:`TrainProgress` dict (``step``, ``max_steps``, ``loss``,
+            ``tokens_per_s``, ``lr``, ``eta_s``).
+        show_progress: draw the terminal bar (see :mod:`fish_speech_core.progress`).
 
     Raises:
         TrainError: bad settings or inputs, naming the flag.
@@ -301,7 +317,12 @@ class HistoryRecorder(_pl.Callback):
 
 
 class StepProgress(_pl.Callback):
-    """A tqdm bar over optimizer steps (loss, tokens/s, ETA) and the optional progress hook."""
+    """One place for training progress: the terminal bar (:func:`~fish_speech_core.progress.progress_bar`,
+    over optimizer steps, with the latest loss and tokens/s) and the optional :data:`ProgressHook`.
+
+    Our own callback rather than Lightning's bars: those count batches per epoch (unknown for
+    the endless sample stream) and could not feed the hook.
+    """
 
     def __init__(self, max_steps: int, hook: ProgressHook | None, every: int, show: bool) -> None:
         self.max_steps = max_steps
@@ -309,14 +330,15 @@ class StepProgress(_pl.Callback):
         self.every = max(1, every)
         self.show = show
         self.bar = None
+        self.task = None
         self.last_step = -1
         self.start: tuple[float, int] | None = None  # (time, step) when training (re)started
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.show and trainer.is_global_zero:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.max_steps, initial=trainer.global_step, desc="train", unit="step")
+            self.bar = progress_bar()
+            self.task = self.bar.add_task("train", total=self.max_steps, completed=trainer.global_step, unit="steps")
+            self.bar.start()
         self.last_step = trainer.global_step
         self.start = (time.perf_counter(), trainer.global_step)
 
@@ -327,16 +349,20 @@ class StepProgress(_pl.Callback):
         self.last_step = step
         info = self._info(trainer, pl_module)
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{info['loss']:.3f}", tok_s=f"{info['tokens_per_s']:.0f}")
+            self.bar.update(self.task, completed=step,
+                            note=f"loss {info['loss']:.3f}, {info['tokens_per_s']:.0f} tokens/s")
         if self.hook is not None and trainer.is_global_zero and (step % self.every == 0 or step == self.max_steps):
             self.hook(info)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self.bar.stop()
+            self.bar = None
 
-    def _info(self, trainer, pl_module) -> dict[str, Any]:
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)  # leave the terminal clean for the error line
+
+    def _info(self, trainer, pl_module) -> TrainProgress:
         step = trainer.global_step
         rate = None
         if self.start is not None and step > self.start[1]:
@@ -350,5 +376,5 @@ class StepProgress(_pl.Callback):
         }
 
 
-__all__ = ["TrainError", "TrainResult", "train", "resolve_precision", "find_resume", "base_max_seq_len",
+__all__ = ["TrainError", "TrainProgress", "TrainResult", "train", "resolve_precision", "find_resume", "base_max_seq_len",
            "resolve_max_length"]

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from fishtune.cli import codec, data, doctor, flows, lm, pack, synth, train
+from fishtune.cli import codec, data, doctor, flows, lm, pack, project, synth, train
 
 app = typer.Typer(
     name="fishtune",
@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # main() turns an unexpected error into one line, never a traceback
 )
 
-for module in (data, codec, pack, lm, synth, train, flows, doctor):
+for module in (data, codec, pack, lm, synth, train, flows, project, doctor):
     module.register(app)
 
 

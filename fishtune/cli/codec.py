@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fish_speech_core.choices import CodecDtype, CodecPreset, Device
 from fish_speech_core.defaults import CPU_BATCH_SECONDS
-
-PRESET_NAMES = ("tiny", "fish-speech-1.4")
 
 
 def find_audio_files(data: Path, filelist: Path | None = None, text_extension: str = ".lab") -> list[Path]:
@@ -27,23 +26,19 @@ def find_audio_files(data: Path, filelist: Path | None = None, text_extension: s
 
 def init_codec_command(
     out: Path = typer.Argument(..., help="Checkpoint file to write (e.g. codec.pth).", dir_okay=False),
-    preset: str = typer.Option(
-        "tiny", "--preset", help=f"Codec shape: {' | '.join(PRESET_NAMES)}."
-    ),
+    preset: CodecPreset = typer.Option(CodecPreset.tiny, "--preset", help="Codec shape."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random weights (same seed, same file)."),
 ) -> None:
     """Write a randomly initialised Firefly codec checkpoint, for offline demos, tests and benchmarks.
 
     Its codes mean nothing; use the real firefly-gan-vq-fsq-8x1024-21hz-generator.pth for training.
     """  # noqa: E501
-    if preset not in PRESET_NAMES:
-        raise typer.BadParameter(f"choose one of {', '.join(PRESET_NAMES)}", param_hint="--preset")
     from fish_speech_core.codec import FireflyConfig, init_codec, save_codec
 
-    model = init_codec(FireflyConfig.from_name(preset), seed=seed)
+    model = init_codec(FireflyConfig.from_name(preset.value), seed=seed)
     save_codec(model, out)
     count = sum(p.numel() for p in model.parameters())
-    typer.echo(f"Wrote {out} ({preset}, seed {seed}, {count:,} parameters)")
+    typer.echo(f"Wrote {out} ({preset.value}, seed {seed}, {count:,} parameters)")
 
 
 def extract_command(
@@ -56,9 +51,8 @@ def extract_command(
         "(firefly-gan-vq-fsq-8x1024-21hz-generator.pth, or one from init-codec).",
         exists=True, dir_okay=False,
     ),
-    preset: str | None = typer.Option(
-        None, "--preset", help=f"Codec shape: {' | '.join(PRESET_NAMES)}. Default: the config "
-        "stored in the checkpoint, else fish-speech-1.4.",
+    preset: CodecPreset | None = typer.Option(
+        None, "--preset", help="Codec shape. Default: the config stored in the checkpoint, else fish-speech-1.4.",
     ),
     config: Path | None = typer.Option(
         None, "--config", help="JSON of codec constructor arguments (like small-config.json), "
@@ -69,10 +63,10 @@ def extract_command(
         help="Files per encoder batch. Default: 1 on CPU (batching only adds padding work there), 16 on CUDA.",
     ),
     num_workers: int = typer.Option(
-        1, "--num-workers", min=0, help="Processes decoding/resampling audio while the model "
-        "encodes (0: decode in the main process).",
+        1, "--num-workers", min=0, help="Data-loader worker processes that read, decode and resample "
+        "audio while the codec encodes (0: in the main process, between batches).",
     ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda if available)."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where the codec runs (auto: cuda if available)."),
     filelist: Path | None = typer.Option(
         None, "--filelist", help="Only the files named in this path|speaker|language|text list "
         "(paths relative to DATA).", exists=True, dir_okay=False,
@@ -88,8 +82,8 @@ def extract_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Re-extract every file, even those whose codes are up to date."
     ),
-    dtype: str = typer.Option(
-        "fp32", "--dtype", help="fp32 (matches the reference) | bf16 (encoder under autocast; "
+    dtype: CodecDtype = typer.Option(
+        CodecDtype.fp32, "--dtype", help="fp32 (matches the reference) or bf16 (encoder under autocast; "
         "faster on recent GPUs, a few codes may differ).",
     ),
 ) -> None:
@@ -97,17 +91,8 @@ def extract_command(
 
     Incremental: a file is skipped only if its .npy was made from the same audio bytes with the same codec weights and dtype (recorded in <stem>.npy.json); anything else is redone.
     """  # noqa: E501  (typer keeps line breaks in help text)
-    problems = []
     if preset is not None and config is not None:
-        problems.append("give --preset or --config, not both")
-    if preset is not None and preset not in PRESET_NAMES:
-        problems.append(f"--preset must be one of {', '.join(PRESET_NAMES)}")
-    if device not in ("auto", "cpu", "cuda"):
-        problems.append("--device must be auto, cpu or cuda")
-    if dtype not in ("fp32", "bf16"):
-        problems.append("--dtype must be fp32 or bf16")
-    if problems:
-        raise typer.BadParameter("; ".join(problems))
+        raise typer.BadParameter("give --preset or --config, not both")
 
     import torch
 
@@ -118,17 +103,17 @@ def extract_command(
     from fish_speech_core.codec.checkpoint import codec_hash
     from fish_speech_core.files import DiskFullError, NotWritableError
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+    if device is Device.cuda and not torch.cuda.is_available():
         raise typer.BadParameter("CUDA is not available here; use --device cpu", param_hint="--device")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device is Device.auto else device.value
 
     paths = find_audio_files(data, filelist, text_extension)
     if not paths:
         typer.echo(f"No audio files found under {data}.", err=True)
         raise typer.Exit(1)
     try:
-        model = load_codec(checkpoint_path, config if config is not None else preset, device=device)
+        shape = config if config is not None else preset.value if preset is not None else None
+        model = load_codec(checkpoint_path, shape, device=device)
         check_finite_weights(model)
     except (CodecCheckpointError, ValueError, RuntimeError) as error:
         typer.echo(f"Cannot load codec {checkpoint_path}: {error}", err=True)
@@ -137,7 +122,7 @@ def extract_command(
     batch_size, max_batch_seconds = batching_for(device, batch_size, max_batch_seconds)
     settings = ExtractSettings(
         batch_size=batch_size, num_workers=num_workers, max_seconds=max_seconds,
-        dtype=dtype, overwrite=overwrite, max_batch_seconds=max_batch_seconds,
+        dtype=dtype.value, overwrite=overwrite, max_batch_seconds=max_batch_seconds,
     )
     model_hash = codec_hash(model)
     typer.echo(f"Checking {len(paths)} audio files under {data} ...")
@@ -145,30 +130,21 @@ def extract_command(
 
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import (
-        BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-    )
+
+    from fish_speech_core.progress import progress_bar
 
     console = Console(stderr=True)
-    total_hours = plan.todo_seconds / 3600
-    with Progress(
-        TextColumn("[bold]extract"),
-        BarColumn(),
-        TextColumn("{task.completed:.3f}/{task.total:.3f} h audio"),
-        TextColumn("{task.fields[files]} files"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("extract", total=max(total_hours, 1e-9), files=f"0/{len(plan.todo)}")
+    # Counted in seconds of audio, not files: the ETA holds when clip lengths vary (its rate
+    # reads as times real time); the note counts files.
+    with progress_bar(console=console) as progress:
+        task = progress.add_task("extract", total=plan.todo_seconds, unit="s audio",
+                                 note=f"0/{len(plan.todo)} files")
         done = 0
 
         def on_result(result) -> None:
             nonlocal done
             done += 1
-            progress.update(task, advance=result.seconds / 3600, files=f"{done}/{len(plan.todo)}")
+            progress.update(task, advance=result.seconds, note=f"{done}/{len(plan.todo)} files")
 
         try:
             summary = run_extraction(model, plan, settings, model_hash, on_result)

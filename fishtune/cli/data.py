@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fish_speech_core.choices import AudioFormat
+
 console = Console(stderr=True)
 
 MAX_SECONDS_HELP = "Reject audio longer than this many seconds (long clips waste memory and rarely align well)."
@@ -63,7 +65,7 @@ def validate_command(
     strict: bool = typer.Option(False, "--strict", help="Exit with status 1 if any file is rejected."),
     text_extension: str = typer.Option(".lab", "--text-extension", help="Transcript file extension."),
     max_seconds: float = typer.Option(30.0, "--max-seconds", min=0.5, help=MAX_SECONDS_HELP),
-    num_workers: int = typer.Option(1, "--num-workers", min=1, help="Processes for decoding and checks."),
+    num_workers: int = typer.Option(1, "--num-workers", min=1, help="Worker processes that decode and check the files (1: in this process)."),
 ) -> None:
     """Check a dataset and write its manifest: every file accepted, or rejected with a reason."""
     from fish_speech_core.validate import ValidationSettings, validate
@@ -96,10 +98,10 @@ def normalize_command(
     peak: float = typer.Option(-1.0, "--peak", max=0.0, help="Peak target in dBFS for the first step; also the anti-clipping ceiling."),
     loudness: float = typer.Option(-23.0, "--loudness", max=0.0, help="Integrated loudness target in LUFS (ITU-R BS.1770-4)."),
     block_size: float = typer.Option(0.4, "--block-size", min=0.1, help="Loudness gating block in seconds."),
-    num_workers: int = typer.Option(0, "--num-workers", min=0, help="Worker processes (0 = one per CPU core)."),
+    num_workers: int = typer.Option(0, "--num-workers", min=0, help="Worker processes that check, measure and write the files (0: one per CPU core)."),
     clean: bool = typer.Option(False, "--clean", help="Empty OUTPUT first (only OUTPUT)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every file, even those already up to date."),
-    format: str = typer.Option("keep", "--format", help="Output format: keep (same as input), flac or wav."),
+    format: AudioFormat = typer.Option(AudioFormat.keep, "--format", help="Output format: keep (same as input), flac or wav."),
     prevent_clipping: bool = typer.Option(
         True, "--prevent-clipping/--allow-clipping", help="Scale files whose gain would clip down to the --peak ceiling."
     ),
@@ -110,19 +112,17 @@ def normalize_command(
 ) -> None:
     """Loudness-normalize a dataset into OUTPUT: peak to --peak dBFS, then gain to --loudness LUFS."""
     from fish_speech_core.files import DiskFullError, NotWritableError
-    from fish_speech_core.normalize import FORMATS, NormalizeSettings, STATE_DIR, normalize_tree, write_report
+    from fish_speech_core.normalize import NormalizeSettings, STATE_DIR, normalize_tree, write_report
     from fish_speech_core.parallel import default_workers
     from fish_speech_core.validate import ValidationSettings
 
-    if format not in FORMATS:
-        raise typer.BadParameter(f"choose one of {', '.join(FORMATS)}", param_hint="--format")
     _data_dir(input)
     _report_outside(report, [("INPUT", input)])
     try:
         result = normalize_tree(
             input,
             output,
-            NormalizeSettings(peak, loudness, block_size, format, prevent_clipping),
+            NormalizeSettings(peak, loudness, block_size, format.value, prevent_clipping),
             ValidationSettings(text_extension, max_seconds),
             filelist,
             num_workers or default_workers(),

@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from fishtune.flows.config import AudioFormat, FinetuneConfig, NormalizeOptions, Preset, Sampling
+from fishtune.cli.model_options import command_from_model, model_options, option_flags, validated
+from fishtune.flows.config import FinetuneConfig, Preset
 
-_F = FinetuneConfig.model_fields
-_N = NormalizeOptions.model_fields
 # Package data, so the demo and deploy work the same from a wheel as from a checkout.
 DEMO_DATA = Path(str(files("fishtune.examples") / "demo-data"))
 PREFECT_FILE = Path(str(files("fishtune.deployments") / "prefect.yaml"))
-FLAGS = {  # pydantic field path -> CLI flag, so validation errors name the flag to fix
-    "project": "--project", "data": "--data", "speaker": "--speaker", "storage": "--storage",
-    "work_dir": "--work-dir", "max_seconds": "--max-seconds", "text_extension": "--text-extension",
-    "normalize.loudness": "--loudness", "normalize.peak": "--peak", "normalize.format": "--format",
-    "num_workers": "--num-workers", "base": "--base", "codec": "--codec", "preset": "--preset",
-    "max_steps": "--max-steps", "max_length": "--max-length", "sampling": "--sampling", "seed": "--seed", "progress_every": "--progress-every", "evaluate": "--evaluate",
-    "preview_sentences_per_speaker": "--preview-sentences",
-    "preview_max_new_tokens": "--preview-max-tokens", "merge_step": "--merge-step", "asr": "--asr", "warm_start": "--warm-start", "gpu_pool": "--gpu-pool",
+# Every FinetuneConfig field is a `fishtune finetune` option named after it (nested normalize.x:
+# --x); these keep their shorter, older names.
+OPTION_NAMES = {
+    "preview_sentences_per_speaker": "--preview-sentences", "preview_max_new_tokens": "--preview-max-tokens",
+    "warm_start": "--warm-start/--from-base",
 }
+OPTIONS = model_options(FinetuneConfig, OPTION_NAMES)
+FLAGS = option_flags(OPTIONS)  # pydantic field path -> CLI flag, so validation errors name the flag to fix
 
 
 # Prefect's ephemeral server needs ~10 s on an idle laptop but timed out at its 90 s on a loaded
@@ -55,66 +57,18 @@ def _ephemeral_startup_message() -> str:
     )
 
 
-def build_config(**values) -> FinetuneConfig:
-    """The flow's config from CLI values; every invalid value is reported at once, by flag."""
-    from pydantic import ValidationError
-
-    normalize = {k: values.pop(k) for k in ("loudness", "peak", "format")}
-    try:
-        return FinetuneConfig(**values, normalize=normalize)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            path = ".".join(str(p) for p in error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{FLAGS.get(path, path)}: {message}" if path else message)
-        raise typer.BadParameter("; ".join(problems)) from None
-
-
-def finetune_command(
-    data: str = typer.Option(..., "--data", help=_F["data"].description),
-    project: str = typer.Option(_F["project"].default, "--project", help=_F["project"].description),
-    speaker: str | None = typer.Option(None, "--speaker", help=_F["speaker"].description),
-    storage: str = typer.Option(_F["storage"].default, "--storage", help=_F["storage"].description),
-    work_dir: str | None = typer.Option(None, "--work-dir", help=_F["work_dir"].description),
-    base: str | None = typer.Option(None, "--base", help=_F["base"].description),
-    codec: str | None = typer.Option(None, "--codec", help=_F["codec"].description),
-    preset: Preset = typer.Option(_F["preset"].default.value, "--preset", help=_F["preset"].description),
-    max_steps: int = typer.Option(_F["max_steps"].default, "--max-steps", help=_F["max_steps"].description),
-    max_length: int | None = typer.Option(None, "--max-length", help=_F["max_length"].description),
-    sampling: Sampling = typer.Option(_F["sampling"].default.value, "--sampling", help=_F["sampling"].description),
-    seed: int = typer.Option(_F["seed"].default, "--seed", help=_F["seed"].description),
-    progress_every: int = typer.Option(_F["progress_every"].default, "--progress-every", help=_F["progress_every"].description),
-    evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help=_F["evaluate"].description),
-    preview_sentences: int = typer.Option(_F["preview_sentences_per_speaker"].default, "--preview-sentences", help=_F["preview_sentences_per_speaker"].description),
-    preview_max_tokens: int = typer.Option(_F["preview_max_new_tokens"].default, "--preview-max-tokens", help=_F["preview_max_new_tokens"].description),
-    merge_step: int | None = typer.Option(None, "--merge-step", help=_F["merge_step"].description),
-    asr: str | None = typer.Option(None, "--asr", help=_F["asr"].description),
-    warm_start: bool = typer.Option(False, "--warm-start/--from-base", help=_F["warm_start"].description),
-    gpu_pool: str | None = typer.Option(None, "--gpu-pool", help=_F["gpu_pool"].description),
-    loudness: float = typer.Option(_N["loudness"].default, "--loudness", help=_N["loudness"].description),
-    peak: float = typer.Option(_N["peak"].default, "--peak", help=_N["peak"].description),
-    format: AudioFormat = typer.Option(_N["format"].default.value, "--format", help=_N["format"].description),
-    max_seconds: float = typer.Option(_F["max_seconds"].default, "--max-seconds", help=_F["max_seconds"].description),
-    text_extension: str = typer.Option(_F["text_extension"].default, "--text-extension", help=_F["text_extension"].description),
-    num_workers: int = typer.Option(_F["num_workers"].default, "--num-workers", help=_F["num_workers"].description),
-) -> None:
+@command_from_model(FinetuneConfig, OPTIONS)
+def finetune_command(config: FinetuneConfig) -> None:
     """Run the finetune flow (validate -> normalize -> ...) with caching; prints the report location."""
     from rich.console import Console
 
-    console = Console(stderr=True)
-    config = build_config(
-        data=data, project=project, speaker=speaker, storage=storage, work_dir=work_dir, base=base, codec=codec,
-        preset=preset, max_steps=max_steps, max_length=max_length, sampling=sampling, seed=seed, progress_every=progress_every, evaluate=evaluate,
-        preview_sentences_per_speaker=preview_sentences, preview_max_new_tokens=preview_max_tokens, merge_step=merge_step, asr=asr, warm_start=warm_start, gpu_pool=gpu_pool, loudness=loudness,
-        peak=peak, format=format, max_seconds=max_seconds, text_extension=text_extension, num_workers=num_workers,
-    )
     _prefect_defaults()
-    _run_and_print(config, console)
+    _run_and_print(config, Console(stderr=True))
 
 
-def _run_and_print(config: FinetuneConfig, console) -> dict:
-    """Run the flow, print the stage table and where the report / merged model are; exit 1 on failure."""
+def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any] | None = None) -> dict:
+    """Run the flow (``run``, returning its state; default: finetune on ``config``), print the stage
+    table and where the report / merged model are; exit 1 on failure."""
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
@@ -124,7 +78,7 @@ def _run_and_print(config: FinetuneConfig, console) -> dict:
     from fishtune.flows.report import cache_label
 
     try:
-        state = finetune(config, return_state=True)
+        state = run() if run else finetune(config, return_state=True)
     except RuntimeError as err:
         if not _is_ephemeral_startup_failure(err):
             raise
@@ -199,12 +153,12 @@ def demo_command(
             from fish_speech_core.codec.config import FireflyConfig
 
             save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
-    config = build_config(
+    config = validated(FinetuneConfig, dict(
         data=str(data), project="demo", storage=str(output / "store"), base=str(base), codec=str(codec),
-        preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate, loudness=-23.0, peak=-1.0, format=AudioFormat.keep,
+        preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate,
         preview_sentences_per_speaker=preview_sentences,
         preview_max_new_tokens=64,  # random models rarely stop on their own: keep their previews short
-    )
+    ), FLAGS)
     console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)", markup=False)
     _run_and_print(config, console)
 
@@ -225,21 +179,49 @@ def _deployable(prefect_file: Path) -> tuple[list[str], list[str]]:
     return ready, missing
 
 
+_ENV_PLACEHOLDER = re.compile(r"^\{\{\s*\$(\w+)\s*\}\}$")
+
+
+def _drop_unset(parameters: dict, env: dict[str, str]) -> dict:
+    kept = {}
+    for name, value in parameters.items():
+        match = _ENV_PLACEHOLDER.match(value) if isinstance(value, str) else None
+        if match and match[1] not in env:
+            continue
+        kept[name] = _drop_unset(value, env) if isinstance(value, dict) else value
+    return kept
+
+
+def _with_set_parameters(prefect_file: Path, env: dict[str, str], folder: Path) -> Path:
+    """``prefect_file``, or a copy in ``folder`` without the parameter defaults that are an unset
+    ``{{ $NAME }}`` (prefect deploy would make them "", which the schema refuses: FISHTUNE_DATA)."""
+    import yaml
+
+    spec = yaml.safe_load(prefect_file.read_text())
+    deployments = [{**d, "parameters": _drop_unset(d["parameters"], env)} if d.get("parameters") else d
+                   for d in spec.get("deployments", [])]
+    if deployments == spec.get("deployments", []):
+        return prefect_file
+    copy = folder / prefect_file.name
+    copy.write_text(yaml.safe_dump({**spec, "deployments": deployments}, sort_keys=False))
+    return copy
+
+
 def deploy_command(
-    data: str = typer.Option(..., "--data", help="Data prefix the watch flow scans and finetune reads (FISHTUNE_DATA)."),
-    storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs (FISHTUNE_STORAGE); use a location every worker can reach."),
+    storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs and the project specs the watch flow reads (FISHTUNE_STORAGE); use a location every worker can reach."),
+    data: str | None = typer.Option(None, "--data", help="Default dataset of the plain finetune deployment (FISHTUNE_DATA). Optional: projects carry their own data."),
     prefect_file: Path = typer.Option(PREFECT_FILE, "--prefect-file", exists=True, dir_okay=False, help="The deployments file (default: the one installed with fishtune)."),
     create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the cpu and cuda process work pools when missing."),
     gpus: int = typer.Option(1, "--gpus", min=1, max=4096, help="GPUs the cuda pool's workers have in all: slots of the global `gpu` concurrency limit every GPU child run takes."),
 ) -> None:
-    """Create the work pools, the `gpu` concurrency limit and the deployments (finetune, its GPU stages, watch) on the Prefect server.
+    """Create the work pools, the `gpu` concurrency limit and the deployments (finetune, finetune-project, its GPU stages, watch) on the Prefect server.
 
     Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
     installed (the Docker images, or the same lock), not a copy of this repository.
     """
     from fish_speech_core.storage import CredentialsInURLError, refuse_credentials
 
-    for flag, url in (("--data", data), ("--storage", storage)):
+    for flag, url in (("--data", data or ""), ("--storage", storage)):
         try:
             refuse_credentials(url)  # deployments store their environment on the server
         except CredentialsInURLError as err:
@@ -251,7 +233,7 @@ def deploy_command(
             "deploy needs a running Prefect server: start one (prefect server start) and set PREFECT_API_URL"
         )
     prefect = [sys.executable, "-m", "prefect"]
-    env = {**os.environ, "FISHTUNE_DATA": data, "FISHTUNE_STORAGE": storage}
+    env = {**os.environ, "FISHTUNE_STORAGE": storage, **({"FISHTUNE_DATA": data} if data else {})}
     if create_pools:
         for pool in ("cpu", "cuda"):
             exists = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
@@ -262,10 +244,12 @@ def deploy_command(
     for name in missing:
         typer.echo(f"skipped deployment {name!r}: its flow module is not installed here", err=True)
     names = [arg for name in ready for arg in ("--name", name)]
-    done = subprocess.run(
-        [*prefect, "--no-prompt", "deploy", "--prefect-file", str(prefect_file.resolve()), *names], env=env,
-        cwd=prefect_file.resolve().parent,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        deploy_file = _with_set_parameters(prefect_file.resolve(), env, Path(tmp))
+        done = subprocess.run(
+            [*prefect, "--no-prompt", "deploy", "--prefect-file", str(deploy_file), *names], env=env,
+            cwd=prefect_file.resolve().parent,
+        )
     if done.returncode:
         typer.echo("prefect deploy failed (see above)", err=True)
         raise typer.Exit(done.returncode)

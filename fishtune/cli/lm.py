@@ -121,11 +121,9 @@ def _fail(message: str) -> None:
 
 
 def _spinner(description: str):
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from fish_speech_core.progress import progress_bar
 
-    progress = Progress(
-        SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), transient=True
-    )
+    progress = progress_bar(transient=True)  # no total: the bar pulses, elapsed time counts
     progress.add_task(description, total=None)
     return progress
 

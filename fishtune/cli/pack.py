@@ -21,8 +21,8 @@ def pack_command(
     ),
     num_workers: int | None = typer.Option(
         None, "--num-workers", "-j", min=1, show_default="one per 1000 items, at most CPU count and 8",
-        help="Worker processes reading items; the output is identical for any number. Small packs "
-        "run faster in one process (starting workers costs more than it saves).",
+        help="Worker processes that read and encode the items (transcript + codes); the output is identical for any number. "
+        "Small packs run faster in one process (starting workers costs more than it saves).",
     ),
     shard_size: float = typer.Option(
         10.0, "--shard-size", min=0.001,
@@ -37,12 +37,12 @@ def pack_command(
     """Pack every speaker's transcripts and codes into protobuf shards for training."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
     from rich.table import Table
 
     from fish_speech_core.files import DiskFullError, NotWritableError
     from fish_speech_core.pack import default_pack_workers, discover_folder, pack
     from fish_speech_core.parallel import default_workers
+    from fish_speech_core.progress import progress_bar
 
     console = Console(stderr=True)
     for path in inputs:
@@ -66,11 +66,8 @@ def pack_command(
             raise typer.Exit(1)
     num_workers = num_workers or default_pack_workers(total, default_workers())
 
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), console=console, transient=True,
-    ) as progress:
-        task = progress.add_task("packing", total=total)
+    with progress_bar(transient=True, console=console) as progress:  # the summary table follows
+        task = progress.add_task("pack", total=total, unit="sentences")
         try:
             summary = pack(
                 inputs, output, text_extension=text_extension, num_workers=num_workers,

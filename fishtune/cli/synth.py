@@ -8,15 +8,13 @@ from pathlib import Path
 
 import typer
 
-CODEC_PRESETS = ("tiny", "fish-speech-1.4")
+from fish_speech_core.choices import CodecPreset, Device
 
 
-def _codec_choice(preset: str | None, config: Path | None, flag: str) -> str | Path | None:
+def _codec_choice(preset: CodecPreset | None, config: Path | None, flag: str) -> str | Path | None:
     if preset is not None and config is not None:
         raise typer.BadParameter(f"give {flag} or --codec-config/--config, not both", param_hint=flag)
-    if preset is not None and preset not in CODEC_PRESETS:
-        raise typer.BadParameter(f"choose one of {', '.join(CODEC_PRESETS)}", param_hint=flag)
-    return preset if preset is not None else config
+    return preset.value if preset is not None else config
 
 
 def synthesize_command(
@@ -34,9 +32,8 @@ def synthesize_command(
                              "sentences and generated chunk by chunk."),
     output: Path = typer.Option(..., "--output", "-o", help="WAV file to write (44.1 kHz, 16-bit).",
                                 dir_okay=False),
-    codec_preset: str | None = typer.Option(
-        None, "--codec-preset", help=f"Codec shape: {' | '.join(CODEC_PRESETS)}. Default: the "
-        "config stored in the checkpoint, else fish-speech-1.4.",
+    codec_preset: CodecPreset | None = typer.Option(
+        None, "--codec-preset", help="Codec shape. Default: the config stored in the checkpoint, else fish-speech-1.4.",
     ),
     codec_config: Path | None = typer.Option(
         None, "--codec-config", help="JSON of codec constructor arguments, for other shapes.",
@@ -65,7 +62,7 @@ def synthesize_command(
         150, "--chunk-chars", min=10, help="Longest chunk of text generated at once."
     ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same audio."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (bf16 on CUDA)."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where the model runs (auto: cuda if available; bf16 on CUDA)."),
 ) -> None:
     """Speak TEXT with a base or finetuned model, optionally in the voice of a reference clip."""
     from fish_speech_core.lm.generate import SamplingSettings
@@ -75,8 +72,6 @@ def synthesize_command(
         problems.append("--prompt-audio and --prompt-text go together (give both or neither)")
     if not text.strip():
         problems.append("--text is empty")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        problems.append("--device must be auto, cpu or cuda")
     from fish_speech_core.files import OverlapError, refuse_overlap
 
     try:  # the WAV is written: never over (or around) an input such as the prompt clip
@@ -89,8 +84,8 @@ def synthesize_command(
     codec_choice = _codec_choice(codec_preset, codec_config, "--codec-preset")
 
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fish_speech_core.progress import progress_bar
     from fish_speech_core.synthesis import (
         check_finite_audio,
         encode_reference,
@@ -106,7 +101,7 @@ def synthesize_command(
     try:
         started = time.perf_counter()
         try:
-            synth = load_synthesizer(model, codec, codec_choice, lora, device)
+            synth = load_synthesizer(model, codec, codec_choice, lora, device.value)
         except (ValueError, NotImplementedError, OSError) as error:
             typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(2) from None
@@ -118,20 +113,16 @@ def synthesize_command(
             raise typer.Exit(2) from None
         chunks = split_text(text, chunk_chars)
         settings = SamplingSettings(temperature, top_p, repetition_penalty)
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-        ) as progress:
-            task = progress.add_task(f"chunk 1/{len(chunks)}", total=max_new_tokens, info="")
+        # Over --max-new-tokens per chunk: a chunk usually ends (end of speech) before its total.
+        with progress_bar() as progress:
+            task = progress.add_task(f"chunk 1/{len(chunks)}", total=max_new_tokens, unit="tokens")
 
             def on_step(n: int) -> None:
-                progress.update(task, completed=n, info=f"{n} tokens")
+                progress.update(task, completed=n)
 
             def on_chunk(i: int, total: int, result) -> None:
-                progress.update(
-                    task, completed=0, description=f"chunk {min(i + 2, total)}/{total}",
-                    info=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tok/s",
-                )
+                progress.reset(task, total=max_new_tokens, description=f"chunk {min(i + 2, total)}/{total}",
+                               note=f"last: {result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s")
 
             try:
                 result = synthesize(
@@ -169,15 +160,14 @@ def decode_command(
     ),
     output: Path = typer.Option(..., "--output", "-o", help="WAV file to write (16-bit).",
                                 dir_okay=False),
-    preset: str | None = typer.Option(
-        None, "--preset", help=f"Codec shape: {' | '.join(CODEC_PRESETS)}. Default: the config "
-        "stored in the checkpoint, else fish-speech-1.4.",
+    preset: CodecPreset | None = typer.Option(
+        None, "--preset", help="Codec shape. Default: the config stored in the checkpoint, else fish-speech-1.4.",
     ),
     config: Path | None = typer.Option(
         None, "--config", help="JSON of codec constructor arguments. Excludes --preset.",
         exists=True, dir_okay=False,
     ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where the decoder runs (auto: cuda if available)."),
 ) -> None:
     """Turn semantic codes back into audio with the codec's decoder (44.1 kHz for Firefly 1.4)."""
     import numpy as np
@@ -202,7 +192,7 @@ def decode_command(
         _fail_decode(f"{codes_file}: {error}")
     started = time.perf_counter()
     try:
-        codec = load_codec(checkpoint_path, choice, device=pick_device(device))
+        codec = load_codec(checkpoint_path, choice, device=pick_device(device.value))
     except ValueError as error:
         _fail_decode(str(error))
     spec = code_spec(codec)

@@ -7,15 +7,12 @@ from pathlib import Path
 
 import typer
 
+from fish_speech_core.choices import Sampling
+
 
 class Backend(str, Enum):
     gloo = "gloo"
     nccl = "nccl"
-
-
-class Sampling(str, Enum):  # fish_speech_core.finetune.data.SAMPLING_MODES
-    cover = "cover"
-    reference = "reference"
 
 
 class Format(str, Enum):
@@ -73,7 +70,7 @@ def train_command(
     init_lora: Path | None = typer.Option(None, "--init-lora", help="Start a NEW run from the adapters of this checkpoint."),
     save_top_k: int = typer.Option(5, "--save-top-k", help="Keep the latest K checkpoints."),
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="Where run folders go."),
-    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes (0 = in the main process)."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Data-loader worker processes that build training samples (0: in the main process)."),
 ) -> None:
     """Finetune a Fish Speech 1.4 text2semantic checkpoint with LoRA on packed shards."""
     from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from fish_speech_core.files import sha256_file
 from fish_speech_core.finetune.checkpoints import AtomicCheckpointIO, CheckpointWriteError, read_checkpoint
 from fish_speech_core.finetune.lora import LoraSettings, add_lora, lora_state_dict
 from fish_speech_core.finetune.module import TrainConfig
-from fish_speech_core.finetune.train import TrainError, train
+from fish_speech_core.finetune.train import TrainError, TrainProgress, train
 from fish_speech_core.lm import load_pretrained
 from fish_speech_core.finetune.merge import probe_batch
 from tests.finetune.helpers_train import FAST, make_base_and_data, make_speakers, run_cli
@@ -142,14 +143,19 @@ def test_full_disk_keeps_earlier_checkpoints(tmp_path):
         subprocess.run(["umount", str(mount)])
 
 
-def test_one_speaker_one_sentence_trains(tmp_path, setup):
+def test_one_speaker_one_sentence_trains(tmp_path, setup, capsys):
     base, _ = setup
     make_speakers(tmp_path / "one", 1, 1)
     assert run_cli("pack", "-i", tmp_path / "one", "-o", tmp_path / "p1", "-j", "1").exit_code == 0
     cfg = TrainConfig(project="one", base=str(base), data=(str(tmp_path / "p1"),), max_steps=2,
                       val_check_interval=2, batch_size=2, max_length=40, results_dir=str(tmp_path))
-    res = train(cfg, show_progress=False)
+    calls = []
+    res = train(cfg, progress=calls.append, progress_every=1)
     assert res.final_step == 2
+    # the hook gets every documented key; the bar (not a terminal here) prints its final state once
+    assert [c["step"] for c in calls] == [1, 2] and all(set(c) == set(TrainProgress.__annotations__) for c in calls)
+    bars = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train ")]
+    assert len(bars) == 1 and re.search(r" 2/2 steps .* loss \d+\.\d{3}, \d+ tokens/s", bars[0]), bars
     assert any("no held-out split" in n for n in res.notes)
     assert res.num_truncated > 0  # max_length 40 cuts these samples; counted, not dropped
 

@@ -1,0 +1,27 @@
+"""The ``finetune-project`` flow: a run of a saved project (``fishtune project create``).
+
+It reads the project's spec from ``<storage>/projects/<project>.json``, applies this run's
+``overrides`` (never saved), validates, and runs the finetune flow as a subflow on the project's
+whole data: the data-changed trigger passes only ``project`` and ``storage``, so a re-finetune
+trains with the saved base, codec and settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from fishtune import projects
+from fishtune.flows.finetune import finetune
+
+
+@flow(name="finetune-project", log_prints=True, persist_result=True, flow_run_name="finetune-project/{project}")
+def finetune_project(project: str, storage: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Finetune a saved project from its spec on the store; overrides (field path -> value) apply to this run only."""
+    config = projects.load(storage, project)
+    if overrides:
+        config = projects.with_settings(config, overrides)
+        overrides = projects.resolved(config, overrides)  # recorded as validated values ("500" -> 500)
+        get_run_logger().info("project %s with this run's overrides %s", project, overrides)
+    return finetune(config, overrides=overrides or None)

@@ -36,10 +36,6 @@ class AudioInfo:
         return self.frames / self.sample_rate if self.sample_rate else 0.0
 
 
-def is_audio_file(path: str | os.PathLike) -> bool:
-    return os.path.splitext(str(path))[1].lower() in AUDIO_EXTENSIONS
-
-
 def audio_info(path: str | os.PathLike) -> AudioInfo:
     """Read only the header. Raises soundfile.LibsndfileError (a RuntimeError) if unreadable."""
     info = soundfile.info(str(path))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fish_speech_core.audio import AUDIO_EXTENSIONS, UNSUPPORTED_AUDIO_EXTENSIONS
+from fish_speech_core.defaults import TEXT_EXTENSION
 from fish_speech_core.files import (
     PathEscapeError,
     UnresolvablePathError,
@@ -202,7 +203,7 @@ def read_regular_bytes(path: Path) -> bytes:
         os.close(fd)
 
 
-def discover(root: str | os.PathLike, text_extension: str = ".lab") -> tuple[list[Item], list[Rejection]]:
+def discover(root: str | os.PathLike, text_extension: str = TEXT_EXTENSION) -> tuple[list[Item], list[Rejection]]:
     """Pair audio files with transcripts under ``root`` (folder layout).
 
     Hidden files and folders (and fishtune's own temporary files) are skipped; other non-audio,

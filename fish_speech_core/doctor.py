@@ -115,15 +115,14 @@ def _check_weights(weights: Path, config) -> list[Finding]:
     """model.pth opens as tensors (weights_only, memory-mapped) with the keys and shapes of ``config``."""
     import torch
 
-    from fish_speech_core.lm.checkpoint import (
-        CheckpointError, normalize_state_dict, read_weights, state_dict_problems,
-    )
+    from fish_speech_core.lm.checkpoint import normalize_state_dict, state_dict_problems
     from fish_speech_core.lm.model import DualARTransformer
+    from fish_speech_core.weights import WeightsError, read_weights
 
     fix = "download the checkpoint again (or re-run `fishtune init-base` / `fishtune merge`)"
     try:
         state = normalize_state_dict(read_weights(weights))
-    except CheckpointError as err:
+    except WeightsError as err:
         return [Finding("error", str(err) if str(weights) in str(err) else f"{weights}: {err}", fix)]
     if not state:
         return [Finding("error", f"{weights} holds no tensors", fix)]
@@ -200,10 +199,9 @@ def read_codec_config(codec: str | os.PathLike):
     Returns:
         (config, note): ``note`` says where the config came from.
     """
-    import torch
-
     from fish_speech_core.codec.checkpoint import CONFIG_KEY
     from fish_speech_core.codec.config import PRESETS, FireflyConfig, resolve_config
+    from fish_speech_core.weights import read_weights
 
     text = str(codec)
     if text in PRESETS or text.endswith(".json"):
@@ -211,14 +209,7 @@ def read_codec_config(codec: str | os.PathLike):
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"codec checkpoint {path} not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a codec state dict")
+    data = read_weights(path)  # WeightsError names the file and the reason
     stored = data.get(CONFIG_KEY)
     if isinstance(stored, Mapping):
         return FireflyConfig.from_dict(dict(stored)), f"config stored in {path.name}"

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from fish_speech_core.hashcache import local_file_hash
+
 HASH_CHUNK = 1 << 20  # 1 MiB: streams large audio files without loading them whole
 
 
@@ -142,12 +144,19 @@ class _CountingWriter:
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = HASH_CHUNK) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes, read in chunks.
+
+    Memoized by the file's stamp (size, mtime, ctime, inode; :mod:`fish_speech_core.hashcache`),
+    within the process and across processes: an unchanged file is read once.
+    """
+    def read(file: Path) -> str:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            while block := handle.read(chunk_size):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return local_file_hash(path, read)
 
 
 def sha256_bytes(data: bytes) -> str:

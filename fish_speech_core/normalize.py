@@ -24,6 +24,7 @@ import soundfile
 from fish_speech_core.audio import read_audio
 from fish_speech_core.choices import AudioFormat, values
 from fish_speech_core.dataset import PATH_ESCAPES, read_regular_bytes
+from fish_speech_core.defaults import LOUDNESS_LUFS, PEAK_DBFS
 from fish_speech_core.files import (
     NAME_MAX,
     DiskFullError,
@@ -52,15 +53,15 @@ _CONTAINER = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG"}
 
 @dataclass(frozen=True)
 class NormalizeSettings:
-    peak: float = -1.0  # dBFS, the first step's target and the clipping ceiling
-    loudness: float = -23.0  # LUFS
+    peak: float = PEAK_DBFS  # dBFS, the first step's target and the clipping ceiling
+    loudness: float = LOUDNESS_LUFS  # LUFS
     block_size: float = 0.4  # seconds, BS.1770 gating block
     format: str = "keep"  # keep | flac | wav
     prevent_clipping: bool = True
 
 
 def loudness_normalize(
-    audio: np.ndarray, sample_rate: int, peak: float = -1.0, loudness: float = -23.0, block_size: float = 0.4
+    audio: np.ndarray, sample_rate: int, peak: float = PEAK_DBFS, loudness: float = LOUDNESS_LUFS, block_size: float = 0.4
 ) -> np.ndarray:
     """Peak-normalize to ``peak`` dBFS, then gain to ``loudness`` LUFS (float64 in and out).
 

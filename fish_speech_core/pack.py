@@ -22,6 +22,7 @@ import numpy as np
 
 from fish_speech_core.codes import DEFAULT_SPEC, array_problem, read_npy, recorded_spec
 from fish_speech_core.dataset import NESTED_FOLDER, PATH_ESCAPES, read_filelist, read_regular_bytes
+from fish_speech_core.defaults import SHARD_SIZE_MB, TEXT_EXTENSION
 from fish_speech_core.files import (
     PathEscapeError,
     is_abandoned,
@@ -91,7 +92,7 @@ class PackSummary:
     removed_stale: list[Path] = field(default_factory=list)
 
 
-def discover_folder(root: str | os.PathLike, text_extension: str = ".lab") -> tuple[list[SpeakerGroup], list[Reject]]:
+def discover_folder(root: str | os.PathLike, text_extension: str = TEXT_EXTENSION) -> tuple[list[SpeakerGroup], list[Reject]]:
     """Every transcript under ``root`` grouped by speaker folder, all sorted, and the rejects.
 
     A record is named after the folder holding its items (as the reference packer does), so the
@@ -233,9 +234,9 @@ def pack(
     inputs: Sequence[str | os.PathLike],
     output: str | os.PathLike,
     *,
-    text_extension: str = ".lab",
+    text_extension: str = TEXT_EXTENSION,
     num_workers: int = 1,
-    shard_size_mb: float = 10.0,
+    shard_size_mb: float = SHARD_SIZE_MB,
     filelist: str | os.PathLike | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> PackSummary:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import posixpath
-import random
 import re
 import shutil
 import stat
@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from fish_speech_core.files import HASH_CHUNK, PathEscapeError, atomic_path, atomic_write, resolve_inside
+from fish_speech_core import hashcache
+from fish_speech_core.files import HASH_CHUNK, PathEscapeError, atomic_path, atomic_write, resolve_inside, sha256_file
 
 DEFAULT_ROOT = "./fishtune-store"
 MARKER = "_COMPLETE.json"
@@ -47,6 +48,10 @@ class ArtifactError(RuntimeError):
 
 # ---------------------------------------------------------------- retries (I/O only)
 
+# The one per-call retry layer of storage I/O (docs/orchestration.md, Retries): botocore makes a
+# single attempt (BOTOCORE_RETRIES) and no Prefect task retries a storage call on top.
+IO_ATTEMPTS = 4
+IO_BACKOFF = 0.5  # seconds before the 2nd attempt; doubled each time, plus up to 25 % jitter
 # Transient I/O failures worth retrying. Not ValueError/KeyError: those are our bugs or bad data.
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 # Network errors of the S3 stack that are not OSError subclasses, matched by class name so this
@@ -54,6 +59,7 @@ RETRYABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionE
 TRANSIENT_NAMES = frozenset(
     {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError"}
 )
+_log = logging.getLogger(__name__)
 
 
 def is_transient(exc: BaseException, retry_on: tuple[type[BaseException], ...] = RETRYABLE) -> bool:
@@ -64,24 +70,31 @@ def is_transient(exc: BaseException, retry_on: tuple[type[BaseException], ...] =
 
 def retry_io(
     fn: Callable[[], T],
-    attempts: int = 4,
-    backoff: float = 0.5,
+    attempts: int = IO_ATTEMPTS,
+    backoff: float = IO_BACKOFF,
     retry_on: tuple[type[BaseException], ...] = RETRYABLE,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
     """Call ``fn`` until it succeeds, at most ``attempts`` times, sleeping ``backoff * 2**i`` (+ jitter).
 
     For storage calls only: never wrap training or other compute in this.
-    ``FileNotFoundError`` is never retried (a missing object does not appear by waiting).
+    ``FileNotFoundError`` is never retried (a missing object does not appear by waiting); the last
+    error is raised as it is.
     """
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc, retry_on) or attempt == attempts - 1:
-                raise
-            sleep(backoff * 2**attempt * (1 + 0.25 * random.random()))
-    raise AssertionError("unreachable")
+    import tenacity
+
+    def note(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        _log.warning("storage call failed (%s: %s); attempt %d of %d in %.1f s", type(error).__name__,
+                     redact_text(str(error)), state.attempt_number + 1, attempts, state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=backoff, exp_base=2) + tenacity.wait_random(0, 0.25 * backoff),
+        retry=tenacity.retry_if_exception(lambda exc: is_transient(exc, retry_on)),
+        sleep=sleep, before_sleep=note, reraise=True,
+    )
+    return retrying(fn)
 
 
 # ---------------------------------------------------------------- URLs
@@ -166,9 +179,12 @@ def join(url: str, *parts: str) -> str:
 
 
 # botocore's default (legacy mode, 5 attempts) takes ~9 s to give up on one call to a dead endpoint,
-# and retry_io retries that call again: ~40 s per failing call. fishtune owns the backoff, so
-# botocore gets 2 attempts unless the user configured retries in the environment.
-BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 2}
+# and retry_io would retry that call again. retry_io is the one retry layer, so botocore makes one
+# attempt per call, unless the user configured botocore's retries in the environment (then those
+# rule, and retry_io still wraps each call). s3fs keeps its own narrow retry of failures in the
+# middle of a transfer (read timeouts, dropped bodies, SlowDown); it cannot be set per instance
+# without also changing the instance Prefect's result storage shares, see docs/orchestration.md.
+BOTOCORE_RETRIES = {"mode": "standard", "total_max_attempts": 1}
 
 
 def s3_options() -> dict:
@@ -198,14 +214,47 @@ def hash_stream(handle, chunk_size: int = HASH_CHUNK) -> str:
 
 
 def hash_url(url: str) -> str:
-    """sha256 of one file's bytes, streamed through fsspec (local paths and s3:// alike)."""
+    """sha256 of one file's bytes (local paths and s3:// alike), read once per content.
+
+    Memoized by the file's stamp (local: size, mtime, ctime, inode; remote: size and ETag), so
+    an unchanged file is not read again by this process or the next (:mod:`fish_speech_core.hashcache`).
+    """
+    if is_local(url):
+        return retry_io(lambda: sha256_file(local_path(url)))
     fs, path = filesystem(url)
 
     def read() -> str:
-        with fs.open(path, "rb") as handle:
-            return hash_stream(handle)
+        fs.invalidate_cache(path)  # a cached listing could hold an old ETag
+        info = fs.info(path)
+        return _hash_remote(fs, path, _remote_key(url), _remote_stamp(info))[0]
 
     return retry_io(read)
+
+
+def _remote_key(url: str) -> str:
+    # The endpoint is part of the key: two S3-compatible services may hold one bucket name.
+    return f"url:{os.environ.get('AWS_ENDPOINT_URL', '')}|{normalize_url(url)}"
+
+
+def _remote_stamp(info: Mapping[str, Any] | None) -> str | None:
+    """size + ETag (S3 gives every write a new ETag), or None when the store reports no ETag."""
+    info = info or {}
+    etag, size = info.get("ETag") or info.get("etag"), info.get("size")
+    return f"{size}:{etag}" if etag and size is not None else None
+
+
+def _hash_remote(fs, path: str, key: str, stamp: str | None) -> tuple[str, str | None]:
+    """``(sha256, stamp of the bytes read)`` of one remote object; memoized when ``stamp`` is known."""
+    memo = hashcache.memo()
+    if stamp is not None and (hit := memo.get(key, stamp)) is not None:
+        return hit, stamp
+    with fs.open(path, "rb") as handle:
+        sha = hash_stream(handle)
+        # s3fs reads with IfMatch on the ETag it opened with: these details describe these bytes.
+        read_stamp = _remote_stamp(getattr(handle, "details", None))
+    if read_stamp is not None:
+        memo.put(key, read_stamp, sha)
+    return sha, read_stamp
 
 
 def _walk_local(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
@@ -237,14 +286,19 @@ def _walk_local(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
                 st = target.stat()
                 if not stat.S_ISREG(st.st_mode):
                     continue  # FIFOs, sockets, devices: not content
-                mtime = max(st.st_mtime, path.lstat().st_mtime)  # a re-pointed link is a change
+                link = path.lstat()
+                mtime = max(st.st_mtime, link.st_mtime)  # a re-pointed link is a change
             except (PathEscapeError, OSError, RuntimeError):  # RuntimeError: a symlink loop
                 with contextlib.suppress(OSError):
                     links[rel] = os.readlink(path)
                 continue
-            listed[rel] = {"name": str(path), "size": st.st_size, "type": "file", "mtime": mtime}
+            listed[rel] = {"name": str(path), "size": st.st_size, "type": "file", "mtime": mtime,
+                           # what hash_tree's memo compares; None while the file is racy
+                           "stamp": None if hashcache.is_racy(st) else hashcache.local_stamp(st)}
             if is_link:
                 listed[rel]["destination"] = str(target)
+                if listed[rel]["stamp"] is not None:
+                    listed[rel]["stamp"] += f":{link.st_ino}:{link.st_mtime_ns}"
     return dict(sorted(listed.items())), dict(sorted(links.items()))
 
 
@@ -277,17 +331,51 @@ def hash_tree(url: str) -> str:
 
     A symlink counts as the content it points to (re-pointing it changes the key); a link that is
     not data (outside the folder, dangling) counts by its link text, so changing it changes the key too.
+    Memoized twice: the whole folder by the listing of its files' stamps (one lookup for an
+    unchanged tree), and each file by its own stamp (only changed files are read).
     """
     if is_local(url):
-        listed, links = _walk_local(local_path(url))
-        entries = {rel: _sha256_local(Path(info.get("destination", info["name"]))) for rel, info in listed.items()}
-        entries.update({rel: f"link:{text}" for rel, text in links.items()})
-        return digest_listing(entries)
-    return digest_listing({rel: hash_url(join(url, rel)) for rel in list_files(url)})
+        root = local_path(url)
+        listed, links = _walk_local(root)
+        stamps = {rel: [info.get("destination", info["name"]), info["stamp"]] for rel, info in listed.items()}
+
+        def compute() -> str:
+            entries = {rel: sha256_file(Path(info.get("destination", info["name"]))) for rel, info in listed.items()}
+            entries.update({rel: f"link:{text}" for rel, text in links.items()})
+            return digest_listing(entries)
+
+        racy = any(stamp is None for _, stamp in stamps.values())
+        return hashcache.remembered(f"tree:{root}", None if racy else _tree_stamp(stamps, links), compute)
+    listed = list_files(url)
+    stamps = {rel: _remote_stamp(info) for rel, info in listed.items()}
+    key, tree_stamp = f"tree:{_remote_key(url)}", None
+    if all(stamp is not None for stamp in stamps.values()):
+        tree_stamp = _tree_stamp(stamps, {})
+        if (hit := hashcache.memo().get(key, tree_stamp)) is not None:
+            return hit
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    entries, consistent = {}, True
+    for rel in listed:
+        file_key = _remote_key(join(url, rel))
+        sha, read_stamp = retry_io(lambda rel=rel, file_key=file_key: _hash_remote(fs, f"{root}/{rel}", file_key, stamps[rel]))
+        entries[rel] = sha
+        consistent = consistent and read_stamp == stamps[rel]
+    sha = digest_listing(entries)
+    if tree_stamp is not None and consistent:  # an object rewritten since the listing: not this stamp's hash
+        hashcache.memo().put(key, tree_stamp, sha)
+    return sha
+
+
+def _tree_stamp(stamps: Mapping[str, Any], links: Mapping[str, str]) -> str:
+    """A folder's stamp: the sorted listing of its files' stamps (and its other links' texts)."""
+    return hashlib.sha256(canonical_json({"files": dict(stamps), "links": dict(links)}).encode()).hexdigest()
 
 
 def hash_any(url: str) -> str:
     """Content hash of a file or a folder URL."""
+    if is_local(url):
+        return hash_tree(url) if local_path(url).is_dir() else hash_url(url)
     fs, path = filesystem(url)
     fs.invalidate_cache()  # see list_files: never trust a listing made before this call
     if retry_io(lambda: fs.isdir(path)):
@@ -340,7 +428,7 @@ class Store:
     """One storage root. Holds only the URL: never credentials (they stay in the environment)."""
 
     root: str = DEFAULT_ROOT
-    io_attempts: int = 4  # per storage call; s3fs retries each call a few times on its own as well
+    io_attempts: int = IO_ATTEMPTS  # per storage call (retry_io); botocore makes one attempt each
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", normalize_url(refuse_credentials(self.root, "storage root")))
@@ -374,7 +462,8 @@ class Store:
         return Artifact(stage, key, url, dict(marker["files"]))
 
     def verify(self, artifact: Artifact) -> None:
-        """Re-hash every file of an artifact against its marker.
+        """Re-hash every file of an artifact against its marker (memoized by stamp: a file written
+        since it was last hashed is read again).
 
         Raises:
             ArtifactError: naming the first file that is missing or differs.
@@ -415,7 +504,7 @@ class Store:
             }
         if MARKER in files:
             raise ValueError(f"{MARKER} is reserved for the completion marker")
-        hashes = {rel: _sha256_local(p) for rel, p in files.items()}
+        hashes = {rel: sha256_file(p) for rel, p in files.items()}
         marker = {
             "stage": stage,
             "key": key,
@@ -471,11 +560,6 @@ class Store:
         return retry_io(lambda: fs.cat_file(path), self.io_attempts)
 
 
-def _sha256_local(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hash_stream(handle)
-
-
 # ---------------------------------------------------------------- transfer helpers
 
 
@@ -490,17 +574,6 @@ def download(url: str, dest: str | os.PathLike) -> Path:
 
     retry_io(get)
     return dest
-
-
-def upload(src: str | os.PathLike, url: str) -> str:
-    """Copy one local file to a URL (atomic rename when the URL is local)."""
-    if is_local(url):
-        with atomic_path(local_path(url)) as tmp:
-            shutil.copyfile(src, tmp)
-    else:
-        fs, path = filesystem(url)
-        retry_io(lambda: fs.put_file(str(src), path))
-    return url
 
 
 def local_file(url: str, cache: str | os.PathLike) -> Path:
@@ -528,9 +601,10 @@ def sync_tree(
     """Mirror the files under ``url`` (optionally only the top-level folders ``only``) into ``dest``.
 
     Each file is streamed once: hashed while copied, and written only when its content differs
-    from the local copy, so unchanged files keep their bytes and times. Local files that are no
-    longer in the source are removed, except those ending in ``keep_suffixes`` (files derived
-    locally, e.g. extracted codes). Returns relative path -> sha256.
+    from the local copy, so unchanged files keep their bytes and times. A remote file whose
+    stamp (size + ETag) has a memoized hash equal to the local copy's is not downloaded at all.
+    Local files that are no longer in the source are removed, except those ending in
+    ``keep_suffixes`` (files derived locally, e.g. extracted codes). Returns relative path -> sha256.
     """
     dest = Path(dest)
     wanted = set(only) if only is not None else None
@@ -540,18 +614,27 @@ def sync_tree(
     hashes: dict[str, str] = {}
     fs, root = filesystem(url)
     root = root.rstrip("/")
-    for rel in listing:
+    memo = hashcache.memo()
+    for rel, info in listing.items():
         target = dest / rel
+        key, stamp = _remote_key(join(url, rel)), (None if is_local(url) else _remote_stamp(info))
+        known = memo.get(key, stamp) if stamp is not None else None
+        if known is not None and target.is_file() and sha256_file(target) == known:
+            hashes[rel] = known  # the source's bytes are what the local copy holds
+            continue
 
-        def copy(rel: str = rel, target: Path = target) -> str:
+        def copy(rel: str = rel, target: Path = target, key: str = key) -> str:
             digest = hashlib.sha256()
             with atomic_path(target) as tmp:
                 with fs.open(posixpath.join(root, rel), "rb") as src, open(tmp, "wb") as out:
                     while block := src.read(HASH_CHUNK):
                         digest.update(block)
                         out.write(block)
+                    read_stamp = None if is_local(url) else _remote_stamp(getattr(src, "details", None))
                 sha = digest.hexdigest()
-                if target.is_file() and _sha256_local(target) == sha:
+                if read_stamp is not None:
+                    memo.put(key, read_stamp, sha)
+                if target.is_file() and sha256_file(target) == sha:
                     raise _Unchanged(sha)
             return sha
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ from fish_speech_core.lm.generate import (
     generate,
     semantic_codes,
 )
+
+if TYPE_CHECKING:
+    from fish_speech_core.lm.checkpoint import Pretrained
 
 DEFAULT_CHUNK_CHARS = 150
 _SENTENCE_END = re.compile(r"(?<=[.!?;:。！？；…])\s+|(?<=[。！？；])")
@@ -106,25 +110,23 @@ def load_synthesizer(
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if lora is not None:
-        model = load_lora_model(model_dir, lora, dtype)
-        tokenizer = model.tokenizer
+        loaded = load_lora_model(model_dir, lora, dtype)
     else:
         loaded = load_pretrained(model_dir, dtype=dtype)
-        model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = loaded.model, loaded.tokenizer
     model = model.to(dev).eval()
     model.reset_buffers(dev)
     codec = load_codec(codec_path, codec_preset_or_config, device=dev)
     return Synthesizer(model=model, tokenizer=tokenizer, codec=codec, device=dev)
 
 
-def load_lora_model(
-    model_dir: str | os.PathLike, lora: str | os.PathLike, dtype: torch.dtype
-) -> torch.nn.Module:
+def load_lora_model(model_dir: str | os.PathLike, lora: str | os.PathLike, dtype: torch.dtype) -> Pretrained:
     """Base model + LoRA adapter checkpoint (a training checkpoint or a reference LoRA ckpt).
 
     The adapter is folded into the weights in memory (fp32, then cast to ``dtype``); nothing is
     written. Its metadata (ours carry it) must match the base ``model.pth``; an adapter without
-    metadata is read as the recipe's ``r_8_alpha_16``.
+    metadata is read as the recipe's ``r_8_alpha_16``. Returns the merged model with the base
+    folder's tokenizer.
     """
     from pathlib import Path
 
@@ -134,7 +136,7 @@ def load_lora_model(
     )
     from fish_speech_core.lm import load_pretrained
 
-    adapter = read_adapter(lora)  # LoraError (a ValueError) names the file when it is not an adapter
+    adapter = read_adapter(lora)  # WeightsError / LoraError (ValueErrors) name the file
     settings = adapter.metadata.settings if adapter.metadata is not None else LoraSettings.from_name(DEFAULT_PRESET)
     base_file = Path(model_dir) / "model.pth"
     if adapter.metadata is not None:
@@ -142,9 +144,7 @@ def load_lora_model(
     loaded = load_pretrained(model_dir, dtype=torch.float32)
     model = add_lora(loaded.model, settings)
     load_lora_state_dict(model, adapter.tensors)
-    model = merge_lora(model).to(dtype)
-    model.tokenizer = loaded.tokenizer
-    return model
+    return replace(loaded, model=merge_lora(model).to(dtype))
 
 
 def encode_reference(synth: Synthesizer, audio_path: str | os.PathLike) -> Tensor:

@@ -19,6 +19,7 @@ import numpy as np
 
 from fish_speech_core import dataset as ds
 from fish_speech_core.audio import audio_info, read_audio
+from fish_speech_core.defaults import MAX_SECONDS, TEXT_EXTENSION
 from fish_speech_core.files import atomic_path, sha256_file
 from fish_speech_core.formats.text import has_spoken_content, training_text
 from fish_speech_core.parallel import map_with_progress
@@ -43,8 +44,8 @@ MIN_SPEECH_BAND_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class ValidationSettings:
-    text_extension: str = ".lab"
-    max_seconds: float = 30.0
+    text_extension: str = TEXT_EXTENSION
+    max_seconds: float = MAX_SECONDS
     min_seconds: float = LOUDNESS_BLOCK_SECONDS
 
 
@@ -302,7 +303,7 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
 
 
 def collect_items(
-    root: str | os.PathLike, filelist: str | os.PathLike | None = None, text_extension: str = ".lab"
+    root: str | os.PathLike, filelist: str | os.PathLike | None = None, text_extension: str = TEXT_EXTENSION
 ) -> tuple[list[ds.Item], list[ds.Rejection]]:
     """Items from the folder layout, or from ``filelist`` when given."""
     if filelist is not None:

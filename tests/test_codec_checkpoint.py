@@ -17,6 +17,7 @@ from fish_speech_core.codec import (
     load_codec,
     save_codec,
 )
+from fish_speech_core.weights import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -121,5 +122,5 @@ def test_codec_hash_ignores_the_head():
 def test_unreadable_file_is_a_clear_error(tmp_path):
     path = tmp_path / "not-a-checkpoint.pth"
     path.write_bytes(b"hello")
-    with pytest.raises(CodecCheckpointError, match="cannot read .* as a torch checkpoint"):
+    with pytest.raises(WeightsError, match="could not read .* as a torch checkpoint"):
         load_codec(path, "tiny")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fish_speech_core.codec import init_codec, save_codec
 from fish_speech_core.codec.config import FireflyConfig
-from fish_speech_core.lm import load_pretrained
+from fish_speech_core.lm import load_pretrained, save_pretrained
 from fish_speech_core.lm.config import DualARConfig
 from fish_speech_core.lm.init_base import init_base
 from fish_speech_core.synthesis import split_text
@@ -30,7 +30,7 @@ def make_speaking_tiny(folder: Path) -> Path:
         model.embeddings.weight += 0.1
         model.output.weight[tok.semantic_id] += 0.1
         model.output.weight[tok.im_end_id] += 0.04
-    model.save_pretrained(folder / "lm")
+    save_pretrained(model, folder / "lm", tok)
     return folder / "lm"
 
 

@@ -25,13 +25,13 @@ def test_lora_applied_in_memory_equals_the_merged_folder(tmp_path):
 
     applied = load_lora_model(tmp_path / "base", ckpt, torch.float32)
     merged = load_pretrained(tmp_path / "merged", dtype=torch.float32).model
-    got, want = applied.state_dict(), merged.state_dict()
+    got, want = applied.model.state_dict(), merged.state_dict()
     assert set(got) == set(want)
     base = load_pretrained(tmp_path / "base", dtype=torch.float32).model.state_dict()
     assert any(not torch.equal(want[k], base[k]) for k in want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
-    assert applied.tokenizer is not None
+    assert applied.tokenizer.semantic_id == applied.model.semantic_token_id
 
 
 def test_lora_for_another_base_is_refused(tmp_path):

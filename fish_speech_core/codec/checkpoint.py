@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import warnings
 from collections.abc import Mapping
 
@@ -22,6 +21,7 @@ from torch import Tensor
 from fish_speech_core.codec.config import FireflyConfig, resolve_config
 from fish_speech_core.codec.model import FireflyCodec
 from fish_speech_core.files import atomic_torch_save
+from fish_speech_core.weights import WeightsError, read_weights
 
 GENERATOR_PREFIX = "generator."
 CONFIG_KEY = "codec_config"  # where save_codec stores the constructor arguments
@@ -35,7 +35,7 @@ def _listing(keys: list[str], limit: int = 50) -> str:
     return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-class CodecCheckpointError(ValueError):
+class CodecCheckpointError(WeightsError):
     """A checkpoint that cannot give a working encoder; the message lists the keys."""
 
 
@@ -43,27 +43,8 @@ class CodecCheckpointWarning(UserWarning):
     """Keys that were ignored or parts (the decoder head) that were left at init."""
 
 
-def _read(path: str | os.PathLike) -> Mapping:
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):  # legacy (non-zip) files cannot be memory-mapped
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CodecCheckpointError(
-            f"refusing to load {path}: it contains objects other than tensors, which could run "
-            f"code when unpickled. Re-save it as a plain state dict of tensors. ({error})"
-        ) from None
-    except Exception as error:  # not a checkpoint, truncated
-        raise CodecCheckpointError(f"cannot read {path} as a torch checkpoint: {error}") from error
-
-
 def _unwrap(obj: Mapping) -> tuple[dict[str, Tensor], dict | None]:
     """-> (state dict, embedded config or None)."""
-    if not isinstance(obj, Mapping):
-        raise CodecCheckpointError(f"expected a state dict, got {type(obj).__name__}")
     config = obj.get(CONFIG_KEY) if isinstance(obj.get(CONFIG_KEY), Mapping) else None
     if isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -115,12 +96,14 @@ def load_codec(
         device: where to put the model.
 
     Raises:
-        CodecCheckpointError: encoder or quantizer keys missing, or any shape mismatch.
+        WeightsError: the file is missing, not a torch file, or holds objects other than tensors.
+        CodecCheckpointError (a WeightsError): encoder or quantizer keys missing, or any shape
+            mismatch.
 
     Warns:
         CodecCheckpointWarning: unexpected keys (ignored) and missing head keys (decode unusable).
     """
-    state, stored = _unwrap(_read(path))
+    state, stored = _unwrap(read_weights(path))
     if preset_or_config is not None:
         config = resolve_config(preset_or_config)
     elif stored is not None:

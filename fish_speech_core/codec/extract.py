@@ -29,7 +29,7 @@ from fish_speech_core.audio import audio_info, read_audio, resample, to_mono
 from fish_speech_core.codec.checkpoint import codec_hash
 from fish_speech_core.codec.model import FireflyCodec, NonFiniteEncodingError
 from fish_speech_core.codes import SIDECAR_SUFFIX, CodeSpec, sidecar_path_for
-from fish_speech_core.defaults import CPU_BATCH_SECONDS
+from fish_speech_core.defaults import CPU_BATCH_SECONDS, MAX_SECONDS
 from fish_speech_core.files import atomic_write, remove_temporaries, sha256_bytes, sha256_file
 
 SIDECAR_FORMAT = "fishtune-codes/1"
@@ -63,7 +63,7 @@ class ExtractSettings:
 
     batch_size: int = 16
     num_workers: int = 1
-    max_seconds: float = 30.0
+    max_seconds: float = MAX_SECONDS
     dtype: str = "fp32"  # "fp32" (reference parity) or "bf16" (autocast on the encoder)
     overwrite: bool = False
     bucket: bool = True  # length-bucketed batches; False = file order (for comparisons)

@@ -67,7 +67,9 @@ class PocketSphinx:
 
 
 ENGINES = {"pocketsphinx": PocketSphinx}
-SPEC_PATTERN = r"^(pocketsphinx|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"  # a built-in name, or module:factory
+# What an ASR engine option may hold: a built-in name, or package.module:factory. The one
+# definition: load_transcriber checks it here, the flow parameter model validates with it.
+SPEC_PATTERN = rf"^({'|'.join(re.escape(name) for name in ENGINES)}|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
 
 
 class AsrConfigError(ValueError):
@@ -78,11 +80,11 @@ def load_transcriber(spec: str) -> Transcriber:
     """A built-in engine by name, or ``package.module:factory`` (called with no arguments)."""
     if spec in ENGINES:
         return ENGINES[spec]()
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
+    if not re.fullmatch(SPEC_PATTERN, spec):
         raise AsrConfigError(f"ASR engine {spec!r}: use one of {sorted(ENGINES)} or 'package.module:factory'")
     import importlib
 
+    module_name, _, attribute = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fish_speech_core.defaults import TEXT_EXTENSION
 from fish_speech_core.finetune.steps import checkpoint_step
 
 
@@ -38,7 +39,7 @@ def evaluate_run(
     max_new_tokens: int = 1024,
     seed: int = 0,
     max_references: int = 8,
-    text_extension: str = ".lab",
+    text_extension: str = TEXT_EXTENSION,
     asr: str | None = None,
     log: Callable[[str], None] = lambda message: None,
     warn: Callable[[str], None] | None = None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fish_speech_core.audio import AUDIO_EXTENSIONS
+from fish_speech_core.defaults import TEXT_EXTENSION
 from fish_speech_core.files import PathEscapeError, is_temporary, resolve_inside
 from fish_speech_core.formats.text import clean_pack_transcript
 
@@ -56,7 +57,7 @@ def text_key(text: str) -> str:
     return " ".join(clean_pack_transcript(text).split())
 
 
-def speaker_clips(root: str | os.PathLike, text_extension: str = ".lab") -> dict[str, list[Clip]]:
+def speaker_clips(root: str | os.PathLike, text_extension: str = TEXT_EXTENSION) -> dict[str, list[Clip]]:
     """Audio files under ``root`` with a non-empty transcript beside them, by speaker folder name, sorted.
 
     The speaker is the clip's parent folder name, as ``fishtune pack`` names its groups.

@@ -8,9 +8,7 @@ A checkpoint is Lightning's dict with ``state_dict`` reduced to the LoRA tensors
 from __future__ import annotations
 
 import io
-import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +17,11 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fish_speech_core.files import DiskFullError, atomic_write, is_abandoned, temporary_target
+from fish_speech_core.weights import read_weights
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.ckpt$")
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states", "fishtune_config")
 WITHIN = 0.02  # recommend the earliest checkpoint within 2 % of the best val loss
-# Test-only fault injection (tests/faults): set to a step number, the checkpoint of that step
-# stops half-written in its temp file for STALL_SECONDS so a test can SIGKILL the process
-# mid-write. Read per call, never set outside tests.
-STALL_ENV = "FISHTUNE_TEST_STALL_CHECKPOINT"
-STALL_SECONDS = 300
 
 
 class CheckpointWriteError(DiskFullError):
@@ -49,15 +43,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         data = buffer.getbuffer()
-        stall = os.environ.get(STALL_ENV) == str(checkpoint.get("global_step"))
         try:
             with atomic_write(path, size=len(data)) as handle:
-                half = len(data) // 2 if stall else len(data)
-                handle.write(data[:half])
-                if stall:
-                    handle.flush()
-                    time.sleep(STALL_SECONDS)
-                handle.write(data[half:])
+                handle.write(data)
         except DiskFullError as err:
             raise CheckpointWriteError(
                 err.errno, err.detail,
@@ -67,7 +55,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        # Always onto the CPU (Lightning moves the state to the device when it restores it).
+        return read_weights(path, mmap=False)
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
@@ -102,8 +91,12 @@ def remove_partial_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint (weights_only) and check it has what resuming needs."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a training checkpoint (weights_only) and check it has what resuming needs.
+
+    Raises:
+        WeightsError: unreadable; ValueError: not a fishtune training checkpoint.
+    """
+    data = read_weights(path, mmap=False)
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ValueError(f"{path} is not a fishtune training checkpoint: missing {missing}")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from fish_speech_core.choices import Sampling, values
+from fish_speech_core.defaults import SEED
 from fish_speech_core.formats.prompt import (
     CODEBOOK_OFFSET,
     CODEBOOK_PAD_ID,
@@ -355,7 +356,7 @@ class TextSemanticDataset(IterableDataset):
         tokenizer: FishTokenizer,
         config: SamplingConfig = SamplingConfig(),
         *,
-        seed: int = 42,
+        seed: int = SEED,
         rank: int = 0,
         world_size: int = 1,
         val_fraction: float = 0.0,

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from fish_speech_core.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R
 from fish_speech_core.formats.prompt import PROMPT_FORMAT_VERSION
 from fish_speech_core.lm.checkpoint import state_dict_problems
+from fish_speech_core.weights import read_weights
 
 # Every module the reference wraps: both embeddings, the codebook embedding, every slow- and
 # fast-layer projection and both output heads. Nothing else is trained.
@@ -49,9 +50,9 @@ class LoraError(ValueError):
 class LoraSettings:
     """Rank, alpha and dropout of the adapters; scaling = alpha / r."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.01
+    r: int = LORA_R
+    alpha: float = LORA_ALPHA
+    dropout: float = LORA_DROPOUT
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,7 +76,7 @@ class LoraSettings:
         return LORA_PRESETS[name]
 
 
-LORA_PRESETS = {"r_8_alpha_16": LoraSettings(r=8, alpha=16.0, dropout=0.01)}
+LORA_PRESETS = {"r_8_alpha_16": LoraSettings()}  # the recipe's adapter (fish_speech_core.defaults)
 DEFAULT_PRESET = "r_8_alpha_16"
 
 
@@ -149,10 +150,19 @@ class LoraMetadata:
 # --- lifecycle -------------------------------------------------------------------------------
 
 
-def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+def add_lora(model: nn.Module, settings: LoraSettings | str) -> nn.Module:
     """Wrap the target modules with peft LoRA layers (B = 0, so the output is unchanged) and
-    freeze everything but the adapters. Returns the same module, modified in place."""
+    freeze everything but the adapters. Returns the same module, modified in place.
+
+    Args:
+        settings: a :class:`LoraSettings` or a preset name of :data:`LORA_PRESETS`.
+    """
     from peft import LoraConfig, inject_adapter_in_model
+
+    if isinstance(settings, str):
+        settings = LoraSettings.from_name(settings)
+    if not isinstance(settings, LoraSettings):
+        raise TypeError(f"LoRA settings must be a LoraSettings or a preset name, not {type(settings).__name__}")
 
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -175,10 +185,6 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) pairs of the adapters, in module order."""
     return [(n, p) for n, p in model.named_parameters() if is_lora_name(n)]
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(is_lora_name(n) for n, _ in model.named_parameters())
 
 
 def _to_reference_name(peft_name: str) -> str:
@@ -270,23 +276,15 @@ def read_adapter(path: str | Path) -> AdapterFile:
     """Read our training checkpoints or a reference Lightning LoRA checkpoint
     (``{"state_dict": {"model.<name>.lora_A": ...}}``) with ``weights_only=True``.
 
+    Raises:
+        WeightsError: the file is missing or not a torch file of tensors.
+        LoraError: it holds no (finite) LoRA tensors, or its metadata is unreadable.
+
     Metadata comes from the checkpoint's ``fishtune_lora`` entry, else from a ``lora.json``
     beside it, else is None (reference checkpoints carry none).
     """
     path = Path(path)
-    if not path.is_file():
-        raise LoraError(f"{path} not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise LoraError(
-            f"refusing to load {path}: it contains objects other than tensors, which could run "
-            f"code when unpickled. Re-save the adapter as plain tensors. ({err})"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - anything unreadable is "not an adapter"
-        raise LoraError(f"could not read {path} as a LoRA checkpoint: {err}") from None
-    if not isinstance(data, dict):
-        raise LoraError(f"{path} holds a {type(data).__name__}, not a checkpoint dict")
+    data = read_weights(path, mmap=False)
     state = data.get("state_dict", data)
     if not isinstance(state, dict):
         raise LoraError(f"{path}: 'state_dict' is a {type(state).__name__}, not a dict of tensors")

@@ -23,10 +23,13 @@ from fish_speech_core.files import (
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraSettings,
+    add_lora,
     load_lora_state_dict,
     merge_lora,
     read_adapter,
 )
+from fish_speech_core.tokenizer import FishTokenizer
+from fish_speech_core.weights import read_weights
 
 PROBE_ATOL = 1e-3  # merged vs base+LoRA logits, fp32 base
 HALF_ATOL = 5e-2  # bf16/fp16 base: the merged weights are rounded to the base dtype
@@ -71,8 +74,7 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
         MergeError: output is the base folder, the adapter does not fit, it changes nothing, or
             the merged logits differ from base+LoRA.
     """
-    from fish_speech_core.lm import DualARTransformer
-    from fish_speech_core.lm.checkpoint import MODEL_FILE, normalize_state_dict, read_weights
+    from fish_speech_core.lm.checkpoint import MODEL_FILE, load_pretrained, normalize_state_dict
 
     base, output = Path(base), Path(output)
     if fmt not in FORMATS:
@@ -89,7 +91,8 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
     base_state = normalize_state_dict(read_weights(base_file))
     base_dtypes = {k: v.dtype for k, v in base_state.items()}
 
-    model = DualARTransformer.from_pretrained(base, lora_config=settings, dtype=torch.float32).eval()
+    loaded = load_pretrained(base, dtype=torch.float32)
+    model = add_lora(loaded.model, settings).eval()
     try:
         load_lora_state_dict(model, adapter.tensors)
     except LoraError as err:
@@ -118,7 +121,8 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".merge-tmp", dir=output.parent))
     try:
-        diff = _write_and_verify(staging, model, c, state, base_state, base_dtypes, merged, fmt, inputs, mask, before)
+        diff = _write_and_verify(staging, loaded.tokenizer, c, state, base_state, base_dtypes, merged, fmt,
+                                 inputs, mask, before)
         output.mkdir(parents=True, exist_ok=True)
         for file in sorted(staging.iterdir()):
             os.replace(file, output / file.name)
@@ -128,17 +132,16 @@ def merge_checkpoint(base: str | os.PathLike, lora_weight: str | os.PathLike, ou
                        max_logit_diff=diff, adapter_metadata=adapter.metadata is not None)
 
 
-def _write_and_verify(folder: Path, model, c, state, base_state, base_dtypes, merged, fmt: str,
-                      inputs: torch.Tensor, mask: torch.Tensor, before) -> float:
+def _write_and_verify(folder: Path, tokenizer: FishTokenizer, c, state, base_state, base_dtypes, merged,
+                      fmt: str, inputs: torch.Tensor, mask: torch.Tensor, before) -> float:
     """Write the merged checkpoint into ``folder`` and return its max logit diff to base+LoRA.
 
     Raises:
         MergeError: the files on disk do not give the same model.
     """
-    from fish_speech_core.lm import DualARTransformer
-    from fish_speech_core.lm.checkpoint import CONFIG_FILE, MODEL_FILE, normalize_state_dict, read_weights
+    from fish_speech_core.lm.checkpoint import CONFIG_FILE, MODEL_FILE, load_pretrained, normalize_state_dict
 
-    model.tokenizer.save(folder)
+    tokenizer.save(folder)
     with atomic_write(folder / CONFIG_FILE, "w") as handle:
         handle.write(c.to_json())
     if fmt == "safetensors":
@@ -151,7 +154,7 @@ def _write_and_verify(folder: Path, model, c, state, base_state, base_dtypes, me
 
     # Verify what is on disk, not what is in memory.
     if fmt == "pth":
-        written = DualARTransformer.from_pretrained(folder, dtype=torch.float32).eval()
+        written = load_pretrained(folder, dtype=torch.float32).model.eval()
         on_disk = normalize_state_dict(read_weights(folder / MODEL_FILE))
     else:
         from safetensors.torch import load_file

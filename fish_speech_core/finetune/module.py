@@ -33,6 +33,7 @@ from fish_speech_core.finetune.lora import (
     lora_parameters,
     lora_state_dict,
 )
+from fish_speech_core import defaults
 from fish_speech_core.lm import DualARTransformer, lm_losses
 
 
@@ -46,10 +47,10 @@ class TrainConfig:
     project: str
     base: str
     data: tuple[str, ...]
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.01
-    max_steps: int = 1000
+    lora_r: int = defaults.LORA_R
+    lora_alpha: float = defaults.LORA_ALPHA
+    lora_dropout: float = defaults.LORA_DROPOUT
+    max_steps: int = defaults.MAX_STEPS
     batch_size: int = 8
     accumulate_grad_batches: int = 1
     max_length: int | None = None  # None: min(limits.DEFAULT_MAX_LENGTH, the base's max_seq_len)
@@ -71,7 +72,7 @@ class TrainConfig:
     devices: str = "auto"
     precision: str = "auto"
     process_group_backend: str | None = None
-    seed: int = 42
+    seed: int = defaults.SEED
     save_top_k: int = 5
     results_dir: str = "results"
     init_lora: str | None = None

@@ -36,13 +36,16 @@ from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resol
 from fish_speech_core.finetune.lora import (
     LoraError,
     LoraMetadata,
+    add_lora,
     load_lora_state_dict,
     read_adapter,
     save_metadata,
 )
 from fish_speech_core.finetune.module import FinetuneData, LoraFinetune, TrainConfig
 from fish_speech_core.finetune.shards import check_data_fits_base
+from fish_speech_core.lm.checkpoint import Pretrained
 from fish_speech_core.progress import progress_bar
+from fish_speech_core.weights import WeightsError
 
 
 
@@ -128,17 +131,18 @@ def find_resume(config: TrainConfig, resume: str) -> tuple[Path | None, list[str
     return path, notes
 
 
-def build_model(config: TrainConfig):
+def build_model(config: TrainConfig) -> Pretrained:
     """Load the base folder in fp32 with fresh adapters (and --init-lora weights if given)."""
-    from fish_speech_core.lm import CheckpointError, ConfigError, DualARTransformer
+    from fish_speech_core.lm import ConfigError, load_pretrained
     from fish_speech_core.tokenizer import TokenizerError
 
     try:
-        model = DualARTransformer.from_pretrained(config.base, lora_config=config.lora, dtype=torch.float32)
-    except (CheckpointError, ConfigError, TokenizerError, OSError) as err:
+        loaded = load_pretrained(config.base, dtype=torch.float32)
+    except (WeightsError, ConfigError, TokenizerError, OSError) as err:
         raise TrainError(
             f"--base {config.base} is not a Fish Speech 1.4 checkpoint folder: {err}"
         ) from None
+    model = add_lora(loaded.model, config.lora)
     if config.init_lora:
         adapter = read_adapter(config.init_lora)
         if adapter.metadata is not None:
@@ -147,7 +151,7 @@ def build_model(config: TrainConfig):
             load_lora_state_dict(model, adapter.tensors)
         except LoraError as err:
             raise TrainError(f"--init-lora {config.init_lora}: {err}") from None
-    return model
+    return replace(loaded, model=model)
 
 
 def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | None = None,
@@ -193,9 +197,10 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     # Seed before the adapters are created: their init draws from the global generator, so
     # --seed (not whatever ran earlier in the process) decides it.
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    model = build_model(config)
+    loaded = build_model(config)
+    model = loaded.model
     try:
-        data = FinetuneData(config, model.tokenizer, model.config.num_codebooks)
+        data = FinetuneData(config, loaded.tokenizer, model.config.num_codebooks)
     except (ValueError, OSError) as err:  # empty or missing shards, damaged records
         raise TrainError(f"--data: {err}") from None
     notes += data.notes

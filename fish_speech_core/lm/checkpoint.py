@@ -8,13 +8,13 @@ Fish Speech 1.4 reads and writes.
 Reading accepts what Fish Speech and Lightning produce: a ``{"state_dict": ...}`` wrapper,
 keys prefixed ``model.``, and separate ``wq``/``wk``/``wv`` projections (fused into ``wqkv``).
 Loading is strict: missing keys, unexpected keys and wrong shapes are reported together, by
-name. Pickles are read with ``weights_only=True``, so arbitrary objects are refused.
+name. The file is read by :func:`fish_speech_core.weights.read_weights` (``weights_only=True``).
+Loading never adds LoRA adapters: callers wrap the model with ``finetune.lora.add_lora``.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from fish_speech_core.files import atomic_torch_save, atomic_write
 from fish_speech_core.lm.config import DualARConfig
 from fish_speech_core.lm.model import AttentionImpl, DualARTransformer
 from fish_speech_core.tokenizer import FishTokenizer
+from fish_speech_core.weights import WeightsError, read_weights
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.pth"
@@ -34,50 +35,23 @@ LIGHTNING_PREFIX = "model."
 UNFUSED_QKV = ("wq", "wk", "wv")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder or weights file that cannot be loaded as it is; the message says why."""
+class CheckpointError(WeightsError):
+    """A checkpoint folder that cannot be loaded as it is; the message says why.
+
+    A :class:`WeightsError`, so one ``except WeightsError`` covers unreadable files too.
+    """
 
 
 @dataclass
 class Pretrained:
     """What :func:`load_pretrained` returns: the model, its tokenizer and the folder they came from.
 
-    ``model.tokenizer`` is the same tokenizer object, so ``model.save_pretrained`` can write it.
+    The model does not hold the tokenizer: pass ``tokenizer`` to :func:`save_pretrained`.
     """
 
     model: DualARTransformer
     tokenizer: FishTokenizer
     path: Path
-
-
-def read_weights(file: str | os.PathLike) -> dict[str, Tensor]:
-    """``torch.load`` a weights file with ``weights_only=True`` (memory-mapped when possible).
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, or holds anything but tensors and
-            plain containers (a pickle with arbitrary objects is refused, never executed).
-    """
-    file = Path(file)
-    if not file.is_file():
-        raise CheckpointError(f"{file} not found")
-    try:
-        try:
-            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            # Legacy (non-zip) torch.save format cannot be memory-mapped; read it whole.
-            data = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {file}: it contains objects other than tensors, which could run "
-            f"code when unpickled. Re-save it as a plain state dict of tensors. ({err})"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - any other failure means "not a checkpoint"
-        raise CheckpointError(f"could not read {file} as a torch checkpoint: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a state dict")
-    return data
 
 
 def normalize_state_dict(data: dict) -> dict[str, Tensor]:
@@ -150,7 +124,6 @@ def load_state_dict(
 
 def load_pretrained(
     path: str | os.PathLike,
-    lora_config: object | None = None,
     attention_impl: AttentionImpl = "sdpa",
     dtype: torch.dtype | None = None,
 ) -> Pretrained:
@@ -158,14 +131,13 @@ def load_pretrained(
 
     Args:
         path: the folder.
-        lora_config: a ``LoraSettings`` or preset name (e.g. ``"r_8_alpha_16"``): wrap the
-            target modules with fresh LoRA adapters (B = 0) and freeze everything else.
         attention_impl: "sdpa" or "explicit", see :class:`DualARTransformer`.
         dtype: cast the weights (e.g. ``torch.float32`` for training); None keeps the file's
             dtypes, so load -> save -> load is lossless.
 
     Raises:
-        CheckpointError / ConfigError / TokenizerError: naming the file and what to do.
+        CheckpointError / WeightsError / ConfigError / TokenizerError: naming the file and what
+            to do.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -195,36 +167,15 @@ def load_pretrained(
     except CheckpointError as err:
         raise CheckpointError(f"{folder / MODEL_FILE}: {err}") from None
     model.reset_buffers("cpu")
-    model.tokenizer = tokenizer
-    if lora_config is not None:
-        from fish_speech_core.finetune.lora import LoraSettings, add_lora
-
-        if isinstance(lora_config, str):
-            lora_config = LoraSettings.from_name(lora_config)
-        if not isinstance(lora_config, LoraSettings):
-            raise TypeError(
-                f"lora_config must be a LoraSettings or a preset name, not {type(lora_config).__name__}"
-            )
-        model = add_lora(model, lora_config)
     return Pretrained(model=model, tokenizer=tokenizer, path=folder)
 
 
-def save_pretrained(
-    model: DualARTransformer, path: str | os.PathLike, tokenizer: FishTokenizer | None = None
-) -> None:
+def save_pretrained(model: DualARTransformer, path: str | os.PathLike, tokenizer: FishTokenizer) -> None:
     """Write config.json, model.pth and the tokenizer files into ``path``, each atomically.
 
-    Args:
-        tokenizer: defaults to ``model.tokenizer`` (set by :func:`load_pretrained`).
-
     Raises:
-        CheckpointError: no tokenizer given or attached.
+        CheckpointError: the tokenizer's ``<|semantic|>`` id is not the model's.
     """
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    if tokenizer is None:
-        raise CheckpointError(
-            "no tokenizer to save with the model: pass tokenizer= or set model.tokenizer"
-        )
     if tokenizer.semantic_id != model.semantic_token_id:
         raise CheckpointError(
             f"the tokenizer's <|semantic|> id {tokenizer.semantic_id} differs from the model's "

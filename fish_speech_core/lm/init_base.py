@@ -139,5 +139,4 @@ def init_base(
     model.reset_buffers("cpu")
     init_weights(model, generator)
     save_pretrained(model, Path(out), tokenizer)
-    model.tokenizer = tokenizer
     return model

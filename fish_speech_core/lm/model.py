@@ -13,17 +13,17 @@ and peft targets them by name: ``embeddings``, ``codebook_embeddings``, ``wqkv``
 Tensor layout: ``inputs`` is (B, 1 + num_codebooks, T); row 0 holds text ids, rows 1.. hold
 ``code + 1`` with 0 meaning "no code". Masks are named for what True means.
 
-Generation (a later issue) reuses the parts: :meth:`DualARTransformer.embed`, the slow layers
-with a KV cache, :meth:`token_logits` on the pre-final-norm hidden state (what the reference's
-``forward_generate`` returns) and :meth:`fast_logits` one codebook position at a time.
+Generation (``lm.generate``) reuses the parts: :meth:`DualARTransformer.embed`, the slow
+layers with a KV cache, :meth:`token_logits` on the pre-final-norm hidden state (what the
+reference's ``forward_generate`` returns) and :meth:`fast_logits` one codebook position at a time.
+Checkpoint folders are read and written by ``lm.checkpoint``; the model holds no tokenizer.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fish_speech_core.lm.config import DualARConfig
-
-if TYPE_CHECKING:
-    from fish_speech_core.tokenizer import FishTokenizer
 
 AttentionImpl = Literal["sdpa", "explicit"]
 ATTENTION_IMPLS = ("sdpa", "explicit")
@@ -234,9 +231,6 @@ class DualARTransformer(nn.Module):
         self.config = config
         self.semantic_token_id = semantic_token_id
         self.attention_impl = attention_impl
-        # Plain attribute (not a module) set by from_pretrained so save_pretrained can write
-        # the tokenizer files back; the model itself never uses it.
-        self.tokenizer: FishTokenizer | None = None
         c = config
 
         # Slow transformer. Attribute order = state-dict key order of the reference.
@@ -284,31 +278,6 @@ class DualARTransformer(nn.Module):
         with torch.device(device):
             self.rope = precompute_rope(c.max_seq_len, c.head_dim, c.rope_base)
             self.fast_rope = precompute_rope(c.num_codebooks, c.fast_head_dim, c.rope_base)
-
-    # -- checkpoint I/O lives in fish_speech_core.lm.checkpoint; these are the familiar names.
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        lora_config: object | None = None,
-        attention_impl: AttentionImpl = "sdpa",
-        dtype: torch.dtype | None = None,
-    ) -> "DualARTransformer":
-        """Load a checkpoint folder (config.json, model.pth, tokenizer); see ``load_pretrained``.
-
-        The folder's tokenizer is attached as ``model.tokenizer``.
-        """
-        from fish_speech_core.lm.checkpoint import load_pretrained
-
-        loaded = load_pretrained(path, lora_config, attention_impl=attention_impl, dtype=dtype)
-        return loaded.model
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config.json, model.pth and the tokenizer files into ``path``."""
-        from fish_speech_core.lm.checkpoint import save_pretrained
-
-        save_pretrained(self, path)
 
     # -- forward ---------------------------------------------------------------------------
 

@@ -88,6 +88,7 @@ def train_command(
     from fish_speech_core.finetune.lora import LoraError
     from fish_speech_core.finetune.module import TrainConfig
     from fish_speech_core.finetune.train import train
+    from fish_speech_core.weights import WeightsError
 
     settings = _lora_settings(lora, lora_r, lora_alpha, lora_dropout)
     config = TrainConfig(
@@ -102,7 +103,7 @@ def train_command(
     )
     try:
         result = train(config, resume=resume)
-    except (TrainError, LoraError) as err:
+    except (TrainError, LoraError, WeightsError) as err:
         _fail(str(err))
     except DiskFullError as err:  # a checkpoint (CheckpointWriteError) or history/summary file
         _fail(str(err))
@@ -156,13 +157,14 @@ def merge_command(
     """Fold a LoRA adapter into its base and write a plain checkpoint folder, verified."""
     from fish_speech_core.finetune.lora import LoraError
     from fish_speech_core.finetune.merge import MergeError, merge_checkpoint
-    from fish_speech_core.lm import CheckpointError, ConfigError
+    from fish_speech_core.lm import ConfigError
     from fish_speech_core.tokenizer import TokenizerError
+    from fish_speech_core.weights import WeightsError
 
     settings = _lora_settings(lora_config, lora_r, lora_alpha, lora_dropout)
     try:
         report = merge_checkpoint(base_weight, lora_weight, output, settings, fmt.value)
-    except (MergeError, LoraError, CheckpointError, ConfigError, TokenizerError) as err:
+    except (MergeError, LoraError, WeightsError, ConfigError, TokenizerError) as err:  # CheckpointError is a WeightsError
         _fail(str(err))
     typer.echo(
         f"merged {lora_weight} into {base_weight} -> {report.output}: {report.changed_tensors}/"

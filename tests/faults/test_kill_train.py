@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fish_speech_core.finetune.checkpoints import STALL_ENV, list_checkpoints, read_checkpoint
+from fish_speech_core.finetune.checkpoints import list_checkpoints, read_checkpoint
 from fish_speech_core.finetune.module import TrainConfig
 from fish_speech_core.finetune.train import train
 from tests.faults.helpers import finish, fishtune, kill_when, temporaries
+from tests.faults.inject.fishtune_faults import child_env
 from tests.finetune.helpers_train import FAST, make_base_and_data
 
 MAX_STEPS, EVERY = 6, 2
@@ -60,9 +61,9 @@ def test_sigkill_between_and_during_checkpoint_writes_then_resume(tmp_path):
     read_checkpoint(ckpts / "step_000000002.ckpt")  # complete and loadable
     before = set(temporaries(ckpts))  # normally none; a slow kill may have hit the next write
 
-    # 2. During a write: the test-only hook stops the step-4 checkpoint half-written in its
-    #    temp file; the kill lands there.
-    proc = fishtune("train", "--project", "kill", *flags, env={STALL_ENV: "4"})
+    # 2. During a write: a fault injected from the test side (tests/faults/inject) stops the
+    #    step-4 checkpoint half-written in its temp file; the kill lands there.
+    proc = fishtune("train", "--project", "kill", *flags, env=child_env("stall_checkpoint=4"))
     kill_when(proc, lambda: any(p.stat().st_size > 0 for p in set(temporaries(ckpts)) - before))
     leftover = [p for p in temporaries(ckpts) if p not in before]
     assert [p.name.startswith(".step_000000004.") for p in leftover] == [True]

@@ -18,7 +18,7 @@ from fish_speech_core.finetune.lora import (
     merged_state_dict,
     read_adapter,
 )
-from fish_speech_core.lm import DualARTransformer, lm_losses
+from fish_speech_core.lm import lm_losses, load_pretrained
 
 ATOL_LOGITS = 1e-4
 ATOL_MERGE = 1e-6
@@ -36,13 +36,13 @@ def expected(reference):
 
 
 def lora_model(reference):
-    model = DualARTransformer.from_pretrained(reference / "tiny-llama", lora_config=SETTINGS)
+    model = add_lora(load_pretrained(reference / "tiny-llama").model, SETTINGS)
     load_lora_state_dict(model, read_adapter(reference / "lora" / "lora-ckpt.ckpt").tensors)
     return model
 
 
 def test_targets_are_exactly_the_reference_modules(reference):
-    model = DualARTransformer.from_pretrained(reference / "tiny-llama", lora_config="r_8_alpha_16")
+    model = add_lora(load_pretrained(reference / "tiny-llama").model, "r_8_alpha_16")
     wrapped = sorted({n.split(".lora_")[0] for n, _ in lora_parameters(model)})
     ckpt = torch.load(reference / "lora" / "lora-ckpt.ckpt", weights_only=True)["state_dict"]
     ref = sorted({k.removeprefix("model.").rsplit(".lora_", 1)[0] for k in ckpt})
@@ -81,7 +81,7 @@ def test_merge_reproduces_reference_merged_weights(reference):
 
 
 def test_merge_is_w_plus_scaled_ba_and_idempotent(reference):
-    base = DualARTransformer.from_pretrained(reference / "tiny-llama").state_dict()
+    base = load_pretrained(reference / "tiny-llama").model.state_dict()
     adapters = read_adapter(reference / "lora" / "lora-ckpt.ckpt").tensors
     model = merge_lora(lora_model(reference))
     once = {k: v.clone() for k, v in model.state_dict().items()}
@@ -103,7 +103,7 @@ def test_adapter_state_dict_round_trips_and_holds_only_adapters(reference):
 
 
 def test_load_names_bad_tensors(reference):
-    model = DualARTransformer.from_pretrained(reference / "tiny-llama", lora_config=SETTINGS)
+    model = add_lora(load_pretrained(reference / "tiny-llama").model, SETTINGS)
     adapters = dict(read_adapter(reference / "lora" / "lora-ckpt.ckpt").tensors)
     adapters.pop("output.lora_A")
     adapters["wrong.lora_B"] = torch.zeros(1)
@@ -121,3 +121,8 @@ def test_metadata_mismatch_is_named():
 def test_bad_settings_are_reported_together():
     with pytest.raises(LoraError, match="r must be.*alpha must be.*dropout must be"):
         LoraSettings(r=0, alpha=0, dropout=1.5)
+
+
+def test_settings_of_the_wrong_type_are_refused(reference):
+    with pytest.raises(TypeError, match="LoraSettings"):
+        add_lora(load_pretrained(reference / "tiny-llama").model, object())

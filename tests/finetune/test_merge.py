@@ -7,7 +7,7 @@ import torch
 
 from fish_speech_core.finetune.lora import LoraSettings, add_lora, lora_state_dict, save_metadata, LoraMetadata
 from fish_speech_core.files import sha256_file
-from fish_speech_core.lm import DualARTransformer
+from fish_speech_core.lm import load_pretrained
 from tests.finetune.helpers_train import run_cli
 
 
@@ -47,7 +47,7 @@ def test_refuses_to_overwrite_the_base(reference):
 
 
 def test_untrained_adapter_is_no_effect(reference, tmp_path):
-    model = add_lora(DualARTransformer.from_pretrained(reference / "tiny-llama"), LoraSettings())
+    model = add_lora(load_pretrained(reference / "tiny-llama").model, LoraSettings())
     ckpt = tmp_path / "zero.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in lora_state_dict(model).items()}}, ckpt)
     result = run_cli("merge", "--base-weight", reference / "tiny-llama", "--lora-weight", ckpt,

@@ -19,7 +19,7 @@ from fish_speech_core.finetune.checkpoints import AtomicCheckpointIO, Checkpoint
 from fish_speech_core.finetune.lora import LoraSettings, add_lora, lora_state_dict
 from fish_speech_core.finetune.module import TrainConfig
 from fish_speech_core.finetune.train import TrainError, TrainProgress, train
-from fish_speech_core.lm import DualARTransformer
+from fish_speech_core.lm import load_pretrained
 from fish_speech_core.finetune.merge import probe_batch
 from tests.finetune.helpers_train import FAST, make_base_and_data, make_speakers, run_cli
 
@@ -61,7 +61,7 @@ def test_train_30_steps_lowers_val_loss_then_merge(setup, tmp_path):
 
     # Adapter checkpoints hold only adapter tensors, under the reference layout, plus metadata.
     ckpt = read_checkpoint(run / "checkpoints" / "step_000000030.ckpt")
-    fresh = add_lora(DualARTransformer.from_pretrained(base), LoraSettings())
+    fresh = add_lora(load_pretrained(base).model, LoraSettings())
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in lora_state_dict(fresh)}
     assert ckpt["fishtune_lora"]["base_sha256"] == base_hash
     assert ckpt["fishtune_lora"]["r"] == 8 and ckpt["fishtune_lora"]["alpha"] == 16.0
@@ -74,8 +74,8 @@ def test_train_30_steps_lowers_val_loss_then_merge(setup, tmp_path):
     assert out.exit_code == 0, out.output
     assert sorted(p.name for p in merged.iterdir()) == [
         "config.json", "model.pth", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
-    a = DualARTransformer.from_pretrained(base).eval()
-    b = DualARTransformer.from_pretrained(merged).eval()
+    a = load_pretrained(base).model.eval()
+    b = load_pretrained(merged).model.eval()
     c = a.config
     inputs, mask = probe_batch(c.vocab_size, c.num_codebooks, c.codebook_size, a.semantic_token_id)
     with torch.no_grad():

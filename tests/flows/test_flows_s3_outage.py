@@ -143,7 +143,7 @@ def test_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(prefect_env, moto
     proxy = TcpProxy(moto_s3.port)
     proxy.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # s3fs (store + Prefect results) goes through the proxy
-    # fishtune's own retry settings are under test: botocore 2 attempts x retry_io 4 attempts with backoff
+    # fishtune's own retry settings are under test: retry_io 4 attempts with backoff x botocore 1 attempt
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     _fresh_s3_clients()

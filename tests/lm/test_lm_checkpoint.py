@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fish_speech_core.lm import CheckpointError, DualARTransformer, load_pretrained
+from fish_speech_core.lm import CheckpointError, DualARTransformer, load_pretrained, save_pretrained
 from fish_speech_core.lm.checkpoint import MODEL_FILE
-from fish_speech_core.tokenizer import TOKENIZER_FILES
+from fish_speech_core.tokenizer import TOKENIZER_FILES, FishTokenizer
+from fish_speech_core.weights import WeightsError
 
 
 @pytest.fixture
@@ -37,31 +38,32 @@ def forward(model, reference):
 
 def test_load_save_load_is_lossless(tmp_path, reference):
     loaded = load_pretrained(reference / "tiny-llama")
-    assert loaded.model.tokenizer is loaded.tokenizer and loaded.tokenizer.semantic_id == 5
+    assert not hasattr(loaded.model, "tokenizer") and loaded.tokenizer.semantic_id == 5  # a pure model
     out = tmp_path / "saved"
-    loaded.model.save_pretrained(out)
+    save_pretrained(loaded.model, out, loaded.tokenizer)
     assert sorted(p.name for p in out.iterdir()) == sorted(("config.json", MODEL_FILE, *TOKENIZER_FILES))
     for name in ("config.json", *TOKENIZER_FILES):
         assert (out / name).read_bytes() == (reference / "tiny-llama" / name).read_bytes(), name
     assert_same_state(weights(out), weights(reference / "tiny-llama"))
-    again = DualARTransformer.from_pretrained(out)
+    again = load_pretrained(out).model
     assert torch.equal(forward(again, reference), forward(loaded.model, reference))
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path, tiny):
     state = {k: v.to(torch.bfloat16) for k, v in weights(tiny).items()}
     torch.save(state, tiny / MODEL_FILE)
-    model = DualARTransformer.from_pretrained(tiny)
-    assert model.embeddings.weight.dtype == torch.bfloat16
-    model.save_pretrained(tmp_path / "out")
+    loaded = load_pretrained(tiny)
+    assert loaded.model.embeddings.weight.dtype == torch.bfloat16
+    save_pretrained(loaded.model, tmp_path / "out", loaded.tokenizer)
     assert_same_state(weights(tmp_path / "out"), state)
-    as_float = DualARTransformer.from_pretrained(tiny, dtype=torch.float32)
+    as_float = load_pretrained(tiny, dtype=torch.float32).model
     assert as_float.output.weight.dtype == torch.float32
 
 
 def test_saving_into_the_source_folder_works(tiny):
     before = weights(tiny)
-    DualARTransformer.from_pretrained(tiny).save_pretrained(tiny)
+    loaded = load_pretrained(tiny)
+    save_pretrained(loaded.model, tiny, loaded.tokenizer)
     assert_same_state(weights(tiny), before)
     assert not [p for p in tiny.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -69,7 +71,7 @@ def test_saving_into_the_source_folder_works(tiny):
 def test_lightning_wrapper_and_model_prefix(tiny, reference):
     state = weights(tiny)
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, tiny / MODEL_FILE)
-    model = DualARTransformer.from_pretrained(tiny)
+    model = load_pretrained(tiny).model
     assert_same_state(model.state_dict(), state)
 
 
@@ -85,19 +87,19 @@ def test_separate_wq_wk_wv_are_fused(tiny, reference):
         else:
             split[key] = value
     torch.save(split, tiny / MODEL_FILE)
-    model = DualARTransformer.from_pretrained(tiny)
+    model = load_pretrained(tiny).model
     assert_same_state(model.state_dict(), state)
 
 
 def test_missing_model_pth(tiny):
     (tiny / MODEL_FILE).unlink()
     with pytest.raises(CheckpointError, match=r"model\.pth not found"):
-        DualARTransformer.from_pretrained(tiny)
+        load_pretrained(tiny)
 
 
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="is not a folder"):
-        DualARTransformer.from_pretrained(tmp_path / "nope")
+        load_pretrained(tmp_path / "nope")
 
 
 class _Touch:
@@ -123,8 +125,8 @@ def test_pickle_with_arbitrary_objects_is_refused(tiny, tmp_path, how):
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_Touch(probe)))
     assert probe.exists()
-    with pytest.raises(CheckpointError, match="refusing to load"):
-        DualARTransformer.from_pretrained(tiny)
+    with pytest.raises(WeightsError, match="refusing to load"):
+        load_pretrained(tiny)
     assert not marker.exists()
 
 
@@ -133,7 +135,7 @@ def test_wrong_shape_names_the_key(tiny):
     state["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 128)
     torch.save(state, tiny / MODEL_FILE)
     with pytest.raises(CheckpointError, match=r"layers\.1\.feed_forward\.w2\.weight has shape \(64, 128\).*\(64, 256\)"):
-        DualARTransformer.from_pretrained(tiny)
+        load_pretrained(tiny)
 
 
 def test_missing_and_unexpected_keys_are_named(tiny):
@@ -142,16 +144,13 @@ def test_missing_and_unexpected_keys_are_named(tiny):
     state["extra.weight"] = torch.zeros(3)
     torch.save(state, tiny / MODEL_FILE)
     with pytest.raises(CheckpointError, match=r"missing keys \['fast_norm\.weight'\]; unexpected keys \['extra\.weight'\]"):
-        DualARTransformer.from_pretrained(tiny)
+        load_pretrained(tiny)
 
 
-def test_save_without_tokenizer_is_refused(tmp_path):
+def test_save_with_a_tokenizer_of_another_semantic_id_is_refused(tmp_path, reference):
     from fish_speech_core.lm import PRESETS
 
-    with pytest.raises(CheckpointError, match="no tokenizer"):
-        DualARTransformer(PRESETS["tiny"], 5).save_pretrained(tmp_path)
-
-
-def test_lora_config_of_the_wrong_type_is_refused(reference):
-    with pytest.raises(TypeError, match="LoraSettings"):
-        DualARTransformer.from_pretrained(reference / "tiny-llama", lora_config=object())
+    tokenizer = FishTokenizer.from_dir(reference / "tiny-llama")  # <|semantic|> is id 5
+    with pytest.raises(CheckpointError, match=r"<\|semantic\|> id 5 differs from the model's semantic_token_id 6"):
+        save_pretrained(DualARTransformer(PRESETS["tiny"], 6), tmp_path, tokenizer)
+    assert not any(tmp_path.iterdir())

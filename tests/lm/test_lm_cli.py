@@ -6,7 +6,7 @@ import time
 import torch
 from typer.testing import CliRunner
 
-from fish_speech_core.lm import PRESETS, DualARTransformer
+from fish_speech_core.lm import PRESETS, DualARTransformer, load_pretrained
 from fish_speech_core.lm.init_base import SPECIAL_TOKENS, build_tokenizer
 from fish_speech_core.tokenizer import FishTokenizer
 from fishtune.cli import app
@@ -24,7 +24,7 @@ def init_base(out, *args):
 def test_init_base_tiny_loads_with_the_preset_shape(tmp_path):
     result = init_base(tmp_path / "base", "--preset", "tiny", "--seed", "0")
     assert "955,904 parameters" in result.output
-    model = DualARTransformer.from_pretrained(tmp_path / "base")
+    model = load_pretrained(tmp_path / "base").model
     assert model.config == PRESETS["tiny"]
     reference = DualARTransformer(PRESETS["tiny"], 5).state_dict()
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.items()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fish_speech_core.formats.text import clean_text
-from fish_speech_core.lm import DualARTransformer
+from fish_speech_core.lm import load_pretrained
 from fish_speech_core.lm.generate import (
     SamplingSettings,
     encode_prompt,
@@ -23,7 +23,7 @@ ATOL_LOGITS = 1e-5  # README: "Suggested tolerance: atol 1e-5"
 
 
 def load_tiny(reference, overrides=None):
-    model = DualARTransformer.from_pretrained(reference / "tiny-llama").float().eval()
+    model = load_pretrained(reference / "tiny-llama").model.float().eval()
     if overrides:
         model.load_state_dict({**model.state_dict(), **overrides})
     return model

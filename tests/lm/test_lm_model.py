@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fish_speech_core.lm import PRESETS, DualARTransformer, lm_losses
+from fish_speech_core.lm import PRESETS, DualARTransformer, lm_losses, load_pretrained
 from fish_speech_core.lm.config import DualARConfig
 
 ATOL = 1e-5  # README "Determinism and observed tolerances": fp32 logits and losses
@@ -15,7 +15,7 @@ def batch(reference):
 
 
 def load_tiny(reference, impl="sdpa"):
-    model = DualARTransformer.from_pretrained(reference / "tiny-llama", attention_impl=impl)
+    model = load_pretrained(reference / "tiny-llama", attention_impl=impl).model
     return model.float().eval()
 
 
@@ -125,7 +125,7 @@ def test_tied_word_embeddings_reuse_the_embedding_table(reference, batch):
 def test_merged_lora_checkpoint_matches_its_reference_forward(reference, batch):
     # README 5: loading lora/merged/ gives the logits of lora-forward.pt exactly.
     expected = torch.load(reference / "lora" / "lora-forward.pt", weights_only=True)
-    model = DualARTransformer.from_pretrained(reference / "lora" / "merged").eval()
+    model = load_pretrained(reference / "lora" / "merged").model.eval()
     with torch.no_grad():
         out = model(batch["inputs"], batch["attention_masks"])
     torch.testing.assert_close(out.token_logits, expected["token_logits"], atol=ATOL, rtol=0)

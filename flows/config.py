@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fish_speech_core import storage
+from fish_speech_core.evaluate.asr import SPEC_PATTERN as ASR_SPEC_PATTERN
 from fish_speech_core.files import refuse_overlap
 from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_credentials
 from fishtune.tasks.params import (
@@ -85,7 +86,7 @@ class FinetuneConfig(BaseModel):
         description="With evaluate: most code frames generated per preview sentence (~21.5 per second of audio).",
     )
     asr: str | None = Field(
-        None, pattern=r"^(pocketsphinx|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        None, pattern=ASR_SPEC_PATTERN,
         description="With evaluate: an ASR engine for a word-error-rate score of the previews: 'pocketsphinx' "
                     "(English, offline; pip install 'fishtune[asr]') or 'package.module:factory' returning an object "
                     "with transcribe(audio, sample_rate) -> str. Empty: no ASR score.",

@@ -8,7 +8,6 @@ A checkpoint is Lightning's dict with ``state_dict`` reduced to the LoRA tensors
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,19 +16,15 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fish_speech_core.files import DiskFullError, atomic_write, is_abandoned, temporary_target
+from fish_speech_core.finetune.steps import CHECKPOINT_RE, checkpoint_name
 from fish_speech_core.weights import read_weights
 
-CHECKPOINT_RE = re.compile(r"^step_(\d{9})\.ckpt$")
 REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states", "fishtune_config")
 WITHIN = 0.02  # recommend the earliest checkpoint within 2 % of the best val loss
 
 
 class CheckpointWriteError(DiskFullError):
     """A checkpoint could not be written (disk full); earlier checkpoints are intact."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:09d}.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

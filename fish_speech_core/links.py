@@ -22,8 +22,8 @@ def browser_link(url: str, expires_s: int = PRESIGNED_SECONDS) -> str | None:
         return url
     if is_local(url) or not _has_credentials():
         return None
-    fs, path = filesystem(url)
     try:
+        fs, path = filesystem(url)  # refuses a URL that carries credentials: no link for it either
         return fs.sign(path, expiration=expires_s)
     except Exception:  # noqa: BLE001 - no credentials or a filesystem without signing: no link, the text stays
         return None

@@ -22,7 +22,7 @@ DERIVED = (".npy", ".npy.json")  # made here, kept across syncs
 EXTRACT = Stage("extract", {"normalized": "normalized_url", "codec": "codec"}, summary_file="extract-summary.json")
 
 
-@task(name="extract", cache_policy=EXTRACT.cache_policy, persist_result=True, tags=EXTRACT.tags)
+@task(name="extract", cache_policy=EXTRACT.cache_policy, persist_result=True)
 def extract_task(normalized_url: str, codec: str, store_root: str, params: ExtractParams = ExtractParams(),
                  workspace: str = "default", work_dir: str | None = None) -> dict:
     """Encode every normalized file to ``(8, frames)`` codes; publish transcripts + codes.

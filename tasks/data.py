@@ -26,7 +26,7 @@ PACK = Stage("pack", {"codes": "codes_dir"}, summary_file="pack-summary.json")
 
 # No Prefect retries: every storage call is retried where it is made (storage.retry_io), and a
 # whole-stage retry on top would multiply the attempts.
-@task(name="fetch-data", tags={"fishtune", "stage:fetch"})
+@task(name="fetch-data")
 def fetch_data(data: str, work_dir: str, speakers: list[str] | None = None) -> str:
     """A local folder with the dataset: ``data`` itself when local, else a synced mirror (I/O only)."""
     if storage.is_local(data) and not speakers:
@@ -43,7 +43,7 @@ def _small_validation_summary(summary: dict) -> dict:
     return small
 
 
-@task(name="validate", cache_policy=VALIDATE.cache_policy, persist_result=True, tags=VALIDATE.tags)
+@task(name="validate", cache_policy=VALIDATE.cache_policy, persist_result=True)
 def validate_task(data_dir: str, store_root: str, params: ValidateParams = ValidateParams()) -> dict:
     """Validate the dataset; publish ``manifest.parquet`` + ``summary.json`` + ``report.md``."""
     from fish_speech_core.validate import ValidationSettings, validate
@@ -60,7 +60,7 @@ def validate_task(data_dir: str, store_root: str, params: ValidateParams = Valid
                        manifest=done.artifact.file_url("manifest.parquet"))
 
 
-@task(name="normalize", cache_policy=NORMALIZE.cache_policy, persist_result=True, tags=NORMALIZE.tags)
+@task(name="normalize", cache_policy=NORMALIZE.cache_policy, persist_result=True)
 def normalize_task(data_dir: str, store_root: str, params: NormalizeParams = NormalizeParams(),
                    work_dir: str | None = None) -> dict:
     """Loudness-normalize into a per-dataset work folder (per-file incremental), publish the result."""
@@ -97,7 +97,7 @@ def normalize_task(data_dir: str, store_root: str, params: NormalizeParams = Nor
     return done.result(summary, data_sha256=done.inputs["data"])
 
 
-@task(name="pack", cache_policy=PACK.cache_policy, persist_result=True, tags=PACK.tags)
+@task(name="pack", cache_policy=PACK.cache_policy, persist_result=True)
 def pack_task(codes_dir: str, store_root: str, params: PackParams = PackParams()) -> dict:
     """Pack transcripts + semantic codes (speaker folders of ``.lab`` + ``.npy``) into shards; publish them."""
     from fish_speech_core.pack import pack

@@ -17,7 +17,7 @@ EVALUATE = Stage("evaluate", {"train": "train_url", "base": "base", "codec": "co
                               "normalized": "normalized_url", "pack": "pack_url"}, summary_file="scores.json")
 
 
-@task(name="evaluate", cache_policy=EVALUATE.cache_policy, persist_result=True, tags=EVALUATE.tags)
+@task(name="evaluate", cache_policy=EVALUATE.cache_policy, persist_result=True)
 def evaluate_task(train_url: str, base: str, codec: str, normalized_url: str, store_root: str,
                   pack_url: str | None = None, params: EvaluateParams = EvaluateParams(),
                   work_dir: str | None = None) -> dict:

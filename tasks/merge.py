@@ -21,7 +21,7 @@ from fishtune.tasks.stage import Stage, artifact_key
 MERGE = Stage("merge", {"checkpoint": "checkpoint", "base": "base"})
 
 
-@task(name="merge", cache_policy=MERGE.cache_policy, persist_result=True, tags=MERGE.tags)
+@task(name="merge", cache_policy=MERGE.cache_policy, persist_result=True)
 def merge_task(checkpoint: str, base: str, store_root: str, params: MergeParams = MergeParams(),
                work_dir: str | None = None) -> dict:
     """Merge, verify (logits of merged vs base + adapter) and publish; a link artifact names the model."""

@@ -105,5 +105,4 @@ def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
     launch.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     launch.__doc__ = f"Run {deployment} (the {stage_task.name} child flow) on its work pool; a cache hit launches nothing."
     launch.__name__ = launch.__qualname__ = f"{stage_task.name}_on_pool"
-    return task(launch, name=f"{stage_task.name}-on-pool", cache_policy=stage.launch_policy, persist_result=True,
-                tags=stage_task.tags)
+    return task(launch, name=f"{stage_task.name}-on-pool", cache_policy=stage.launch_policy, persist_result=True)

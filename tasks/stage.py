@@ -62,10 +62,6 @@ class Stage:
         store is local; one key for both would deadlock."""
         return StageKey(stage=self, prefix="launch-")
 
-    @property
-    def tags(self) -> set[str]:
-        """Tags of the stage's task runs and child flow runs in the Prefect UI."""
-        return {"fishtune", f"stage:{self.name}"}
 
     def run(self, store_root: str, args: Mapping[str, Any], compute: Callable[[Path], tuple[Files, dict]]) -> Outcome:
         """Reuse the published artifact of this key, or ``compute(tmp)`` -> (files, summary) and publish.

@@ -43,7 +43,7 @@ class ProgressReport:
         self.logger.info("step %d/%d: loss %.4f, %.0f tokens/s%s", step, total, info["loss"], info["tokens_per_s"], eta)
 
 
-@task(name="train", cache_policy=TRAIN.cache_policy, persist_result=True, tags=TRAIN.tags)
+@task(name="train", cache_policy=TRAIN.cache_policy, persist_result=True)
 def train_task(pack_url: str, base: str, store_root: str, params: TrainParams = TrainParams(),
                init_lora: str | None = None, work_dir: str | None = None) -> dict:
     """LoRA-train ``base`` on the shards at ``pack_url``; resume the run folder if it exists.

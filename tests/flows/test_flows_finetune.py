@@ -168,7 +168,7 @@ def test_s3_storage_and_data_end_to_end(prefect_env, s3_bucket, tmp_path):
     assert set(s1["validate"]["summary"]["speakers"]) == {"bruno"}
     key = s1["normalize"]["key"]
     objects = {p.split(f"store/normalize/{key}/", 1)[1] for p in fs.find(f"{s3_bucket}/store/normalize/{key}")}
-    assert objects == {MARKER, "normalize-report.json"} | {f"bruno/{p.name}" for p in (DEMO / "bruno").iterdir()}
+    assert objects == {MARKER, "normalize-report.json", "summary.json"} | {f"bruno/{p.name}" for p in (DEMO / "bruno").iterdir()}
     assert fs.find(f"{s3_bucket}/store/prefect-results")  # cache records on the same root
     assert fs.exists(f"{s3_bucket}/store/runs/{first['run_id']}/manifest.json")
     Store(config.storage).verify(Store(config.storage).lookup("normalize", key))

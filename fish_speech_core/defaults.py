@@ -11,9 +11,15 @@ LOUDNESS_LUFS = -23.0  # normalize: integrated loudness (EBU R128)
 SHARD_SIZE_MB = 10.0  # pack: target .protos shard size
 MAX_STEPS = 1000  # training steps of the recipe
 SEED = 42  # training sample stream, adapter init, previews
-LORA_R = 8  # the recipe's adapter: rank 8, alpha 16 (scaling 2), dropout 0.01
+LORA_PRESET = "r_8_alpha_16"  # the recipe's adapter: rank 8, alpha 16 (scaling 2), dropout 0.01
+LORA_R = 8
 LORA_ALPHA = 16.0
 LORA_DROPOUT = 0.01
+BATCH_SIZE = 8  # training samples per device per step (the recipe's)
+LR = 1e-4  # AdamW, constant after the warmup
+VAL_CHECK_INTERVAL = 100  # validate (and checkpoint) every N steps
+VAL_FRACTION = 0.05  # share of sentences held out for validation
+SAVE_TOP_K = 5  # checkpoints kept per run
 # extract: padded audio seconds per batch on CPU, where big batches run slower per second of audio
 # (bench/extract.py: CPU encoding slows past ~1 min per batch); no cap on CUDA
 CPU_BATCH_SECONDS = 60.0

@@ -181,7 +181,7 @@ def _plot_artifact(project: str, evaluated: StageRecord) -> None:
                               description="loss and similarity vs step")
 
 
-def _tag_this_run(project: str) -> None:
+def tag_this_run(project: str) -> None:
     """Add ``fishtune`` and ``project:<name>`` to this flow run's tags (a run from the UI or a
     trigger carries only its deployment's)."""
     run_id = flow_run.get_id()
@@ -227,7 +227,7 @@ def finetune(config: FinetuneConfig, overrides: dict[str, Any] | None = None) ->
         parameters["overrides"] = dict(overrides)
     manifest = RunManifest(str(run_id), "finetune", parameters, versions=storage.versions())
     logger.info("storage %s, work folder %s", store, work_dir)
-    _tag_this_run(config.project)
+    tag_this_run(config.project)
     out = Outputs()
     try:
         _check_models(config)  # before any heavy step: a 1.2/1.4 mix-up fails here, not deep in training

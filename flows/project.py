@@ -13,12 +13,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from fishtune import projects
-from fishtune.flows.finetune import finetune
+from fishtune.flows.finetune import finetune, tag_this_run
 
 
 @flow(name="finetune-project", log_prints=True, persist_result=True, flow_run_name="finetune-project/{project}")
 def finetune_project(project: str, storage: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finetune a saved project from its spec on the store; overrides (field path -> value) apply to this run only."""
+    tag_this_run(project)
     config = projects.load(storage, project)
     if overrides:
         config = projects.with_settings(config, overrides)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fish_speech_core.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R
+from fish_speech_core.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_PRESET, LORA_R
 from fish_speech_core.formats.prompt import PROMPT_FORMAT_VERSION
 from fish_speech_core.lm.checkpoint import state_dict_problems
 from fish_speech_core.weights import read_weights
@@ -76,8 +76,8 @@ class LoraSettings:
         return LORA_PRESETS[name]
 
 
-LORA_PRESETS = {"r_8_alpha_16": LoraSettings()}  # the recipe's adapter (fish_speech_core.defaults)
-DEFAULT_PRESET = "r_8_alpha_16"
+LORA_PRESETS = {LORA_PRESET: LoraSettings()}  # the recipe's adapter (fish_speech_core.defaults)
+DEFAULT_PRESET = LORA_PRESET
 
 
 @dataclass(frozen=True)

@@ -51,17 +51,17 @@ class TrainConfig:
     lora_alpha: float = defaults.LORA_ALPHA
     lora_dropout: float = defaults.LORA_DROPOUT
     max_steps: int = defaults.MAX_STEPS
-    batch_size: int = 8
+    batch_size: int = defaults.BATCH_SIZE
     accumulate_grad_batches: int = 1
     max_length: int | None = None  # None: min(limits.DEFAULT_MAX_LENGTH, the base's max_seq_len)
-    lr: float = 1e-4
+    lr: float = defaults.LR
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
     gradient_clip: float = 1.0
-    val_check_interval: int = 100
-    val_fraction: float = 0.05
+    val_check_interval: int = defaults.VAL_CHECK_INTERVAL
+    val_fraction: float = defaults.VAL_FRACTION
     val_batch_size: int = 8
     # Validation reads at most this many batches (the first ones: the loader does not shuffle), so
     # its cost stays flat as the data grows; 0 = the whole held-out set.
@@ -73,7 +73,7 @@ class TrainConfig:
     precision: str = "auto"
     process_group_backend: str | None = None
     seed: int = defaults.SEED
-    save_top_k: int = 5
+    save_top_k: int = defaults.SAVE_TOP_K
     results_dir: str = "results"
     init_lora: str | None = None
     num_workers: int = 0

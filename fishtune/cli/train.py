@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from fish_speech_core import defaults as d
 from fish_speech_core.choices import Sampling
 
 
@@ -38,12 +39,12 @@ def train_command(
     project: str = typer.Option(..., "--project", help="Run name: outputs go to RESULTS_DIR/PROJECT/."),
     base: Path = typer.Option(..., "--base", help="Base checkpoint folder (fish-speech-1.4, init-base or a merged folder)."),
     data: list[Path] = typer.Option(..., "--data", help="Packed .protos shard or folder (repeatable)."),
-    lora: str = typer.Option("r_8_alpha_16", "--lora", help="LoRA preset: r_8_alpha_16 (r 8, alpha 16, dropout 0.01)."),
+    lora: str = typer.Option(d.LORA_PRESET, "--lora", help="LoRA preset: r_8_alpha_16 (r 8, alpha 16, dropout 0.01)."),
     lora_r: int | None = typer.Option(None, "--lora-r", help="Override the preset's rank."),
     lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="Override the preset's alpha (scaling = alpha / r)."),
     lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="Override the preset's dropout."),
-    max_steps: int = typer.Option(1000, "--max-steps", help="Optimizer steps to train in total."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Samples per device per step."),
+    max_steps: int = typer.Option(d.MAX_STEPS, "--max-steps", help="Optimizer steps to train in total."),
+    batch_size: int = typer.Option(d.BATCH_SIZE, "--batch-size", help="Samples per device per step."),
     accumulate_grad_batches: int = typer.Option(1, "--accumulate-grad-batches", help="Batches per optimizer step."),
     max_length: int | None = typer.Option(
         None, "--max-length",
@@ -55,20 +56,20 @@ def train_command(
              "is trained on; reference: Fish Speech 1.4's rule (speakers shorter than max-length/20 sentences "
              "always start at their first clip).",
     ),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate (constant after 10 warmup steps)."),
-    val_check_interval: int = typer.Option(100, "--val-check-interval", help="Validate and checkpoint every N steps."),
+    lr: float = typer.Option(d.LR, "--lr", help="AdamW learning rate (constant after 10 warmup steps)."),
+    val_check_interval: int = typer.Option(d.VAL_CHECK_INTERVAL, "--val-check-interval", help="Validate and checkpoint every N steps."),
     max_val_batches: int = typer.Option(
         10, "--max-val-batches",
         help="Validate on at most this many held-out batches (the same ones each time); 0 = all of them.",
     ),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share of sentences held out for validation (by content hash)."),
+    val_fraction: float = typer.Option(d.VAL_FRACTION, "--val-fraction", help="Share of sentences held out for validation (by content hash)."),
     devices: str = typer.Option("auto", "--devices", help="GPUs to use: auto (all), a count, or a list like 0,1. CPU: 1."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16-true on CUDA with bf16, else 32-true), or a Lightning value."),
     process_group_backend: Backend | None = typer.Option(None, "--process-group-backend", help="DDP backend with several GPUs (default: nccl)."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the sampling and of the adapter initialisation."),
+    seed: int = typer.Option(d.SEED, "--seed", help="Seed of the sampling and of the adapter initialisation."),
     resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest valid checkpoint of PROJECT; never; or a checkpoint path."),
     init_lora: Path | None = typer.Option(None, "--init-lora", help="Start a NEW run from the adapters of this checkpoint."),
-    save_top_k: int = typer.Option(5, "--save-top-k", help="Keep the latest K checkpoints."),
+    save_top_k: int = typer.Option(d.SAVE_TOP_K, "--save-top-k", help="Keep the latest K checkpoints."),
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="Where run folders go."),
     num_workers: int = typer.Option(0, "--num-workers", help="Data-loader worker processes that build training samples (0: in the main process)."),
 ) -> None:
@@ -145,7 +146,7 @@ def _print_summary(result) -> None:
 
 
 def merge_command(
-    lora_config: str = typer.Option("r_8_alpha_16", "--lora-config", help="LoRA preset the adapter was trained with."),
+    lora_config: str = typer.Option(d.LORA_PRESET, "--lora-config", help="LoRA preset the adapter was trained with."),
     base_weight: Path = typer.Option(..., "--base-weight", help="Base checkpoint folder the adapter was trained on."),
     lora_weight: Path = typer.Option(..., "--lora-weight", help="Adapter checkpoint (ours or a reference Lightning .ckpt)."),
     output: Path = typer.Option(..., "--output", help="Folder for the merged checkpoint (not the base folder)."),

@@ -126,43 +126,6 @@ def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_p
 
 
 
-@pytest.mark.slow
-def test_fishtune_demo_end_to_end(tmp_path):
-    """`fishtune demo` in a fresh process: ephemeral Prefect, tiny models made on the fly."""
-    import os
-    import re
-    import subprocess
-    import sys
-
-    from fish_speech_core.lm.checkpoint import load_pretrained
-
-    out = tmp_path / "demo"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["COLUMNS"] = "200"
-    done = subprocess.run([sys.executable, "-m", "fishtune", "demo", "--output", str(out), "--max-steps", "20"],
-                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    merged = Path(re.search(r"Merged model: (\S+)", done.stderr).group(1))
-    report = Path(re.search(r"Report: +(\S+)", done.stderr).group(1))
-    recommended = re.search(r"Recommended checkpoint: (\S+)", done.stderr).group(1)
-    assert merged.parent == out / "store" / "models" / "demo"
-    assert load_pretrained(merged).model.config.n_layer == 2
-    assert report.is_file() and report.parent.parent == out / "store" / "runs"
-    assert Path(recommended).is_file() and Path(recommended).name in report.read_text()
-    text = report.read_text()  # previews of the base and the 2 checkpoints, scored; their pick was merged
-    assert "## Previews" in text and "| base |" in text and "| step_000000020 |" in text
-    assert "**Merged checkpoint (previews):** step" in text
-    scores = json.loads(next((out / "store" / "evaluate").glob("*/scores.json")).read_text())
-    assert [r["step"] for r in scores["summary"]["rows"]] == [0, 10, 20]
-    assert all(list((out / "store" / "evaluate").glob(f"*/{p}")) for r in scores["summary"]["rows"] for p in r["previews"])
-    plot = next((out / "store" / "evaluate").glob("*/plot.png"))  # loss/similarity plot published and linked
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Plot: `{plot}`" in text  # named: a local file is no UI image
-    lineage = json.loads((merged / "lineage.json").read_text())
-    assert lineage["adapter"] == scores["checkpoint"]
-    assert (out / "prefect-home").is_dir()  # Prefect's state stayed under --output
-    assert re.search(r"^train .* 20/20 steps", done.stderr, re.M)  # training progress was shown (its final bar)
-
-
 def test_warm_start_refuses_another_base(tmp_path, tiny_models):
     import json as _json
 

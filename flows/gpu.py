@@ -22,9 +22,11 @@ from fishtune.tasks.remote import GPU_LIMIT, on_pool
 from fishtune.tasks.runtime import bind, work_folder
 from fishtune.tasks.train import TRAIN, train_task
 
-# flow name / deployment name in deployments/prefect.yaml
-DEPLOYMENTS = {"extract": "extract/extract", "train": "train/train", "evaluate": "evaluate/evaluate",
-               "merge": "merge/merge"}
+# The GPU stages: their tasks, and the deployments (flow name / deployment name in
+# deployments/prefect.yaml) that run them as child runs
+STAGES = {"extract": (EXTRACT, extract_task), "train": (TRAIN, train_task), "evaluate": (EVALUATE, evaluate_task),
+          "merge": (MERGE, merge_task)}
+DEPLOYMENTS = {name: f"{name}/{name}" for name in STAGES}
 
 
 def _on_gpu(stage_task: Task, store_root: str, work_dir: str | None, **arguments) -> dict:
@@ -65,10 +67,6 @@ def merge_flow(checkpoint: str, base: str, store_root: str, params: MergeParams 
     return _on_gpu(merge_task, store_root, work_dir, checkpoint=checkpoint, base=base, params=params)
 
 
-LAUNCHERS: dict[str, Task] = {
-    "extract": on_pool(extract_task, EXTRACT, DEPLOYMENTS["extract"]),
-    "train": on_pool(train_task, TRAIN, DEPLOYMENTS["train"]),
-    "evaluate": on_pool(evaluate_task, EVALUATE, DEPLOYMENTS["evaluate"]),
-    "merge": on_pool(merge_task, MERGE, DEPLOYMENTS["merge"]),
-}
-LOCAL: dict[str, Task] = {"extract": extract_task, "train": train_task, "evaluate": evaluate_task, "merge": merge_task}
+LOCAL: dict[str, Task] = {name: stage_task for name, (_, stage_task) in STAGES.items()}
+LAUNCHERS: dict[str, Task] = {name: on_pool(stage_task, stage, DEPLOYMENTS[name])
+                              for name, (stage, stage_task) in STAGES.items()}

@@ -13,8 +13,8 @@ from pathlib import Path
 from prefect import task
 
 from fish_speech_core import storage
-from fishtune.tasks.runtime import work_folder
 from fishtune.tasks.params import NormalizeParams, PackParams, ValidateParams
+from fishtune.tasks.runtime import work_folder
 from fishtune.tasks.stage import Stage
 
 MAX_LISTED_REJECTS = 50  # the report lists this many rejected files; the manifest has them all

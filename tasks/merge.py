@@ -38,7 +38,7 @@ def merge_task(checkpoint: str, base: str, store_root: str, params: MergeParams 
     if adapter.metadata is None:
         raise ValueError(f"{storage.redact(checkpoint)} carries no LoRA metadata; merge it with `fishtune merge`")
     args = {"checkpoint": checkpoint, "base": base, "params": params}
-    inputs, key = MERGE.input_hashes(args), MERGE.key(args)
+    inputs, key = MERGE.describe(args)
     version = new_version(key)
     project = params.project
     with tempfile.TemporaryDirectory() as tmp:

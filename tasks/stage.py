@@ -43,11 +43,15 @@ class Stage:
     def input_hashes(self, args: Mapping[str, Any]) -> dict[str, str]:
         return {name: storage.hash_any(str(args[arg])) for name, arg in self.inputs.items() if args.get(arg)}
 
-    def key(self, args: Mapping[str, Any]) -> str:
-        """``args``: the task's arguments (the input URLs by argument name, and ``params``)."""
+    def describe(self, args: Mapping[str, Any]) -> tuple[dict[str, str], str]:
+        """(input content hashes, key) of ``args``: the task's arguments (input URLs by argument name, and ``params``)."""
         params = args.get("params")
-        return storage.artifact_key(self.name, self.input_hashes(args), params.key_fields() if params else {},
-                                    storage.code_version())
+        hashes = self.input_hashes(args)
+        return hashes, storage.artifact_key(self.name, hashes, params.key_fields() if params else {},
+                                            storage.code_version())
+
+    def key(self, args: Mapping[str, Any]) -> str:
+        return self.describe(args)[1]
 
     @property
     def cache_policy(self) -> CachePolicy:
@@ -62,7 +66,6 @@ class Stage:
         store is local; one key for both would deadlock."""
         return StageKey(stage=self, prefix="launch-")
 
-
     def run(self, store_root: str, args: Mapping[str, Any], compute: Callable[[Path], tuple[Files, dict]]) -> Outcome:
         """Reuse the published artifact of this key, or ``compute(tmp)`` -> (files, summary) and publish.
 
@@ -70,13 +73,12 @@ class Stage:
         ``summary_file`` and read back on reuse.
         """
         store = Store(store_root)
-        hashes = self.input_hashes(args)
         params = args.get("params")
-        key = self.key(args)
+        hashes, key = self.describe(args)
         artifact = store.lookup(self.name, key)
         if artifact is not None:
             summary = json.loads(store.read_bytes(f"{self.name}/{key}/{self.summary_file}"))
-            return Outcome(self, store, key, hashes, artifact, summary, reused=True)
+            return Outcome(self, key, hashes, artifact, summary, reused=True)
         with tempfile.TemporaryDirectory() as tmp:
             files, summary = compute(Path(tmp))
             listed = _as_mapping(files)
@@ -84,7 +86,7 @@ class Stage:
             listed[self.summary_file] = Path(tmp) / self.summary_file
             metadata = {"inputs": hashes, "params": params.key_fields() if params else {}}
             artifact = store.publish(self.name, key, listed, metadata=metadata)
-        return Outcome(self, store, key, hashes, artifact, summary, reused=False)
+        return Outcome(self, key, hashes, artifact, summary, reused=False)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,6 @@ class Outcome:
     """What :meth:`Stage.run` found or made; ``result`` is the small dict a task returns."""
 
     stage: Stage
-    store: Store
     key: str
     inputs: dict[str, str]
     artifact: Artifact

@@ -1,4 +1,4 @@
-"""Per-run task options: result storage on the run's store and locks in its work folder."""
+"""Per-run task options: result storage on the run's store and the locks of its stages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import Task
 
 from fish_speech_core.storage import Store, local_path, s3_options
-from fishtune.tasks.caching import locked
+from fishtune.tasks.caching import lock_manager, locked
 
 RESULTS = "prefect-results"  # cache records (one small file per task result) under the store root
 
@@ -49,8 +49,9 @@ def work_folder(store_root: str, work_dir: str | None) -> Path:
 
 
 def bind(task: Task, store: Store, work_dir: Path) -> Task:
-    """``task`` with result storage on ``store`` and a SERIALIZABLE lock in ``work_dir/locks``."""
+    """``task`` with result storage on ``store`` and a SERIALIZABLE lock: in Redis for a remote
+    store when ``FISHTUNE_REDIS_URL`` is set, else a file in ``work_dir/locks`` (``tasks.caching``)."""
     return task.with_options(
         result_storage=result_storage(store),
-        cache_policy=locked(task.cache_policy, Path(work_dir) / "locks"),
+        cache_policy=locked(task.cache_policy, lock_manager(store, Path(work_dir) / "locks")),
     )

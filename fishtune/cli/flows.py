@@ -63,7 +63,23 @@ def finetune_command(config: FinetuneConfig) -> None:
     from rich.console import Console
 
     _prefect_defaults()
-    _run_and_print(config, Console(stderr=True))
+    console = Console(stderr=True)
+    _check_locks(config, console)
+    _run_and_print(config, console)
+
+
+def _check_locks(config: FinetuneConfig, console) -> None:
+    """A set FISHTUNE_REDIS_URL that does not answer fails here, in one line, before any run starts."""
+    from rich.markup import escape
+
+    from fish_speech_core.storage import Store
+    from fishtune.tasks.caching import LockServiceUnavailable, check_locks
+
+    try:
+        check_locks(Store(config.storage))
+    except LockServiceUnavailable as err:
+        console.print(f"[red]finetune failed:[/red] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any] | None = None) -> dict:

@@ -94,6 +94,36 @@ def s3_bucket(moto_s3) -> str:
 
 
 @pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """Debian's redis-server on 127.0.0.1 (no persistence); yields its URL. Idle, it costs nothing."""
+    import redis
+
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    with open(folder / "redis.log", "ab") as log:
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start: {(folder / 'redis.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One temporary Prefect server for the whole session (about 10 s to start on 2 cores).
 

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from fishtune.tasks.locking import CrashSafeLockManager
 
 
@@ -79,3 +81,62 @@ def test_unparseable_lock_counts_as_held(tmp_path: Path):
     manager = CrashSafeLockManager(tmp_path)
     assert manager.is_locked("k")
     assert manager.acquire_lock("k", holder="x", acquire_timeout=0.2) is False
+
+
+# -- Redis: the locks hosts share when the store is remote ------------------------------------
+
+
+def test_redis_lock_is_renewed_while_its_holder_lives_and_expires_when_it_is_killed(redis_server, tmp_path: Path):
+    """A 1 s TTL outlives 1 s while the holder runs (renewed), and frees the stage ~1 s after a SIGKILL."""
+    from fishtune.tasks.shared_locks import RenewingRedisLockManager
+
+    code = (
+        "import time; from fishtune.tasks.shared_locks import RenewingRedisLockManager;"
+        f"m = RenewingRedisLockManager({redis_server!r}, hold_seconds=1.0);"
+        "assert m.acquire_lock('redis-k', holder='victim');"
+        "print('locked', flush=True); time.sleep(600)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    manager = RenewingRedisLockManager(redis_server, hold_seconds=1.0)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        assert manager.is_locked("redis-k")
+        assert manager.acquire_lock("redis-k", holder="rerun", acquire_timeout=2.0) is False  # 2 TTLs: renewed
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    killed = time.monotonic()
+    assert manager.acquire_lock("redis-k", holder="rerun", acquire_timeout=10)
+    assert time.monotonic() - killed < 3.0  # the TTL, not for ever
+    assert manager.is_lock_holder("redis-k", "rerun")
+    manager.release_lock("redis-k", holder="rerun")
+    assert not manager.is_locked("redis-k") and manager.wait_for_lock("redis-k", timeout=0.1)
+
+
+def test_unreachable_redis_is_one_line_naming_the_setting_without_the_password(monkeypatch, tmp_path: Path):
+    from tests.flows.conftest import free_port
+
+    from fish_speech_core.storage import Store
+    from fishtune.tasks.caching import LockServiceUnavailable, lock_manager
+
+    monkeypatch.setenv("FISHTUNE_REDIS_URL", f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    with pytest.raises(LockServiceUnavailable) as info:
+        lock_manager(Store("s3://bucket/store"), tmp_path / "locks")
+    message = str(info.value)
+    assert "\n" not in message and "hunter2" not in message, message
+    assert message.startswith("cache locks: Redis at redis://***@127.0.0.1:") and "FISHTUNE_REDIS_URL" in message
+
+
+def test_file_locks_stay_the_default_and_a_remote_store_without_redis_warns_once(monkeypatch, tmp_path: Path, caplog):
+    from fish_speech_core.storage import Store
+    from fishtune.tasks.caching import lock_manager
+
+    monkeypatch.setenv("FISHTUNE_REDIS_URL", "redis://127.0.0.1:1/0")  # not used for a local store
+    assert isinstance(lock_manager(Store(str(tmp_path / "store")), tmp_path / "locks"), CrashSafeLockManager)
+    monkeypatch.delenv("FISHTUNE_REDIS_URL")
+    root = f"s3://bucket/{tmp_path.name}"
+    with caplog.at_level("WARNING", logger="fishtune.locks"):
+        for _ in range(3):
+            assert isinstance(lock_manager(Store(root), tmp_path / "locks"), CrashSafeLockManager)
+    warned = [r.getMessage() for r in caplog.records if r.name == "fishtune.locks"]
+    assert len(warned) == 1 and "cache locks are per host" in warned[0] and "FISHTUNE_REDIS_URL" in warned[0]

@@ -12,6 +12,7 @@ from fish_speech_core.evaluate.asr import SPEC_PATTERN as ASR_SPEC_PATTERN
 from fish_speech_core.files import refuse_overlap
 from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_credentials
 from fishtune.tasks.params import (
+    MEMORY_PATTERN,
     PROJECT,
     AudioFormat,
     EvaluateParams,
@@ -70,12 +71,22 @@ class FinetuneConfig(BaseModel):
     codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
     extract_batch_size: int | None = _extract["batch_size"]
     extract_num_workers: int = _extract["num_workers"]
+    extract_memory: str | None = Field(
+        None, pattern=MEMORY_PATTERN,
+        description="With gpu_pool on a docker or kubernetes pool: memory of the extract container, e.g. 16Gi or 32G. "
+                    "Empty: the pool's default.",
+    )
     preset: Preset = _train["preset"]
     max_steps: int = _train["max_steps"]
     max_length: int | None = _train["max_length"]
     sampling: Sampling = _train["sampling"]
     seed: int = _train["seed"]
     progress_every: int = _train["progress_every"]
+    train_memory: str | None = Field(
+        None, pattern=MEMORY_PATTERN,
+        description="With gpu_pool on a docker or kubernetes pool: memory of the train container, e.g. 32Gi. "
+                    "Empty: the pool's default.",
+    )
     evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")
     preview_sentences_per_speaker: int = Field(
         _evaluate["sentences_per_speaker"].default, ge=1, le=20,
@@ -121,14 +132,16 @@ class FinetuneConfig(BaseModel):
 
     def extract_params(self) -> ExtractParams:
         return ExtractParams(text_extension=self.text_extension, max_seconds=self.max_seconds,
-                             batch_size=self.extract_batch_size, num_workers=self.extract_num_workers)
+                             batch_size=self.extract_batch_size, num_workers=self.extract_num_workers,
+                             memory=self.extract_memory)
 
     def pack_params(self) -> PackParams:
         return PackParams(text_extension=self.text_extension, num_workers=self.num_workers)
 
     def train_params(self) -> TrainParams:
         return TrainParams(project=self.project, preset=self.preset, max_steps=self.max_steps, max_length=self.max_length,
-                           sampling=self.sampling, seed=self.seed, progress_every=self.progress_every)
+                           sampling=self.sampling, seed=self.seed, progress_every=self.progress_every,
+                           memory=self.train_memory)
 
     def evaluate_params(self) -> EvaluateParams:
         return EvaluateParams(sentences_per_speaker=self.preview_sentences_per_speaker,

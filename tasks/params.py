@@ -42,6 +42,12 @@ class StageParams(BaseModel):
 MAX_SECONDS = Field(d.MAX_SECONDS, gt=0.5, le=600.0, description="Reject clips longer than this many seconds.")
 TEXT_EXTENSION = Field(d.TEXT_EXTENSION, pattern=r"^\.[A-Za-z0-9]+$", description="Transcript file extension.")
 PROCESSES = Field(1, ge=1, le=64, description="Worker processes (validate / normalize / pack).")
+MEMORY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"  # bytes, or a Kubernetes-style quantity
+MEMORY = Field(
+    None, pattern=MEMORY_PATTERN,
+    description="Memory of this stage's container on a docker or kubernetes GPU pool, e.g. 16Gi or 32G (Gi = 2^30 "
+                "bytes, G = 10^9). Empty: the pool's default. Unused in this process and on process pools.",
+)
 
 
 class ValidateParams(StageParams):
@@ -62,7 +68,7 @@ class NormalizeParams(StageParams):
 
 
 class ExtractParams(StageParams):
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device"})
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device", "memory"})
     text_extension: str = TEXT_EXTENSION
     max_seconds: float = MAX_SECONDS
     dtype: Dtype = Field(Dtype.fp32, description="Encoder precision: fp32 (codes equal to the reference's) or bf16.")
@@ -75,6 +81,7 @@ class ExtractParams(StageParams):
         description="Data-loader worker processes that decode audio for extraction while the codec encodes (0: in the main process).",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
+    memory: str | None = MEMORY
 
 
 class PackParams(StageParams):
@@ -85,7 +92,7 @@ class PackParams(StageParams):
 
 
 class TrainParams(StageParams):
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"progress_every", "project"})
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"progress_every", "project", "memory"})
     project: str = Field(PROJECT, description="Project the run belongs to (names the progress artifacts only).")
     preset: Preset = Field(Preset.small, description="LoRA training preset.")
     max_steps: int = Field(d.MAX_STEPS, gt=0, le=1_000_000, description="Training steps.")
@@ -102,6 +109,7 @@ class TrainParams(StageParams):
     )
     seed: int = Field(d.SEED, ge=0, description="Seed of the training sample stream and the adapter init.")
     progress_every: int = Field(10, ge=1, le=100_000, description="Report training progress (UI and logs) every this many steps.")
+    memory: str | None = MEMORY
 
     def key_fields(self) -> dict[str, Any]:
         # the preset's expanded settings: editing a preset invalidates what it trained

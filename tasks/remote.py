@@ -17,6 +17,36 @@ from pydantic import BaseModel
 from fishtune.tasks.stage import Stage
 
 GPU_LIMIT = "gpu"  # global concurrency limit: one slot per GPU, taken by every GPU child run
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def memory_bytes(quantity: str) -> int:
+    """``16Gi`` -> 17179869184 (the params' MEMORY_PATTERN: bytes, or K/M/G/T and Ki/Mi/Gi/Ti)."""
+    number = quantity.rstrip("KMGTi")
+    return int(float(number) * _UNITS[quantity[len(number):]])
+
+
+def gpu_count(params: BaseModel | None) -> int:
+    """GPUs one child run of a stage uses: its parameters' ``devices`` when they have an int one, else 1."""
+    devices = getattr(params, "devices", None)
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 else 1
+
+
+def job_variables_for(params: BaseModel | None) -> dict[str, Any]:
+    """The job variables that size a GPU stage's child run, from the stage's parameter model.
+
+    ``gpu_count`` and ``memory`` (bytes: a unit both Docker and Kubernetes read) are variables of
+    our docker / kubernetes cuda templates (deployments/pools/); a process pool accepts and
+    ignores them. ``CUDA_VISIBLE_DEVICES`` lists the run's GPUs: inside a container they are
+    numbered from 0, and on a process pool it replaces the deployment's "0" when a run uses more.
+    """
+    gpus = gpu_count(params)
+    variables: dict[str, Any] = {"gpu_count": gpus, "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))}}
+    memory = getattr(params, "memory", None)
+    if memory:
+        variables["memory"] = str(memory_bytes(memory))
+    return variables
 
 
 class ChildRunFailed(RuntimeError):
@@ -99,7 +129,8 @@ def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         parameters = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in bound.arguments.items()}
-        return run_child(deployment, parameters, flow_run_name=run_name, tags=run_tags)
+        return run_child(deployment, parameters, job_variables=job_variables_for(bound.arguments.get("params")),
+                         flow_run_name=run_name, tags=run_tags)
 
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("run_name", "run_tags")]
     launch.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])

@@ -8,8 +8,8 @@ the stage runs, however long (training runs for hours). A holder that dies stops
 its lock expires ``hold_seconds`` later; the waiting run then takes it over.
 
 A run paused for longer than ``hold_seconds`` (a stopped process, a frozen VM) loses its lock:
-the other run may then compute the same stage too. Its outputs are content-addressed, so both
-publish the same artifact; only the GPU time is spent twice.
+the other run may then compute the same stage too, as without shared locks (``tasks.caching``
+says what that costs). The loss is logged, and so is a release that finds the lock gone.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from typing import Any
 
 import anyio
 from prefect_redis.locking import RedisLockManager
-from redis.exceptions import LockError, RedisError
 
-from fish_speech_core.storage import redact
+from fish_speech_core.storage import redact, redact_text
 from fishtune.tasks.caching import REDIS_URL_ENV, LockServiceUnavailable
 
 HOLD_SECONDS = 60.0  # how long a dead holder's lock outlives it
@@ -61,8 +60,8 @@ class RenewingRedisLockManager(RedisLockManager):
         """Raise :class:`LockServiceUnavailable` (one line, URL redacted) if Redis does not answer."""
         try:
             self.client.ping()
-        except RedisError as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        except Exception as err:  # noqa: BLE001 - refused, timed out, auth, TLS: all mean no shared locks
+            reason = redact_text(str(err).splitlines()[0]) if str(err) else type(err).__name__
             raise LockServiceUnavailable(
                 f"cache locks: Redis at {redact(self.connection_url)} does not answer ({type(err).__name__}: "
                 f"{reason}); start it or fix {REDIS_URL_ENV}, or unset it to lock per host"
@@ -85,7 +84,7 @@ class RenewingRedisLockManager(RedisLockManager):
     def release_lock(self, key: str, holder: str) -> None:
         try:
             super().release_lock(key, holder)
-        except LockError as err:  # expired while this process was paused: the work is done, say so
+        except ValueError as err:  # redis' LockNotOwnedError too: it expired while this process was paused
             self._locks.pop(self._lock_name_for_key(key), None)
             log.warning("cache lock %s expired before it was released (%s): another run may have computed "
                         "the same stage", key, err)
@@ -103,11 +102,11 @@ class RenewingRedisLockManager(RedisLockManager):
             for name, lock in list(self._locks.items()):
                 try:
                     lock.reacquire()
-                except LockError:  # expired or taken over: Prefect will notice at release
+                except ValueError:  # redis' LockNotOwnedError: expired or taken over; release will say so
                     log.warning("cache lock %s was lost: it expired before it could be renewed", name)
                     self._locks.pop(name, None)
-                except RedisError as err:  # a blip: try again at the next round, the TTL has time left
-                    log.warning("could not renew cache lock %s: %s", name, redact(str(err)))
+                except Exception as err:  # noqa: BLE001 - a blip: retried next round, the TTL has time left
+                    log.warning("could not renew cache lock %s: %s", name, redact_text(str(err)))
             with self._guard:
                 if not self._locks:
                     self._renewer = None

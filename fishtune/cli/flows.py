@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from fishtune.cli.model_options import command_from_model, model_options, option_flags, validated
+from fishtune.cli.pools import PoolType
 from fishtune.flows.config import FinetuneConfig, Preset
 
 # Package data, so the demo and deploy work the same from a wheel as from a checkout.
@@ -227,13 +228,16 @@ def deploy_command(
     storage: str = typer.Option(..., "--storage", help="Artifact store root for the deployed runs and the project specs the watch flow reads (FISHTUNE_STORAGE); use a location every worker can reach."),
     data: str | None = typer.Option(None, "--data", help="Default dataset of the plain finetune deployment (FISHTUNE_DATA). Optional: projects carry their own data."),
     prefect_file: Path = typer.Option(PREFECT_FILE, "--prefect-file", exists=True, dir_okay=False, help="The deployments file (default: the one installed with fishtune)."),
-    create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the cpu and cuda process work pools when missing."),
+    create_pools: bool = typer.Option(True, "--create-pools/--no-create-pools", help="Create the work pools cpu (process) and cuda (--pool-type) when missing, and give a docker or kubernetes cuda pool fishtune's base job template."),
+    pool_type: PoolType = typer.Option(PoolType.process, "--pool-type", case_sensitive=False, help="Worker type of the cuda pool: process (workers run GPU jobs as local processes), docker (a container per job with NVIDIA GPUs; needs the NVIDIA container toolkit) or kubernetes (a Job per run requesting nvidia.com/gpu). Container pools run the fishtune CUDA image (docker/Dockerfile.cuda); their workers need `pip install 'fishtune[pools]'`. The cpu pool is always a process pool."),
     gpus: int = typer.Option(1, "--gpus", min=1, max=4096, help="GPUs the cuda pool's workers have in all: slots of the global `gpu` concurrency limit every GPU child run takes."),
 ) -> None:
     """Create the work pools, the `gpu` concurrency limit and the deployments (finetune, finetune-project, its GPU stages, watch) on the Prefect server.
 
     Entry points are module paths (fishtune.flows.finetune:finetune): a worker needs fishtune
-    installed (the Docker images, or the same lock), not a copy of this repository.
+    installed (the Docker images, or the same lock), not a copy of this repository. An existing
+    pool of another type is refused (delete it, or pass its type); a docker or kubernetes cuda
+    pool gets fishtune's current template on every deploy.
     """
     from fish_speech_core.storage import CredentialsInURLError, refuse_credentials
 
@@ -251,10 +255,7 @@ def deploy_command(
     prefect = [sys.executable, "-m", "prefect"]
     env = {**os.environ, "FISHTUNE_STORAGE": storage, **({"FISHTUNE_DATA": data} if data else {})}
     if create_pools:
-        for pool in ("cpu", "cuda"):
-            exists = subprocess.run([*prefect, "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
-            if not exists:
-                subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+        _pools(pool_type)
     _gpu_limit(gpus)
     ready, missing = _deployable(prefect_file)
     for name in missing:
@@ -269,6 +270,22 @@ def deploy_command(
     if done.returncode:
         typer.echo("prefect deploy failed (see above)", err=True)
         raise typer.Exit(done.returncode)
+
+
+def _pools(pool_type: PoolType) -> None:
+    """Create / update the cpu and cuda pools; a pool of another type is one line saying what to do."""
+    from prefect import get_client
+
+    from fishtune.cli.pools import PoolTypeMismatch, ensure_pools
+
+    with get_client(sync_client=True) as client:
+        try:
+            done = ensure_pools(client, pool_type)
+        except PoolTypeMismatch as err:
+            typer.echo(f"fishtune deploy: {err}", err=True)
+            raise typer.Exit(1) from None
+    for name, what in done.items():
+        typer.echo(f"work pool {name!r}: {what}")
 
 
 def _gpu_limit(slots: int) -> None:

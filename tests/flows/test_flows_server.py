@@ -423,3 +423,116 @@ def test_api_rejects_invalid_parameters_naming_the_field(deployed, change, field
     message = info.value.response.json()["detail"]
     assert "Validation failed" in message and field in message, message
     assert after == before
+
+
+def _render(configuration_class, flow_run_id, pool_name: str):
+    """The job configuration a worker of ``pool_name`` builds for the flow run: the worker's own code
+    (``resolve_for_flow_run``: pool template + deployment and run job variables, then prepare)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def resolve():
+        async with get_client() as client:
+            run = await client.read_flow_run(flow_run_id)
+            pool = await client.read_work_pool(pool_name)
+            return await configuration_class.resolve_for_flow_run(run, client=client, work_pool=pool,
+                                                                  worker_name="render-test")
+
+    return asyncio.run(resolve())
+
+
+@pytest.mark.slow
+def test_container_gpu_pools_from_our_templates_render_the_job_a_gpu_child_gets(deployed, tmp_path, monkeypatch):
+    """Docker and Kubernetes cuda pools made from deployments/pools/ on the real server; a train child run
+    with the job variables the launcher sends; the workers' own code renders its container / Job.
+    No Docker engine or cluster here: the rendered configuration is what is checked."""
+    import docker.types
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+    from prefect.deployments import run_deployment
+    from prefect_docker.worker import DockerWorkerJobConfiguration
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from fishtune.cli.flows import PREFECT_FILE
+    from fishtune.cli.pools import PoolType, PoolTypeMismatch, cuda_template, ensure_pool
+    from fishtune.tasks.params import TrainParams
+    from fishtune.tasks.remote import job_variables_for
+
+    # The CLI refuses a cuda pool of another type, in one line, and changes nothing.
+    refused = subprocess.run([sys.executable, "-m", "fishtune", "deploy", "--storage", str(deployed.store),
+                              "--pool-type", "kubernetes"], env=deployed.server.env, capture_output=True, text=True,
+                             cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert [line for line in refused.stderr.splitlines() if "work pool" in line] == [
+        "fishtune deploy: work pool 'cuda' is a process pool, not kubernetes: deploy with --pool-type process, "
+        "or delete it first (prefect work-pool delete cuda) and deploy again"]
+
+    cuda_vars = yaml.safe_load(PREFECT_FILE.read_text())["definitions"]["cuda_pool"]["job_variables"]
+    params = TrainParams(preset="tiny", max_steps=2, memory="24Gi")
+    monkeypatch.setenv("FISHTUNE_REDIS_URL", "redis://:hunter2@redis.internal:6379/0")  # the worker host's secret
+    rendered, made = {}, []
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("cuda").type == "process"
+        train = client.read_deployment_by_name("train/train")
+        try:
+            for kind in (PoolType.docker, PoolType.kubernetes):
+                name, template = f"render-{kind.value}", cuda_template(kind)
+                assert ensure_pool(client, name, kind, template) == "created"
+                made.append(name)
+                assert ensure_pool(client, name, kind, template) == "unchanged"
+                edited = json.loads(json.dumps(template))
+                edited["variables"]["properties"]["image"]["default"] = "someone/else:1"
+                client.update_work_pool(name, WorkPoolUpdate(base_job_template=edited))
+                assert ensure_pool(client, name, kind, template) == "updated"  # a redeploy restores ours
+                assert client.read_work_pool(name).base_job_template == template
+                with pytest.raises(PoolTypeMismatch, match=f"work pool '{name}' is a {kind.value} pool, not process"):
+                    ensure_pool(client, name, PoolType.process, {})
+                deployment_id = client.create_deployment(
+                    flow_id=train.flow_id, name=f"train-{kind.value}", work_pool_name=name,
+                    entrypoint="fishtune.flows.gpu:train_flow", job_variables=cuda_vars,
+                    parameter_openapi_schema=train.parameter_openapi_schema)
+                # what the train launcher sends (tasks/remote.on_pool), started without waiting
+                run = run_deployment(f"train/train-{kind.value}", timeout=0, job_variables=job_variables_for(params),
+                                     parameters={"pack_url": "s3://b/store/pack/k", "base": "s3://b/base",
+                                                 "store_root": "s3://b/store", "params": params.model_dump(mode="json")})
+                cls = DockerWorkerJobConfiguration if kind is PoolType.docker else KubernetesWorkerJobConfiguration
+                rendered[kind] = (run.id, _render(cls, run.id, name))
+                client.delete_flow_run(run.id)
+                client.delete_deployment(deployment_id)
+        finally:
+            for name in made:
+                client.delete_work_pool(name)
+
+    memory = str(24 * 2**30)
+    run_id, job = rendered[PoolType.kubernetes]
+    pod = job.job_manifest["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["image"] == "fishtune-cuda:latest"  # docker/Dockerfile.cuda, the template's default
+    assert container["args"] == ["prefect", "flow-run", "execute"]  # on the image's PATH (/opt/venv/bin)
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": memory},
+                                      "requests": {"memory": memory}}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["DO_NOT_TRACK"] == "1"  # run over deployment over pool
+    assert env["PREFECT__FLOW_RUN_ID"] == str(run_id) and env["PREFECT_API_URL"] == deployed.server.api
+    assert container["envFrom"] == [{"secretRef": {"name": "fishtune", "optional": True}}]  # credentials: a Secret
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {} and pod["restartPolicy"] == "Never"
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
+    assert "hunter2" not in json.dumps(job.job_manifest)  # no host secret leaks into the Job
+
+    run_id, container = rendered[PoolType.docker]
+    assert container.image == "fishtune-cuda:latest" and container.image_pull_policy == "IfNotPresent"
+    assert container.command == "prefect flow-run execute" and container.mem_limit == memory
+    assert container.env["CUDA_VISIBLE_DEVICES"] == "0" and container.env["PREFECT__FLOW_RUN_ID"] == str(run_id)
+    assert container.container_create_kwargs == {
+        "device_requests": [{"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}], "shm_size": "8g"}
+    # docker-py takes them as they are (what containers.create builds from the worker's settings)
+    host = docker.types.HostConfig(version="1.44", mem_limit=container.mem_limit,
+                                   **container.container_create_kwargs)
+    assert host["Memory"] == 24 * 2**30 and host["ShmSize"] == 8 * 2**30
+    assert host["DeviceRequests"] == [{"Driver": "nvidia", "Count": 1, "DeviceIDs": [], "Capabilities": [["gpu"]],
+                                       "Options": {}}]
+    assert "hunter2" not in json.dumps(container.model_dump(mode="json"))

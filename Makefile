@@ -35,11 +35,12 @@ lock-check: | $(UV)
 	$(UV) lock --locked
 
 # Test audio is spoken by espeak-ng and converted by sox; the Prefect UI test drives Debian's
-# headless Chromium through chromedriver. All Debian packages, installed only when missing.
+# headless Chromium through chromedriver; the shared cache-lock tests start a redis-server on
+# 127.0.0.1. All Debian packages, installed only when missing.
 system-deps:
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromium >/dev/null \
-	  && command -v chromedriver >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox chromium chromium-driver >/dev/null; }
+	  && command -v chromedriver >/dev/null && command -v redis-server >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox chromium chromium-driver redis-server >/dev/null; }
 
 demo: $(STAMP)
 	$(VENV)/bin/fishtune demo

@@ -121,7 +121,8 @@ def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
     (the stage's child flow, taking the same arguments) instead of the body.
 
     Extra keyword arguments of the launcher, not of the stage: ``run_name`` and ``run_tags`` for
-    the child flow run (what the UI shows)."""
+    the child flow run (what the UI shows). The child's job variables (GPU count, memory) come
+    from the stage's ``params`` (:func:`job_variables_for`)."""
 
     signature = inspect.signature(stage_task.fn)
 

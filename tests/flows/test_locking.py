@@ -126,6 +126,16 @@ def test_unreachable_redis_is_one_line_naming_the_setting_without_the_password(m
     assert "\n" not in message and "hunter2" not in message, message
     assert message.startswith("cache locks: Redis at redis://***@127.0.0.1:") and "FISHTUNE_REDIS_URL" in message
 
+    # `fishtune finetune` says so before any run starts: that line, exit 1
+    from typer.testing import CliRunner
+
+    from fishtune.cli import app
+
+    (tmp_path / "data").mkdir()
+    done = CliRunner().invoke(app, ["finetune", "--data", str(tmp_path / "data"), "--storage", "s3://bucket/store"],
+                              env={"COLUMNS": "400"})
+    assert done.exit_code == 1 and done.output.strip() == f"finetune failed: {message}", done.output
+
 
 def test_file_locks_stay_the_default_and_a_remote_store_without_redis_warns_once(monkeypatch, tmp_path: Path, caplog):
     from fish_speech_core.storage import Store

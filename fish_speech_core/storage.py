@@ -491,7 +491,8 @@ class Store:
         Locally the folder is assembled under a temporary name and renamed into place, so a
         reader never sees a partial folder. Remotely the objects are uploaded first and the
         marker after them; a crash leaves objects without a marker, which :meth:`lookup`
-        treats as absent and the next publish overwrites.
+        treats as absent and the next publish overwrites. A complete artifact is never
+        overwritten, locally or remotely: the first one of a key is returned.
         """
         if isinstance(source, Mapping):
             files = {rel: Path(p) for rel, p in sorted(source.items())}
@@ -535,6 +536,12 @@ class Store:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
         else:
+            # A complete artifact of this key is never rewritten: another host may be reading it, and
+            # an overwrite of a finished object makes its readers fail mid-read (S3 precondition /
+            # expired-file errors). Same key = same content, so the one already there is kept.
+            existing = self.lookup(stage, key)
+            if existing is not None:
+                return existing
             fs, _ = filesystem(url)
             for rel, p in files.items():
                 _, remote = filesystem(join(url, rel))

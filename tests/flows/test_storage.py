@@ -125,6 +125,19 @@ def test_publish_lookup_verify_s3(s3_bucket, tmp_path, caplog):
     assert "testing-secret-never-logged" not in caplog.text
 
 
+def test_a_complete_remote_artifact_is_never_rewritten(s3_bucket, tmp_path):
+    """A second host publishing the same key keeps the first one's objects: a reader on another
+    host must never see a finished object replaced under it."""
+    store = Store(f"{s3_bucket}/prefix")
+    make_folder(tmp_path / "src")
+    first = store.publish("stage", "k3", tmp_path / "src")
+    marker = store.read_bytes("stage/k3/_COMPLETE.json")
+    (tmp_path / "src" / "a.txt").write_text("another host's copy")
+    again = store.publish("stage", "k3", tmp_path / "src")
+    assert again == first and store.read_bytes("stage/k3/_COMPLETE.json") == marker
+    assert store.read_bytes("stage/k3/a.txt") == b"alpha"
+
+
 def test_sync_tree_from_s3_copies_only_changes(s3_bucket, tmp_path):
     import fsspec
 

@@ -212,7 +212,7 @@ def _wait_for(browser, css: str, text: str | None = None, timeout: float = 30.0)
 
 
 @pytest.mark.slow
-def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
+def test_ui_form_starts_a_run_with_the_changed_parameters(deployed, tiny_models):
     # `make test` installs them (system-deps); missing browsers are a setup error, never a skip.
     assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "install Debian's chromium and chromium-driver (make system-deps)"
     from prefect.client.orchestration import get_client
@@ -256,28 +256,33 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     assert (config["project"], config["max_steps"], config["data"]) == ("ui-form", 7, str(deployed.data))
     report = (deployed.store / "runs" / str(runs[0].id) / "report.md").read_text()
     assert "# fishtune finetune `ui-form`" in report
-    _ui_runs_a_saved_project(deployed)
+    _ui_runs_a_saved_project(deployed, tiny_models)
 
 
-def _ui_runs_a_saved_project(deployed) -> None:
-    """A saved project started from the finetune-project form: only its name is typed, the spec does the rest.
-
-    (An override cannot be typed there: Prefect's form has no editor for a free-form dict, its field
-    menu offers only "Use default value" and "Omit value"; overrides go through the API and
-    `fishtune project run --set`, tests/flows/test_projects.py.)"""
+def _ui_runs_a_saved_project(deployed, models: Path) -> None:
+    """A saved project started from the finetune-project form with one override typed in it
+    (Max Steps): the run trains that many steps, the other fields come from the spec (the form
+    sends only the field typed), and the saved spec is unchanged."""
     from prefect.client.orchestration import get_client
+    from selenium.webdriver.common.by import By
 
     from fishtune import projects
 
-    projects.create(str(deployed.store), "ui-project", {"data": str(deployed.data), "speaker": "carmen",
-                                                         "max_seconds": 20.0})
+    projects.create(str(deployed.store), "ui-project", {
+        "data": str(deployed.data), "speaker": "carmen", "max_seconds": 20.0, "base": str(models / "base"),
+        "codec": str(models / "codec.pth"), "preset": "tiny", "max_steps": 5})
+    saved = (deployed.store / "projects" / "ui-project.json").read_bytes()
     browser = _chromium()
+    value = lambda element: element.get_property("value")
     try:
         browser.get(f"{deployed.server.url}/v2/deployments/deployment/{deployed.project.id}/run")
-        _wait_for(browser, "body", text="overrides")
+        label = _wait_for(browser, "label", text="Max Steps")  # overrides: a form field per spec field
+        steps = browser.find_element(By.ID, label.get_attribute("for"))
         name = _wait_for(browser, "textarea")  # the first field: Project
         name.clear()
         name.send_keys("ui-project")
+        steps.send_keys("2")
+        _wait_until(lambda: (value(name), value(steps)) == ("ui-project", "2"), "the typed values to stick")
         _wait_for(browser, "button", text="Submit").click()
         _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
     except Exception:
@@ -294,10 +299,15 @@ def _ui_runs_a_saved_project(deployed) -> None:
             time.sleep(1)
     assert len(runs) == 1 and runs[0].state.is_completed(), runs
     assert runs[0].name == "finetune-project/ui-project" and "project:ui-project" in runs[0].tags
+    assert runs[0].parameters["overrides"] == {"max_steps": 2}  # untouched fields are not sent (no nulls)
     manifest = next(json.loads(p.read_text()) for p in (deployed.store / "runs").glob("*/manifest.json")
                     if json.loads(p.read_text())["parameters"]["project"] == "ui-project")
+    assert manifest["parameters"]["overrides"] == {"max_steps": 2}
     assert (manifest["parameters"]["speaker"], manifest["parameters"]["max_seconds"]) == ("carmen", 20.0)  # the spec's
-    assert [s["stage"] for s in manifest["stages"]] == ["validate", "normalize"]
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    assert list(stages) == ["validate", "normalize", "extract", "pack", "train", "merge"]
+    assert stages["train"]["summary"]["final_step"] == 2
+    assert (deployed.store / "projects" / "ui-project.json").read_bytes() == saved  # an override is never saved
 
 
 def _children(client, deployment: str) -> list:
@@ -406,18 +416,25 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
         ({"normalize": {"loudness": 5.0}}, "loudness"),
         ({"num_workers": "many"}, "num_workers"),
         ({"surprise": 1}, "surprise"),
+        # a saved project's run: its typed overrides are checked the same way
+        ({"overrides": {"max_steps": 0}}, "max_steps"),
+        ({"overrides": {"normalize": {"loudness": 5.0}}}, "loudness"),
+        ({"overrides": {"storage": "elsewhere"}}, "storage"),  # fixed by the project
     ],
 )
 def test_api_rejects_invalid_parameters_naming_the_field(deployed, change, field):
-    """The deployment enforces the config's schema: a bad value is refused at creation, no run is made."""
+    """The deployments enforce their schema: a bad value is refused at creation, no run is made."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
 
-    config = {"data": str(deployed.data), "storage": str(deployed.store), **change}
+    if "overrides" in change:
+        deployment, parameters = deployed.project, {"project": "any", "storage": str(deployed.store), **change}
+    else:
+        deployment, parameters = deployed.finetune, {"config": {"data": str(deployed.data), "storage": str(deployed.store), **change}}
     with get_client(sync_client=True) as client:
         before = len(client.read_flow_runs())
         with pytest.raises(PrefectHTTPStatusError) as info:
-            client.create_flow_run_from_deployment(deployed.finetune.id, parameters={"config": config})
+            client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         after = len(client.read_flow_runs())
     assert info.value.response.status_code == 409
     message = info.value.response.json()["detail"]

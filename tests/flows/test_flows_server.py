@@ -211,8 +211,29 @@ def _wait_for(browser, css: str, text: str | None = None, timeout: float = 30.0)
         first, f"no {css!r}" + (f" with text {text!r}" if text else "") + f" after {timeout:.0f} s")
 
 
+def _submit(browser, screenshot: Path) -> None:
+    """Press Submit until the UI leaves the form having created the run.
+
+    Under load the SQLite-backed server may answer create_flow_run with 503 (database busy);
+    a person would press Submit again, so the test does, but only for that status."""
+    for attempt in range(3):
+        _wait_for(browser, "button", text="Submit").click()
+        try:
+            _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
+            return
+        except AssertionError:
+            calls = browser.execute_script(
+                "return performance.getEntriesByType('resource').map(e => e.name + ' ' + e.responseStatus)"
+            )
+            created = [c for c in calls if "/create_flow_run" in c]
+            if attempt < 2 and created and created[-1].endswith(" 503"):
+                continue
+            screenshot.write_bytes(browser.get_screenshot_as_png())
+            raise AssertionError(f"form not submitted; API calls: {[c for c in calls if '/api/' in c][-8:]}") from None
+
+
 @pytest.mark.slow
-def test_ui_form_starts_a_run_with_the_changed_parameters(deployed, tiny_models):
+def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     # `make test` installs them (system-deps); missing browsers are a setup error, never a skip.
     assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "install Debian's chromium and chromium-driver (make system-deps)"
     from prefect.client.orchestration import get_client
@@ -231,22 +252,7 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed, tiny_models)
         steps.clear()
         steps.send_keys("7")
         _wait_until(lambda: (value(project), value(steps)) == ("ui-form", "7"), "the typed values to stick")
-        # Under load the SQLite-backed server may answer create_flow_run with 503 (database busy);
-        # a person would press Submit again, so the test does, but only for that status.
-        for attempt in range(3):
-            _wait_for(browser, "button", text="Submit").click()
-            try:
-                _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
-                break
-            except AssertionError:
-                calls = browser.execute_script(
-                    "return performance.getEntriesByType('resource').map(e => e.name + ' ' + e.responseStatus)"
-                )
-                created = [c for c in calls if "/create_flow_run" in c]
-                if attempt < 2 and created and created[-1].endswith(" 503"):
-                    continue
-                (deployed.server.root / "ui-submit.png").write_bytes(browser.get_screenshot_as_png())
-                raise AssertionError(f"form not submitted; API calls: {[c for c in calls if '/api/' in c][-8:]}") from None
+        _submit(browser, deployed.server.root / "ui-submit.png")
     finally:
         browser.quit()
     with get_client(sync_client=True) as client:
@@ -256,35 +262,35 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed, tiny_models)
     assert (config["project"], config["max_steps"], config["data"]) == ("ui-form", 7, str(deployed.data))
     report = (deployed.store / "runs" / str(runs[0].id) / "report.md").read_text()
     assert "# fishtune finetune `ui-form`" in report
-    _ui_runs_a_saved_project(deployed, tiny_models)
+    _ui_runs_a_saved_project(deployed)
 
 
-def _ui_runs_a_saved_project(deployed, models: Path) -> None:
-    """A saved project started from the finetune-project form with one override typed in it
-    (Max Steps): the run trains that many steps, the other fields come from the spec (the form
-    sends only the field typed), and the saved spec is unchanged."""
+def _ui_runs_a_saved_project(deployed) -> None:
+    """A saved project started from the finetune-project form with one override typed in it, a
+    nested one (Normalize > Loudness): the run's audio is normalized to it, every other field comes
+    from the spec (the form sends only the field typed), and the saved spec is unchanged."""
+    import pyloudnorm
+    import soundfile
     from prefect.client.orchestration import get_client
     from selenium.webdriver.common.by import By
 
     from fishtune import projects
 
-    projects.create(str(deployed.store), "ui-project", {
-        "data": str(deployed.data), "speaker": "carmen", "max_seconds": 20.0, "base": str(models / "base"),
-        "codec": str(models / "codec.pth"), "preset": "tiny", "max_steps": 5})
+    projects.create(str(deployed.store), "ui-project", {"data": str(deployed.data), "speaker": "carmen",
+                                                         "max_seconds": 20.0})
     saved = (deployed.store / "projects" / "ui-project.json").read_bytes()
     browser = _chromium()
     value = lambda element: element.get_property("value")
     try:
         browser.get(f"{deployed.server.url}/v2/deployments/deployment/{deployed.project.id}/run")
-        label = _wait_for(browser, "label", text="Max Steps")  # overrides: a form field per spec field
-        steps = browser.find_element(By.ID, label.get_attribute("for"))
+        label = _wait_for(browser, "label", text="Loudness")  # overrides: a form field per spec field
+        loudness = browser.find_element(By.ID, label.get_attribute("for"))
         name = _wait_for(browser, "textarea")  # the first field: Project
         name.clear()
         name.send_keys("ui-project")
-        steps.send_keys("2")
-        _wait_until(lambda: (value(name), value(steps)) == ("ui-project", "2"), "the typed values to stick")
-        _wait_for(browser, "button", text="Submit").click()
-        _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
+        loudness.send_keys("-30")
+        _wait_until(lambda: (value(name), value(loudness)) == ("ui-project", "-30"), "the typed values to stick")
+        _submit(browser, deployed.server.root / "ui-project.png")
     except Exception:
         (deployed.server.root / "ui-project.html").write_text(browser.page_source)
         raise
@@ -299,14 +305,15 @@ def _ui_runs_a_saved_project(deployed, models: Path) -> None:
             time.sleep(1)
     assert len(runs) == 1 and runs[0].state.is_completed(), runs
     assert runs[0].name == "finetune-project/ui-project" and "project:ui-project" in runs[0].tags
-    assert runs[0].parameters["overrides"] == {"max_steps": 2}  # untouched fields are not sent (no nulls)
+    assert runs[0].parameters["overrides"] == {"normalize": {"loudness": -30}}  # untouched fields are not sent (no nulls)
     manifest = next(json.loads(p.read_text()) for p in (deployed.store / "runs").glob("*/manifest.json")
                     if json.loads(p.read_text())["parameters"]["project"] == "ui-project")
-    assert manifest["parameters"]["overrides"] == {"max_steps": 2}
+    assert manifest["parameters"]["overrides"] == {"normalize.loudness": -30.0}
     assert (manifest["parameters"]["speaker"], manifest["parameters"]["max_seconds"]) == ("carmen", 20.0)  # the spec's
-    stages = {s["stage"]: s for s in manifest["stages"]}
-    assert list(stages) == ["validate", "normalize", "extract", "pack", "train", "merge"]
-    assert stages["train"]["summary"]["final_step"] == 2
+    assert manifest["parameters"]["normalize"] == {"loudness": -30.0, "peak": -1.0, "format": "keep"}
+    normalized = {s["stage"]: s for s in manifest["stages"]}["normalize"]["outputs"]["url"]
+    audio, rate = soundfile.read(f"{normalized}/carmen/carmen_000.wav")
+    assert abs(pyloudnorm.Meter(rate).integrated_loudness(audio) - -30.0) < 0.5  # the spec's default: -23 LUFS
     assert (deployed.store / "projects" / "ui-project.json").read_bytes() == saved  # an override is never saved
 
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, model_serializer
 
 from fish_speech_core import storage
 from fish_speech_core.storage import Store
@@ -24,6 +24,48 @@ PROJECTS = "projects"
 # Not settable: the name is the spec's file name, the storage is the store that holds the spec.
 FIXED = ("project", "storage")
 _NAME = TypeAdapter(Annotated[str, FinetuneConfig.model_fields["project"]])
+
+
+class _Unset(BaseModel):
+    """Base of the overrides models: a dump holds only the fields that were given (an explicit
+    ``None`` clears an optional field), so a stored or re-sent overrides never turns into a wall of
+    nulls that would clear the spec's values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _only_given(self, handler):
+        if not isinstance(self, _Unset):  # an absent nested model's None, dropped by its parent
+            return handler(self)
+        return {name: value for name, value in handler(self).items() if name in self.model_fields_set}
+
+
+def _drop_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # an absent field is "not overridden": the form shows it empty, not null
+
+
+def _optional(model: type[BaseModel], name: str, skip: tuple[str, ...] = ()) -> type[BaseModel]:
+    """``model``'s fields (same types, limits, descriptions), each optional and absent by default;
+    nested models become optional models too, so one of their fields can be overridden alone."""
+    fields: dict[str, Any] = {}
+    for field, info in model.model_fields.items():
+        if field in skip:
+            continue
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = _optional(annotation, f"{annotation.__name__}Overrides")
+        # The type stays as it is (max_steps: int, not int | None): None is valid only where the
+        # spec's field takes it, and the form gets a plain number input rather than a type choice.
+        fields[field] = (Annotated[annotation, *info.metadata] if info.metadata else annotation,
+                         Field(None, title=info.title or field.replace("_", " ").title(), description=info.description,
+                               json_schema_extra=_drop_default))
+    return create_model(name, __base__=_Unset, __doc__=f"Fields of {model.__name__} to change; absent ones keep the spec's value.",
+                        **fields)
+
+
+# One run's changes to a project's spec: typed, so the Prefect UI renders a form field per setting
+# and the server validates them (limits, enums, unknown fields) before the run is created.
+Overrides = _optional(FinetuneConfig, "ProjectOverrides", skip=FIXED)
 
 
 class ProjectError(ValueError):
@@ -101,6 +143,26 @@ def apply_settings(values: dict[str, Any], settings: Mapping[str, Any]) -> dict[
 def with_settings(config: FinetuneConfig, settings: Mapping[str, Any]) -> FinetuneConfig:
     """``config`` with ``settings`` (see :func:`apply_settings`) applied and re-validated."""
     return validate(apply_settings(config.model_dump(mode="json"), settings))
+
+
+def given(overrides: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """The fields given in ``overrides`` by field path (``{"normalize.loudness": -20.0}``); unset ones are absent."""
+    found = {}
+    for name in (n for n in type(overrides).model_fields if n in overrides.model_fields_set):  # in the spec's order
+        value = getattr(overrides, name)
+        if isinstance(value, BaseModel):
+            found.update(given(value, f"{prefix}{name}."))
+        else:
+            found[f"{prefix}{name}"] = value
+    return found
+
+
+def overrides(settings: Mapping[str, Any]) -> BaseModel:
+    """``settings`` (field paths as for :func:`apply_settings`) as validated :data:`Overrides`."""
+    try:
+        return Overrides.model_validate(apply_settings({}, settings))
+    except ValidationError as exc:
+        raise ProjectError(problems(exc)) from None
 
 
 def resolved(config: FinetuneConfig, paths: Iterable[str]) -> dict[str, Any]:

@@ -93,12 +93,13 @@ def run_command(name: str = typer.Argument(...), settings: list[str] = SET, stor
     from fishtune.cli.flows import _prefect_defaults, _run_and_print
 
     with _one_line():
-        overrides = projects.parse_settings(settings)
-        config = projects.with_settings(projects.load(storage, name), overrides)  # errors before Prefect starts
+        changes = projects.parse_settings(settings)
+        config = projects.with_settings(projects.load(storage, name), changes)  # errors before Prefect starts
+        overrides = projects.overrides(changes)
     _prefect_defaults()
     from fishtune.flows.project import finetune_project
 
-    _run_and_print(config, console, lambda: finetune_project(name, config.storage, overrides or None, return_state=True))
+    _run_and_print(config, console, lambda: finetune_project(name, config.storage, overrides, return_state=True))
 
 
 def schedule_slug(storage: str, name: str) -> str:

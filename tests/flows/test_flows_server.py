@@ -211,6 +211,27 @@ def _wait_for(browser, css: str, text: str | None = None, timeout: float = 30.0)
         first, f"no {css!r}" + (f" with text {text!r}" if text else "") + f" after {timeout:.0f} s")
 
 
+def _submit(browser, screenshot: Path) -> None:
+    """Press Submit until the UI leaves the form having created the run.
+
+    Under load the SQLite-backed server may answer create_flow_run with 503 (database busy);
+    a person would press Submit again, so the test does, but only for that status."""
+    for attempt in range(3):
+        _wait_for(browser, "button", text="Submit").click()
+        try:
+            _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
+            return
+        except AssertionError:
+            calls = browser.execute_script(
+                "return performance.getEntriesByType('resource').map(e => e.name + ' ' + e.responseStatus)"
+            )
+            created = [c for c in calls if "/create_flow_run" in c]
+            if attempt < 2 and created and created[-1].endswith(" 503"):
+                continue
+            screenshot.write_bytes(browser.get_screenshot_as_png())
+            raise AssertionError(f"form not submitted; API calls: {[c for c in calls if '/api/' in c][-8:]}") from None
+
+
 @pytest.mark.slow
 def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     # `make test` installs them (system-deps); missing browsers are a setup error, never a skip.
@@ -231,22 +252,7 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
         steps.clear()
         steps.send_keys("7")
         _wait_until(lambda: (value(project), value(steps)) == ("ui-form", "7"), "the typed values to stick")
-        # Under load the SQLite-backed server may answer create_flow_run with 503 (database busy);
-        # a person would press Submit again, so the test does, but only for that status.
-        for attempt in range(3):
-            _wait_for(browser, "button", text="Submit").click()
-            try:
-                _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
-                break
-            except AssertionError:
-                calls = browser.execute_script(
-                    "return performance.getEntriesByType('resource').map(e => e.name + ' ' + e.responseStatus)"
-                )
-                created = [c for c in calls if "/create_flow_run" in c]
-                if attempt < 2 and created and created[-1].endswith(" 503"):
-                    continue
-                (deployed.server.root / "ui-submit.png").write_bytes(browser.get_screenshot_as_png())
-                raise AssertionError(f"form not submitted; API calls: {[c for c in calls if '/api/' in c][-8:]}") from None
+        _submit(browser, deployed.server.root / "ui-submit.png")
     finally:
         browser.quit()
     with get_client(sync_client=True) as client:
@@ -260,26 +266,31 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
 
 
 def _ui_runs_a_saved_project(deployed) -> None:
-    """A saved project started from the finetune-project form: only its name is typed, the spec does the rest.
-
-    (An override cannot be typed there: Prefect's form has no editor for a free-form dict, its field
-    menu offers only "Use default value" and "Omit value"; overrides go through the API and
-    `fishtune project run --set`, tests/flows/test_projects.py.)"""
+    """A saved project started from the finetune-project form with one override typed in it, a
+    nested one (Normalize > Loudness): the run's audio is normalized to it, every other field comes
+    from the spec (the form sends only the field typed), and the saved spec is unchanged."""
+    import pyloudnorm
+    import soundfile
     from prefect.client.orchestration import get_client
+    from selenium.webdriver.common.by import By
 
     from fishtune import projects
 
     projects.create(str(deployed.store), "ui-project", {"data": str(deployed.data), "speaker": "carmen",
                                                          "max_seconds": 20.0})
+    saved = (deployed.store / "projects" / "ui-project.json").read_bytes()
     browser = _chromium()
+    value = lambda element: element.get_property("value")
     try:
         browser.get(f"{deployed.server.url}/v2/deployments/deployment/{deployed.project.id}/run")
-        _wait_for(browser, "body", text="overrides")
+        label = _wait_for(browser, "label", text="Loudness")  # overrides: a form field per spec field
+        loudness = browser.find_element(By.ID, label.get_attribute("for"))
         name = _wait_for(browser, "textarea")  # the first field: Project
         name.clear()
         name.send_keys("ui-project")
-        _wait_for(browser, "button", text="Submit").click()
-        _wait_until(lambda: "/run" not in browser.current_url, "the UI to leave the form after creating the run", 30)
+        loudness.send_keys("-30")
+        _wait_until(lambda: (value(name), value(loudness)) == ("ui-project", "-30"), "the typed values to stick")
+        _submit(browser, deployed.server.root / "ui-project.png")
     except Exception:
         (deployed.server.root / "ui-project.html").write_text(browser.page_source)
         raise
@@ -294,10 +305,16 @@ def _ui_runs_a_saved_project(deployed) -> None:
             time.sleep(1)
     assert len(runs) == 1 and runs[0].state.is_completed(), runs
     assert runs[0].name == "finetune-project/ui-project" and "project:ui-project" in runs[0].tags
+    assert runs[0].parameters["overrides"] == {"normalize": {"loudness": -30}}  # untouched fields are not sent (no nulls)
     manifest = next(json.loads(p.read_text()) for p in (deployed.store / "runs").glob("*/manifest.json")
                     if json.loads(p.read_text())["parameters"]["project"] == "ui-project")
+    assert manifest["parameters"]["overrides"] == {"normalize.loudness": -30.0}
     assert (manifest["parameters"]["speaker"], manifest["parameters"]["max_seconds"]) == ("carmen", 20.0)  # the spec's
-    assert [s["stage"] for s in manifest["stages"]] == ["validate", "normalize"]
+    assert manifest["parameters"]["normalize"] == {"loudness": -30.0, "peak": -1.0, "format": "keep"}
+    normalized = {s["stage"]: s for s in manifest["stages"]}["normalize"]["outputs"]["url"]
+    audio, rate = soundfile.read(f"{normalized}/carmen/carmen_000.wav")
+    assert abs(pyloudnorm.Meter(rate).integrated_loudness(audio) - -30.0) < 0.5  # the spec's default: -23 LUFS
+    assert (deployed.store / "projects" / "ui-project.json").read_bytes() == saved  # an override is never saved
 
 
 def _children(client, deployment: str) -> list:
@@ -406,18 +423,25 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
         ({"normalize": {"loudness": 5.0}}, "loudness"),
         ({"num_workers": "many"}, "num_workers"),
         ({"surprise": 1}, "surprise"),
+        # a saved project's run: its typed overrides are checked the same way
+        ({"overrides": {"max_steps": 0}}, "max_steps"),
+        ({"overrides": {"normalize": {"loudness": 5.0}}}, "loudness"),
+        ({"overrides": {"storage": "elsewhere"}}, "storage"),  # fixed by the project
     ],
 )
 def test_api_rejects_invalid_parameters_naming_the_field(deployed, change, field):
-    """The deployment enforces the config's schema: a bad value is refused at creation, no run is made."""
+    """The deployments enforce their schema: a bad value is refused at creation, no run is made."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
 
-    config = {"data": str(deployed.data), "storage": str(deployed.store), **change}
+    if "overrides" in change:
+        deployment, parameters = deployed.project, {"project": "any", "storage": str(deployed.store), **change}
+    else:
+        deployment, parameters = deployed.finetune, {"config": {"data": str(deployed.data), "storage": str(deployed.store), **change}}
     with get_client(sync_client=True) as client:
         before = len(client.read_flow_runs())
         with pytest.raises(PrefectHTTPStatusError) as info:
-            client.create_flow_run_from_deployment(deployed.finetune.id, parameters={"config": config})
+            client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         after = len(client.read_flow_runs())
     assert info.value.response.status_code == 409
     message = info.value.response.json()["detail"]

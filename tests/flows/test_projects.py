@@ -90,18 +90,50 @@ def test_project_spec_on_s3(s3_bucket):
     assert projects.edit(root, "remote", {"max_steps": "9"}).max_steps == 9 == projects.load(root, "remote").max_steps
 
 
+def test_overrides_hold_only_the_fields_given():
+    """A run's typed overrides: every settable spec field, each optional; what a dump (a stored
+    run's parameters, a re-sent run) holds is what was given, so an untouched field never clears
+    the spec's value, while an explicit None does clear an optional one."""
+    from pydantic import ValidationError
+
+    given = projects.Overrides.model_validate({"max_steps": "3", "normalize": {"loudness": -20}, "base": None})
+    assert given.model_dump(mode="json") == {"max_steps": 3, "normalize": {"loudness": -20.0}, "base": None}
+    assert list(projects.given(given).items()) == [("normalize.loudness", -20.0), ("base", None), ("max_steps", 3)]
+    assert projects.Overrides().model_dump() == {} and projects.given(projects.Overrides()) == {}
+    assert projects.overrides({"normalize.peak": "-2", "codec": ""}).model_dump() == {"normalize": {"peak": -2.0}, "codec": None}
+    spec = FinetuneConfig(data=str(DEMO), base="b", codec="c", max_steps=9, normalize={"loudness": -18, "peak": -3})
+    run = projects.with_settings(spec, projects.given(given))
+    assert (run.max_steps, run.normalize.loudness, run.normalize.peak, run.base, run.codec) == (3, -20.0, -3.0, None, spec.codec)
+    for bad, expected in [({"max_steps": 0}, "max_steps: Input should be greater than 0"),
+                          ({"normalize": {"loudness": 5}}, "normalize.loudness: Input should be less than or equal to 0"),
+                          ({"max_steps": None}, "max_steps: Input should be a valid integer"),  # not optional in the spec
+                          ({"storage": "x"}, "storage: unknown field")]:
+        with pytest.raises(ValidationError) as info:
+            projects.Overrides.model_validate(bad)
+        assert projects.problems(info.value).startswith(expected)
+    # one definition: the spec's fields (less the fixed ones) with their limits and help
+    schema = projects.Overrides.model_json_schema()
+    assert set(schema["properties"]) == set(FinetuneConfig.model_fields) - set(projects.FIXED)
+    spec_max_steps = dict(FinetuneConfig.model_json_schema()["properties"]["max_steps"])
+    assert spec_max_steps.pop("default") == 1000 and schema["properties"]["max_steps"] == spec_max_steps
+    properties = [*schema["properties"].values(), *schema["$defs"]["NormalizeOptionsOverrides"]["properties"].values()]
+    assert not [p for p in properties if "default" in p or "<" in p["description"]]  # the form shows them empty
+
+
 @pytest.mark.slow
 def test_project_run_uses_the_spec_and_records_this_runs_overrides(prefect_env, tmp_path):
     store = tmp_path / "store"
     projects.create(str(store), "run-test", {"data": str(DEMO), "base": "b", "codec": "c", "speaker": "carmen"})
     saved = (store / "projects" / "run-test.json").read_bytes()
-    result, out = _run("run", "run-test", "--storage", str(store), "--set", "codec=", "--set", "base=", "--set", "max_seconds=20")
+    result, out = _run("run", "run-test", "--storage", str(store), "--set", "codec=", "--set", "base=", "--set", "max_seconds=20",
+                       "--set", "normalize.loudness=-20")
     assert result.exit_code == 0, out
     assert "validate" in out and "normalize" in out and "Report:" in out
     [manifest] = [json.loads(p.read_text()) for p in (store / "runs").glob("*/manifest.json")]
     assert [s["stage"] for s in manifest["stages"]] == ["validate", "normalize"]  # no codec for this run: stops there
     assert (manifest["parameters"]["project"], manifest["parameters"]["speaker"]) == ("run-test", "carmen")
-    assert manifest["parameters"]["overrides"] == {"codec": None, "base": None, "max_seconds": 20.0}
+    assert manifest["parameters"]["overrides"] == {"codec": None, "base": None, "max_seconds": 20.0, "normalize.loudness": -20.0}
+    assert manifest["parameters"]["normalize"]["loudness"] == -20.0
     assert (store / "projects" / "run-test.json").read_bytes() == saved  # overrides are never saved
     result, out = _run("run", "run-test", "--storage", str(store), "--set", "max_steps=0")
     assert result.exit_code == 2 and out.strip() == "error: max_steps: Input should be greater than 0"

@@ -367,6 +367,20 @@ def hash_tree(url: str) -> str:
     return sha
 
 
+def file_hashes(url: str) -> dict[str, str]:
+    """Relative path -> sha256 of every file under a folder URL (hidden files skipped).
+
+    A published artifact's completion marker already records them (artifacts are never
+    rewritten), so that is one read; any other folder is hashed now.
+    """
+    fs, path = filesystem(join(url, MARKER))
+    try:
+        return dict(sorted(json.loads(retry_io(lambda: fs.cat_file(path)))["files"].items()))
+    except FileNotFoundError:
+        pass
+    return {rel: hash_url(join(url, rel)) for rel in list_files(url)}
+
+
 def _tree_stamp(stamps: Mapping[str, Any], links: Mapping[str, str]) -> str:
     """A folder's stamp: the sorted listing of its files' stamps (and its other links' texts)."""
     return hashlib.sha256(canonical_json({"files": dict(stamps), "links": dict(links)}).encode()).hexdigest()
@@ -603,9 +617,11 @@ def local_tree(url: str, cache: str | os.PathLike) -> Path:
 
 
 def sync_tree(
-    url: str, dest: str | os.PathLike, only: Iterable[str] | None = None, keep_suffixes: tuple[str, ...] = ()
+    url: str, dest: str | os.PathLike, only: Iterable[str] | None = None, keep_suffixes: tuple[str, ...] = (),
+    files: Iterable[str] | None = None,
 ) -> dict[str, str]:
-    """Mirror the files under ``url`` (optionally only the top-level folders ``only``) into ``dest``.
+    """Mirror the files under ``url`` (optionally only the top-level folders ``only``, or only the
+    relative paths ``files``) into ``dest``.
 
     Each file is streamed once: hashed while copied, and written only when its content differs
     from the local copy, so unchanged files keep their bytes and times. A remote file whose
@@ -615,8 +631,10 @@ def sync_tree(
     """
     dest = Path(dest)
     wanted = set(only) if only is not None else None
+    chosen = set(files) if files is not None else None
     listing = {
-        rel: info for rel, info in list_files(url).items() if wanted is None or rel.split("/", 1)[0] in wanted
+        rel: info for rel, info in list_files(url).items()
+        if (wanted is None or rel.split("/", 1)[0] in wanted) and (chosen is None or rel in chosen)
     }
     hashes: dict[str, str] = {}
     fs, root = filesystem(url)

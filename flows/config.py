@@ -111,6 +111,12 @@ class FinetuneConfig(BaseModel):
         None, description="Run the GPU stages (extract, train, evaluate, merge) as child runs of their deployments, "
                           "which must be on this work pool (e.g. 'cuda'). Empty: in this process.",
     )
+    extract_shards: int | None = Field(
+        None, ge=1, le=1024,
+        description="With gpu_pool: split extraction into this many child runs at once (one GPU each), merged into "
+                    "the same artifact one run makes; a rerun after a failed shard runs that shard alone. Empty: one "
+                    "per slot of the `gpu` concurrency limit (fishtune deploy --gpus). Without gpu_pool only 1.",
+    )
 
     @field_validator("data", "storage", "work_dir", "base", "codec")
     @classmethod
@@ -156,6 +162,13 @@ class FinetuneConfig(BaseModel):
         speaker, how it was normalized (not its content: the next run redoes changed files only)."""
         return storage.digest_listing({"data": storage.normalize_url(self.data), "speaker": self.speaker or "",
                                        "normalize": storage.canonical_json(self.normalize.model_dump(mode="json"))})[:16]
+
+    @model_validator(mode="after")
+    def _shards_need_a_pool(self) -> FinetuneConfig:
+        if self.extract_shards and self.extract_shards > 1 and not self.gpu_pool:
+            raise ValueError(f"extract_shards {self.extract_shards} needs gpu_pool: shards are child runs on the "
+                             "GPU pool's workers; set gpu_pool (e.g. 'cuda') or leave extract_shards empty")
+        return self
 
     @model_validator(mode="after")
     def _outputs_outside_data(self) -> FinetuneConfig:

@@ -27,10 +27,10 @@ from fish_speech_core.links import browser_link
 from fish_speech_core.registry import latest_lora
 from fish_speech_core.storage import RunManifest, StageRecord, Store
 from fishtune.flows.config import FinetuneConfig
-from fishtune.flows.gpu import DEPLOYMENTS, LAUNCHERS, LOCAL
+from fishtune.flows.gpu import DEPLOYMENTS, LAUNCHERS, LOCAL, extract_on_shards
 from fishtune.flows.report import plot_url, report_markdown
 from fishtune.tasks import data as data_tasks
-from fishtune.tasks.remote import check_pool
+from fishtune.tasks.remote import check_pool, gpu_slots
 from fishtune.tasks.runtime import bind, default_work_dir
 from fishtune.tasks.stage import artifact_key
 
@@ -95,19 +95,23 @@ class Stages:
 
     def __call__(self, name: str, inputs: dict[str, str], task: Task | None = None, title: str = "", **arguments) -> dict:
         project = self.config.project
-        if task is None and self.config.gpu_pool:  # a child flow run on the GPU pool (it resolves its own work folder)
-            if name not in self.pool_checked:
-                check_pool(DEPLOYMENTS[name], self.config.gpu_pool)
-                self.pool_checked.add(name)
-            task = LAUNCHERS[name]
-            arguments |= {"run_name": f"{name}/{project}{title}", "run_tags": run_tags(project, name)}
-        else:
-            task = task or LOCAL[name]
-            if "work_dir" in inspect.signature(task.fn).parameters:
-                arguments["work_dir"] = str(self.work_dir)
-        bound = bind(task, self.store, self.work_dir).with_options(task_run_name=f"{name}/{project}{title}")
+        shards = self.extract_shards() if name == "extract" and task is None else 1
         started = time.perf_counter()
-        state = bound(store_root=self.store.root, **arguments, return_state=True)
+        if shards > 1:  # one child run per shard on the GPU pool, then their merge here
+            self._check_pool("extract-shard")
+            state = extract_on_shards(self.store, self.work_dir, shards, f"{name}/{project}{title}",
+                                      run_tags(project, name), **arguments)
+        else:
+            if task is None and self.config.gpu_pool:  # a child flow run on the GPU pool (it resolves its own work folder)
+                self._check_pool(name)
+                task = LAUNCHERS[name]
+                arguments |= {"run_name": f"{name}/{project}{title}", "run_tags": run_tags(project, name)}
+            else:
+                task = task or LOCAL[name]
+                if "work_dir" in inspect.signature(task.fn).parameters:
+                    arguments["work_dir"] = str(self.work_dir)
+            bound = bind(task, self.store, self.work_dir).with_options(task_run_name=f"{name}/{project}{title}")
+            state = bound(store_root=self.store.root, **arguments, return_state=True)
         seconds = time.perf_counter() - started
         result = state.result()  # raises the task's exception: a failed stage fails the flow
         self.manifest.stages.append(StageRecord(
@@ -117,6 +121,18 @@ class Stages:
             summary=result.get("summary", {}),
         ))
         return result
+
+    def extract_shards(self) -> int:
+        """K, the extraction child runs: the config's, else one per slot of the ``gpu`` limit
+        with a GPU pool (1 without one)."""
+        if not self.config.gpu_pool:
+            return 1
+        return self.config.extract_shards or gpu_slots()
+
+    def _check_pool(self, name: str) -> None:
+        if name not in self.pool_checked:
+            check_pool(DEPLOYMENTS[name], self.config.gpu_pool)
+            self.pool_checked.add(name)
 
 
 @dataclass

@@ -1,25 +1,101 @@
-"""Thin Prefect task for semantic-token extraction (Firefly VQ-GAN): normalized audio -> codes.
+"""Thin Prefect tasks for semantic-token extraction (Firefly VQ-GAN): normalized audio -> codes.
 
 The task syncs the normalize artifact into a stable local work folder and extracts there:
 extraction is incremental by content (a sidecar per ``.npy``), so one changed file of a
 hundred is encoded again, not the hundred. It publishes ``<speaker>/<stem>.lab`` +
 ``<stem>.npy`` (+ the ``.npy.json`` sidecar naming the codec's code spec) per item: exactly
 what ``pack`` reads.
+
+Sharded extraction (several GPU workers): :func:`extract_shard_task` encodes the items of one
+shard (:mod:`fish_speech_core.sharding`) and publishes them as an ``extract-shard`` artifact
+keyed by those items' content; :func:`merge_shards` publishes their union under the one
+``extract`` key, byte for byte what :func:`extract_task` publishes for the same input (the
+summary holds only what the content decides, never timings or per-run counts).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
-from fish_speech_core.storage import local_file, redact, sync_tree
+from fish_speech_core import storage
+from fish_speech_core.sharding import item_name, split
+from fish_speech_core.storage import Store, local_file, redact, sync_tree
 from fishtune.tasks.params import ExtractParams
 from fishtune.tasks.runtime import work_folder
 from fishtune.tasks.stage import Stage
 
 DERIVED = (".npy", ".npy.json")  # made here, kept across syncs
-EXTRACT = Stage("extract", {"normalized": "normalized_url", "codec": "codec"}, summary_file="extract-summary.json")
+SUMMARY = "extract-summary.json"
+
+
+def shard_items(normalized_url: str, shard: int, shards: int, text_extension: str) -> dict[str, str]:
+    """Relative path -> sha256 of the audio files and transcripts of shard ``shard`` (0-based) of ``shards``."""
+    from fish_speech_core.audio import AUDIO_EXTENSIONS
+
+    listing = storage.file_hashes(normalized_url)
+    is_audio = lambda rel: Path(rel).suffix.lower() in AUDIO_EXTENSIONS
+    mine = set(split({item_name(rel) for rel in listing if is_audio(rel)}, shards)[shard])
+    return {rel: sha for rel, sha in listing.items()
+            if (is_audio(rel) or rel.endswith(text_extension)) and item_name(rel) in mine}
+
+
+def _shard_hashes(args: Mapping[str, Any]) -> dict[str, str]:
+    # the shard's own files, not the whole normalize artifact: a new clip elsewhere keeps this key
+    params = args.get("params") or ExtractParams()
+    files = shard_items(str(args["normalized_url"]), int(args["shard"]), int(args["shards"]), params.text_extension)
+    return {"items": storage.digest_listing(files), "codec": storage.hash_any(str(args["codec"]))}
+
+
+EXTRACT = Stage("extract", {"normalized": "normalized_url", "codec": "codec"}, summary_file=SUMMARY)
+EXTRACT_SHARD = Stage("extract-shard", {"normalized": "normalized_url", "codec": "codec"}, summary_file=SUMMARY,
+                      hash_inputs=_shard_hashes)
+
+
+def codes_summary(seconds: Mapping[str, float]) -> dict:
+    """The summary an extract artifact stores: decided by its items alone (sums in sorted order,
+    so a merge of shards adds the same floats in the same order as one run)."""
+    return {"files": len(seconds), "audio_seconds": round(sum(seconds[k] for k in sorted(seconds)), 3)}
+
+
+def _encode(local: Path, codec: str, params: ExtractParams, label: str) -> tuple[dict[str, Path], dict[str, float], dict]:
+    """Encode every audio file under ``local``; (files to publish, seconds per item, run counts)."""
+    import torch
+
+    from fish_speech_core.audio import AUDIO_EXTENSIONS
+    from fish_speech_core.codec import load_codec
+    from fish_speech_core.codec.extract import ExtractSettings, batching_for, extract
+    from fish_speech_core.codes import SIDECAR_SUFFIX, sidecar_path_for
+
+    device = params.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_codec(local_file(codec, local.parent / "checkpoints"), device=device)
+    audio = sorted(p for p in local.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(local).parts))
+    batch_size, max_batch_seconds = batching_for(device, params.batch_size)
+    summary = extract(model, audio, ExtractSettings(batch_size=batch_size, max_batch_seconds=max_batch_seconds,
+                                                    num_workers=params.num_workers,
+                                                    max_seconds=params.max_seconds, dtype=params.dtype.value))
+    bad = [r for r in summary.results if r.status in ("failed", "rejected")]
+    if bad:
+        listed = "; ".join(f"{r.audio_path.relative_to(local)}: {r.reason}" for r in bad[:5])
+        raise RuntimeError(f"extract could not encode {len(bad)} file(s) of {label}: {listed}")
+    seconds = {r.audio_path.relative_to(local).with_suffix("").as_posix(): r.seconds for r in summary.results}
+    files: dict[str, Path] = {}
+    for path in audio:
+        rel = path.relative_to(local).with_suffix("").as_posix()
+        files[f"{rel}.npy"] = path.with_suffix(".npy")
+        files[f"{rel}{params.text_extension}"] = path.with_suffix(params.text_extension)
+        sidecar = sidecar_path_for(path.with_suffix(".npy"))
+        if sidecar.is_file():  # the codec's code spec: pack checks every .npy against it
+            files[f"{rel}.npy{SIDECAR_SUFFIX}"] = sidecar
+    counts = {status: summary.count(status) for status in ("extracted", "skipped")}
+    return files, seconds, counts
 
 
 @task(name="extract", cache_policy=EXTRACT.cache_policy, persist_result=True)
@@ -30,43 +106,94 @@ def extract_task(normalized_url: str, codec: str, store_root: str, params: Extra
     ``workspace`` names the incremental folder ``<work>/extract/<workspace>/`` on the host that
     runs this (the flow names it after the dataset, so the next run over it redoes changed files only).
     """
+    counts = {"extracted": 0, "skipped": 0}  # this run's work; 0/0 when the artifact is reused
 
     def compute(tmp: Path):
-        import torch
-
-        from fish_speech_core.audio import AUDIO_EXTENSIONS
-        from fish_speech_core.codec import load_codec
-        from fish_speech_core.codec.extract import ExtractSettings, batching_for, extract
-        from fish_speech_core.codes import SIDECAR_SUFFIX, sidecar_path_for
-
         local = work_folder(store_root, work_dir) / "extract" / workspace
         sync_tree(normalized_url, local, keep_suffixes=DERIVED)
-        device = params.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_codec(local_file(codec, local.parent / "checkpoints"), device=device)
-        audio = sorted(p for p in local.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(local).parts))
-        batch_size, max_batch_seconds = batching_for(device, params.batch_size)
-        summary = extract(model, audio, ExtractSettings(batch_size=batch_size, max_batch_seconds=max_batch_seconds,
-                                                        num_workers=params.num_workers,
-                                                        max_seconds=params.max_seconds, dtype=params.dtype.value))
-        bad = [r for r in summary.results if r.status in ("failed", "rejected")]
-        if bad:
-            listed = "; ".join(f"{r.audio_path.relative_to(local)}: {r.reason}" for r in bad[:5])
-            raise RuntimeError(f"extract could not encode {len(bad)} file(s) of {redact(normalized_url)}: {listed}")
-        counts = {status: summary.count(status) for status in ("extracted", "skipped")}
-        counts["audio_seconds"] = round(sum(r.seconds for r in summary.results), 3)
-        files: dict[str, Path] = {}
-        for path in audio:
-            rel = path.relative_to(local).with_suffix("").as_posix()
-            files[f"{rel}.npy"] = path.with_suffix(".npy")
-            files[f"{rel}{params.text_extension}"] = path.with_suffix(params.text_extension)
-            sidecar = sidecar_path_for(path.with_suffix(".npy"))
-            if sidecar.is_file():  # the codec's code spec: pack checks every .npy against it
-                files[f"{rel}.npy{SIDECAR_SUFFIX}"] = sidecar
-        return files, {"counts": counts, "device": device, "batch_size": batch_size,
-                       "wall_seconds": summary.wall_seconds}
+        files, seconds, done_counts = _encode(local, codec, params, redact(normalized_url))
+        counts.update(done_counts)
+        return files, codes_summary(seconds)
 
     done = EXTRACT.run(store_root, {"normalized_url": normalized_url, "codec": codec, "params": params}, compute)
-    return done.result(done.summary["counts"])
+    return done.result({**done.summary, **counts})
+
+
+@task(name="extract-shard", cache_policy=EXTRACT_SHARD.cache_policy, persist_result=True)
+def extract_shard_task(normalized_url: str, codec: str, store_root: str, shard: int, shards: int,
+                       params: ExtractParams = ExtractParams(), workspace: str = "default",
+                       work_dir: str | None = None) -> dict:
+    """Encode the items of shard ``shard`` (0-based) of ``shards``; publish their transcripts + codes.
+
+    The key is the shard's files' content (not its number): the same items make the same shard
+    artifact whatever K split them. Its incremental folder is ``<work>/extract/<workspace>-<shard>-of-<shards>``.
+    """
+    counts = {"extracted": 0, "skipped": 0}
+    args = {"normalized_url": normalized_url, "codec": codec, "shard": shard, "shards": shards, "params": params}
+
+    def compute(tmp: Path):
+        wanted = shard_items(normalized_url, shard, shards, params.text_extension)
+        if not wanted:
+            raise ValueError(f"shard {shard + 1} of {shards} of {redact(normalized_url)} holds no audio")
+        local = work_folder(store_root, work_dir) / "extract" / f"{workspace}-{shard + 1}-of-{shards}"
+        sync_tree(normalized_url, local, keep_suffixes=DERIVED, files=wanted)
+        files, seconds, done_counts = _encode(local, codec, params, redact(normalized_url))
+        counts.update(done_counts)
+        return files, {**codes_summary(seconds), "seconds": seconds}
+
+    done = EXTRACT_SHARD.run(store_root, args, compute)
+    summary = {k: done.summary[k] for k in ("files", "audio_seconds")}
+    return done.result({**summary, **counts})
+
+
+@task(name="extract-merge", cache_policy=EXTRACT.launch_policy, persist_result=True)
+def merge_shards(normalized_url: str, codec: str, store_root: str, params: ExtractParams = ExtractParams(),
+                 shard_keys: Sequence[str] = (), counts: Mapping[str, int] | None = None) -> dict:
+    """Publish the union of the ``extract-shard`` artifacts ``shard_keys`` as the ``extract``
+    artifact of ``normalized_url``: the same files and bytes one run publishes.
+
+    Keyed like the one-run launcher (the ``extract`` key, prefixed): whichever K made the
+    artifact, the next run finds it. With the artifact published already, ``shard_keys`` may be
+    empty (nothing is merged). ``counts``: the shards' files encoded and reused in this run
+    (for the report), recorded in the result only.
+
+    Raises:
+        ValueError: a shard artifact is missing, an item is in two shards, or a normalized item is in none.
+    """
+    from fish_speech_core.audio import AUDIO_EXTENSIONS
+
+    store = Store(store_root)
+
+    def compute(tmp: Path):
+        seconds: dict[str, float] = {}
+        files: dict[str, Path] = {}
+        for number, key in enumerate(shard_keys):
+            artifact = store.lookup(EXTRACT_SHARD.name, key)
+            if artifact is None:
+                raise ValueError(f"shard artifact {redact(store.artifact_url(EXTRACT_SHARD.name, key))} is not in the store")
+            shard_seconds = json.loads(store.read_bytes(f"{EXTRACT_SHARD.name}/{key}/{SUMMARY}"))["seconds"]
+            twice = set(seconds) & set(shard_seconds)
+            if twice:
+                raise ValueError(f"{sorted(twice)[0]} is in two shards: the shards are of different inputs")
+            seconds.update(shard_seconds)
+            for rel in artifact.files:
+                if rel != SUMMARY:
+                    files[rel] = _local_copy(artifact.file_url(rel), tmp / f"shard-{number}" / rel)
+        expected = {item_name(rel) for rel in storage.file_hashes(normalized_url) if Path(rel).suffix.lower() in AUDIO_EXTENSIONS}
+        missing = expected - set(seconds)
+        if missing:
+            raise ValueError(f"{len(missing)} item(s) of {redact(normalized_url)} are in no shard, e.g. {sorted(missing)[0]}")
+        return files, codes_summary(seconds)
+
+    args = {"normalized_url": normalized_url, "codec": codec, "params": params}
+    done = EXTRACT.run(store_root, args, compute)
+    run = {"extracted": 0, "skipped": 0, **(counts or {})} if not done.reused else {"extracted": 0, "skipped": 0}
+    return done.result({**done.summary, **run, "shards": len(shard_keys)})
+
+
+def _local_copy(url: str, target: Path) -> Path:
+    """A local file with the bytes of ``url``: itself when local, else downloaded to ``target``."""
+    if storage.is_local(url):
+        return storage.local_path(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return storage.download(url, target)

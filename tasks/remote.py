@@ -9,6 +9,7 @@ its child flow under the *same* cache key, so a rerun with the same inputs launc
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any
 
 from prefect import Task, task
@@ -77,15 +78,18 @@ def run_child(
     """Start ``deployment`` ('flow-name/deployment-name'), wait for it, return its result.
 
     The child's return value is read from result storage, so the child flow must persist its
-    result where this process can read it (shared storage across hosts).
+    result where this process can read it (shared storage across hosts). A child whose worker
+    goes offline while it runs (see :func:`lost_worker`) is marked Crashed and fails here.
 
     Raises:
-        ChildRunFailed: the child ended Failed / Crashed / Cancelled, or did not finish in ``timeout``.
+        ChildRunFailed: the child ended Failed / Crashed / Cancelled, lost its worker, or did not
+            finish in ``timeout``.
     """
     from prefect.deployments import run_deployment
 
-    run = run_deployment(deployment, parameters=parameters, timeout=timeout, poll_interval=poll_interval,
-                         job_variables=job_variables, flow_run_name=flow_run_name, tags=tags)
+    run = run_deployment(deployment, parameters=parameters, timeout=0, job_variables=job_variables,
+                         flow_run_name=flow_run_name, tags=tags)
+    run = _wait(run.id, timeout, poll_interval)
     state = run.state
     if state is not None and (state.is_crashed() or state.is_cancelled()):
         end_orphaned_task_runs(run.id, state)
@@ -94,6 +98,69 @@ def run_child(
         detail = f": {state.message}" if state and state.message else ""
         raise ChildRunFailed(f"child run {run.name!r} of deployment {deployment} ended {name}{detail}")
     return state.result()
+
+
+def _wait(run_id, timeout: float, poll_interval: float):
+    """The flow run once final (or at ``timeout``); Crashed by us when its worker was lost."""
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    deadline = time.monotonic() + timeout
+    worker: str | None = None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            state = run.state
+            if state is None or state.is_final() or time.monotonic() > deadline:
+                return run
+            if state.is_running() or state.is_pending():  # a worker took it
+                worker = worker or worker_of(client, run.id)
+                gone = worker and lost_worker(client, run.work_pool_name, worker)
+                if gone:
+                    client.set_flow_run_state(run.id, Crashed(message=gone), force=True)
+                    return client.read_flow_run(run_id)
+            time.sleep(poll_interval)
+
+
+def worker_of(client, flow_run_id) -> str | None:
+    """The name of the worker that took a flow run: Prefect records it only as the worker's
+    ``prefect.worker.submitted-flow-run`` event (related to the run); None before that event."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["prefect.worker.submitted-flow-run"]),
+                                                 related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"])),
+                              limit=1)  # the client's default (100) is over the server's maximum (50)
+    return page.events[0].resource.get("prefect.resource.name") if page.events else None
+
+
+def lost_worker(client, pool: str | None, worker: str) -> str | None:
+    """Why ``worker`` of ``pool`` counts as lost, or None while it is online.
+
+    The server marks a worker OFFLINE when it missed its heartbeats (3 intervals by default:
+    90 s for a worker's default 30 s). A process worker's jobs survive the worker itself, but
+    a dead host takes both, and nobody would ever report its runs: they would stay Running.
+    """
+    from prefect.client.schemas.objects import WorkerStatus
+
+    found = [w for w in client.read_workers_for_work_pool(pool) if w.name == worker] if pool else []
+    if not found or found[0].status != WorkerStatus.OFFLINE:
+        return None
+    seen = found[0].last_heartbeat_time
+    return (f"its worker {worker!r} went offline while it ran (last heartbeat {seen:%H:%M:%S} UTC): "
+            "the worker or its host died" if seen else f"its worker {worker!r} went offline while it ran")
+
+
+def gpu_slots() -> int:
+    """Slots of the global ``gpu`` concurrency limit (``fishtune deploy --gpus``): how many GPU
+    child runs may run at once; 1 when the limit does not exist."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return max(1, int(client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit))
+        except ObjectNotFound:
+            return 1
 
 
 def end_orphaned_task_runs(flow_run_id, final) -> int:

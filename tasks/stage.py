@@ -33,14 +33,18 @@ class Stage:
     """A stage's name, which task arguments are content inputs, and where its summary is kept.
 
     ``inputs`` maps the name recorded in the key and the metadata to the task argument holding a
-    file or folder URL (an unset optional input is left out).
+    file or folder URL (an unset optional input is left out). ``hash_inputs``, when set, replaces
+    that: task arguments -> content hashes (e.g. only a shard's files of a folder).
     """
 
     name: str
     inputs: Mapping[str, str]
     summary_file: str = "summary.json"
+    hash_inputs: Callable[[Mapping[str, Any]], dict[str, str]] | None = None
 
     def input_hashes(self, args: Mapping[str, Any]) -> dict[str, str]:
+        if self.hash_inputs is not None:
+            return self.hash_inputs(args)
         return {name: storage.hash_any(str(args[arg])) for name, arg in self.inputs.items() if args.get(arg)}
 
     def describe(self, args: Mapping[str, Any]) -> tuple[dict[str, str], str]:

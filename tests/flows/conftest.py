@@ -177,6 +177,8 @@ class PrefectServer:
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
             "PREFECT_WORKER_QUERY_SECONDS": "2",  # fast pickup, without keeping SQLite busy
             "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+            # how soon a worker that stopped heartbeating is marked OFFLINE (default every 15 s)
+            "PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS": "3",
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"),  # parent and children read the same results
         }
 

@@ -62,10 +62,10 @@ def deployed(moto_s3, prefect_server, tmp_path_factory):
         elsewhere.mkdir()
         prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log", cwd=cpu_home,
                              env={"HOME": str(cpu_home)})
-        prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "2", log="worker-cuda.log",
-                             cwd=elsewhere, env={"HOME": str(elsewhere)})
+        cuda = prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "2", log="worker-cuda.log",
+                                    cwd=elsewhere, env={"HOME": str(elsewhere)})
         yield SimpleNamespace(data=data, store=store, finetune=finetune, project=project, watch=watch, server=prefect_server,
-                              cuda_home=elsewhere)
+                              cuda_home=elsewhere, cuda_worker=cuda)
 
 
 def _wait_run(client, deployment_id, project: str, timeout: float = 120.0, count: int = 1):
@@ -560,3 +560,115 @@ def test_container_gpu_pools_from_our_templates_render_the_job_a_gpu_child_gets(
     assert host["DeviceRequests"] == [{"Driver": "nvidia", "Count": 1, "DeviceIDs": [], "Capabilities": [["gpu"]],
                                        "Options": {}}]
     assert "hunter2" not in json.dumps(container.model_dump(mode="json"))
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_extraction_shards_run_on_two_cuda_workers_and_a_lost_one_reruns_alone(deployed, tiny_models, tmp_path):
+    """K=2 extraction shards (K from the `gpu` limit's 2 slots) run at once on two cuda workers;
+    the host of one dies mid-shard (its worker and the job it started are SIGKILLed): the parent
+    notices the worker went offline and fails naming that shard; the rerun launches that shard
+    alone (on the surviving worker: the other shard's launcher is Cached), and the merged artifact
+    is byte for byte what one in-process run publishes. A K=1 run then finds it: nothing is launched.
+
+    Last in the module: it replaces the fixture's cuda worker by two of its own (named, 3 s
+    heartbeats, the stall fault armed for one clip)."""
+    import os
+    import signal
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from fish_speech_core.sharding import shard_of
+    from fish_speech_core.storage import Store
+    from fishtune.flows.config import FinetuneConfig
+    from fishtune.flows.finetune import finetune
+    from fishtune.tasks.codec import extract_task
+    from fishtune.tasks.params import ExtractParams
+    from fishtune.tasks.remote import GPU_LIMIT, worker_of
+    from tests.faults.inject.fishtune_faults import child_env
+
+    data, armed, store = tmp_path / "data", tmp_path / "armed", tmp_path / "store"
+    armed.mkdir()
+    for speaker in ("alice", "carmen"):
+        (data / speaker).mkdir(parents=True)
+        for clip in sorted((DEMO / speaker).iterdir())[:4]:  # 2 clips each: audio + transcript
+            shutil.copy(clip, data / speaker / clip.name)
+    assert {shard_of(f"alice/alice_00{i}", 2) for i in (0, 1)} == {0} and {shard_of(f"carmen/carmen_00{i}", 2) for i in (0, 1)} == {1}
+    (armed / "carmen_001.stall").touch()  # shard 2 stalls at its second clip
+
+    deployed.cuda_worker.terminate()  # only the two workers below take cuda runs now
+    deployed.cuda_worker.wait(timeout=30)
+    workers = {}
+    for name in ("cuda-1", "cuda-2"):
+        home = tmp_path / name
+        home.mkdir()
+        proc = deployed.server.spawn("worker", "start", "--pool", "cuda", "--limit", "1", "--name", name,
+                                     log=f"worker-{name}.log", cwd=home,
+                                     env={"HOME": str(home), "PREFECT_WORKER_HEARTBEAT_SECONDS": "3",
+                                          **child_env(f"stall_extract={armed}")})
+        workers[proc.pid] = name
+    killed = {}
+
+    def the_host_dies() -> None:  # once shard 2 stalls: SIGKILL its worker and the job that worker started
+        marker, deadline = armed / "carmen_001.stalled", time.monotonic() + 240
+        while not (marker.is_file() and marker.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if marker.is_file() and marker.read_text().strip():
+            job = int(marker.read_text())
+            worker = _parent_pid(job)
+            killed.update(job=job, worker=workers.get(worker))
+            os.kill(worker, signal.SIGKILL)
+            os.kill(job, signal.SIGKILL)
+
+    config = FinetuneConfig(data=str(data), storage=str(store), project="shards", codec=str(tiny_models / "codec.pth"),
+                            gpu_pool="cuda", extract_num_workers=0)  # no base: stops after pack
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, 2)  # two GPUs: K=2 by default, both at once
+        try:
+            killer = threading.Thread(target=the_host_dies, daemon=True)
+            killer.start()
+            first = finetune(config, return_state=True)
+            killer.join(timeout=5)
+            assert first.is_failed() and killed.get("worker"), (first, killed)
+            assert re.search(r"extract: 1 of 2 shard\(s\) failed \(shard-2-of-2: child run 'extract/shards/shard-2-of-2' "
+                             rf"of deployment extract-shard/extract-shard ended Crashed: its worker '{killed['worker']}' went "
+                             r"offline while it ran .+\); the 1 finished shard\(s\) are kept", first.message), first.message
+            second = finetune(config)
+            third = finetune(config.model_copy(update={"extract_shards": 1}))
+            children = sorted((c for c in _children(client, "extract-shard/extract-shard") if c.name.startswith("extract/shards/")),
+                              key=lambda c: c.expected_start_time)
+            by_name = [(c.name, c.state.name, worker_of(client, c.id)) for c in children]
+            second_tasks = {t.name: t.state.name for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second["run_id"]])))}
+            one_run = [c for c in _children(client, "extract/extract") if c.name.startswith("extract/shards")]
+        finally:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, 1)
+    survivor = next(name for name in workers.values() if name != killed["worker"])
+    # the first run: one shard on each worker; the second: shard 2 alone, on the worker that is left
+    assert sorted(by_name[:2]) == sorted([("extract/shards/shard-1-of-2", "Completed", survivor),
+                                          ("extract/shards/shard-2-of-2", "Crashed", killed["worker"])]), by_name
+    assert by_name[2:] == [("extract/shards/shard-2-of-2", "Completed", survivor)], by_name
+    assert second_tasks["extract/shards/shard-1-of-2"] == "Cached" and second_tasks["extract/shards/shard-2-of-2"] == "Completed"
+    stages = {s["stage"]: s for s in second["stages"]}
+    assert list(stages) == ["validate", "normalize", "extract", "pack"] and stages["pack"]["summary"]["sentences"] == 4
+    # shard 1's two clips came from cache; of shard 2's, carmen_000 was written before the kill (the
+    # work folder of a local store is shared by the workers of this host): only carmen_001 is redone
+    assert {k: stages["extract"]["summary"][k] for k in ("files", "shards", "extracted", "skipped")} == {
+        "files": 4, "shards": 2, "extracted": 1, "skipped": 3}
+    # K=1 after K=2: the same key, so the extract stage is Cached and no extract child is launched
+    assert {s["stage"]: s for s in third["stages"]}["extract"]["cached"] and not one_run
+    # byte for byte what one extraction of the same normalized data publishes
+    merged = Store(str(store)).lookup("extract", stages["extract"]["key"])
+    normalized = stages["normalize"]["url"]
+    one = extract_task.fn(normalized, str(tiny_models / "codec.pth"), str(tmp_path / "one"), ExtractParams(num_workers=0),
+                          work_dir=str(tmp_path / "one-work"))
+    assert one["key"] == merged.key
+    reference = Store(str(tmp_path / "one")).lookup("extract", one["key"])
+    assert set(merged.files) == set(reference.files) and len(merged.files) == 4 * 3 + 1
+    for rel in merged.files:
+        assert Path(merged.file_url(rel)).read_bytes() == Path(reference.file_url(rel)).read_bytes(), rel

@@ -16,6 +16,10 @@ A spec is ``name=argument[,name=argument...]``. The faults:
 * ``raise_after_checkpoint=STEP``: training raises ``RuntimeError`` at the first optimizer step
   past STEP once a checkpoint exists, once per run folder (a ``.fault-injected`` marker there
   remembers it), so a rerun resumes and finishes.
+* ``stall_extract=FOLDER``: extraction stalls (:data:`STALL_SECONDS`) before writing the codes of
+  a clip ``<stem>`` armed by a file ``FOLDER/<stem>.stall``; it first renames that file to
+  ``<stem>.stalled`` holding its pid, so a test knows whom to kill and the rerun does not stall.
+  Without an armed clip it does nothing (workers can carry it for a whole test module).
 """
 
 from __future__ import annotations
@@ -98,7 +102,58 @@ def raise_after_checkpoint(step: str, patch: Patch) -> None:
     patch(train.StepProgress, "on_train_batch_end", on_train_batch_end)
 
 
+def _when_imported(name: str, then: Callable[[object], None]) -> None:
+    """``then(module)`` once module ``name`` is imported (now, if it is): a process that never
+    extracts (a worker, a server) never pays for importing torch."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        then(sys.modules[name])
+        return
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            load = spec.loader.exec_module
+
+            def exec_module(module) -> None:
+                load(module)
+                then(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
+
+def stall_extract(folder: str, patch: Patch) -> None:
+    _when_imported("fish_speech_core.codec.extract", lambda module: _stall_extract(Path(folder), module, patch))
+
+
+def _stall_extract(armed: Path, extract, patch: Patch) -> None:
+    real = extract.write_codes
+
+    def write_codes(job, *args, **kwargs):
+        trigger = armed / f"{job.audio_path.stem}.stall"
+        try:
+            trigger.rename(armed / f"{job.audio_path.stem}.stalled")  # one process wins, once
+        except FileNotFoundError:
+            return real(job, *args, **kwargs)
+        (armed / f"{job.audio_path.stem}.stalled").write_text(str(os.getpid()))
+        time.sleep(STALL_SECONDS)  # the test kills this process here
+        return real(job, *args, **kwargs)
+
+    # run_extraction looks write_codes up in its module at call time.
+    patch(extract, "write_codes", write_codes)
+
+
 FAULTS: dict[str, Callable[[str, Patch], None]] = {
+    "stall_extract": stall_extract,
     "stall_checkpoint": stall_checkpoint,
     "raise_after_checkpoint": raise_after_checkpoint,
 }

@@ -24,7 +24,7 @@ from fishtune.tasks.codec import EXTRACT, EXTRACT_SHARD, extract_shard_task, ext
 from fishtune.tasks.evaluate import EVALUATE, evaluate_task
 from fishtune.tasks.merge import MERGE, merge_task
 from fishtune.tasks.params import EvaluateParams, ExtractParams, MergeParams, TrainParams
-from fishtune.tasks.remote import GPU_LIMIT, on_pool
+from fishtune.tasks.remote import GPU_LIMIT, on_pool, publish_child_result
 from fishtune.tasks.runtime import bind, work_folder
 from fishtune.tasks.train import TRAIN, train_task
 
@@ -39,7 +39,7 @@ def _on_gpu(stage_task: Task, store_root: str, work_dir: str | None, **arguments
     bound = bind(stage_task, Store(store_root), work_folder(store_root, work_dir))
     # the limit lives on the server; strict=False: without it (an ad-hoc run) nothing is limited
     with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        return bound(store_root=store_root, work_dir=work_dir, **arguments)
+        return publish_child_result(store_root, bound(store_root=store_root, work_dir=work_dir, **arguments))
 
 
 @flow(name="extract", persist_result=True)

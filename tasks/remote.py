@@ -18,6 +18,10 @@ from pydantic import BaseModel
 from fishtune.tasks.stage import Stage
 
 GPU_LIMIT = "gpu"  # global concurrency limit: one slot per GPU, taken by every GPU child run
+# A child's return value, as JSON on the store: <store>/runs/children/<flow run id>.json. Prefect's
+# default result storage is a folder of the child's own host (a container's), which a parent on
+# another host cannot read; the store is shared by construction.
+CHILD_RESULTS = "runs/children"
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
@@ -77,8 +81,8 @@ def run_child(
 ) -> Any:
     """Start ``deployment`` ('flow-name/deployment-name'), wait for it, return its result.
 
-    The child's return value is read from result storage, so the child flow must persist its
-    result where this process can read it (shared storage across hosts). A child whose worker
+    The child's return value is read from the store (:func:`publish_child_result`) when the
+    parameters name one (``store_root``), else from Prefect's result storage. A child whose worker
     goes offline while it runs (see :func:`lost_worker`) is marked Crashed and fails here.
 
     Raises:
@@ -97,7 +101,33 @@ def run_child(
         name = state.name if state else "no state"
         detail = f": {state.message}" if state and state.message else ""
         raise ChildRunFailed(f"child run {run.name!r} of deployment {deployment} ended {name}{detail}")
-    return state.result()
+    return read_child_result(parameters["store_root"], run.id) if "store_root" in parameters else state.result()
+
+
+def publish_child_result(store_root: str, result: dict) -> dict:
+    """Write a child flow's return value to the store, where its parent on any host reads it."""
+    import json
+
+    from prefect.runtime import flow_run
+
+    from fish_speech_core.storage import Store
+
+    if flow_run.id:  # not when a child flow's function is called outside a run
+        Store(store_root).write_bytes(f"{CHILD_RESULTS}/{flow_run.id}.json", json.dumps(result).encode())
+    return result
+
+
+def read_child_result(store_root: str, flow_run_id) -> dict:
+    import json
+
+    from fish_speech_core.storage import Store, redact
+
+    try:
+        return json.loads(Store(store_root).read_bytes(f"{CHILD_RESULTS}/{flow_run_id}.json"))
+    except FileNotFoundError:
+        raise ChildRunFailed(f"child run {flow_run_id} completed but left no result at "
+                             f"{redact(Store(store_root).url(CHILD_RESULTS))}/{flow_run_id}.json (is the worker on "
+                             f"an older fishtune?)") from None
 
 
 def _wait(run_id, timeout: float, poll_interval: float):

@@ -63,7 +63,10 @@ def deployed(moto_s3, prefect_server, tmp_path_factory):
         prefect_server.spawn("worker", "start", "--pool", "cpu", log="worker-cpu.log", cwd=cpu_home,
                              env={"HOME": str(cpu_home)})
         cuda = prefect_server.spawn("worker", "start", "--pool", "cuda", "--limit", "2", log="worker-cuda.log",
-                                    cwd=elsewhere, env={"HOME": str(elsewhere)})
+                                    cwd=elsewhere, env={"HOME": str(elsewhere),
+                                                        # Prefect results of its own, as on another host:
+                                                        # parents read children's results from the store
+                                                        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(elsewhere / "results")})
         yield SimpleNamespace(data=data, store=store, finetune=finetune, project=project, watch=watch, server=prefect_server,
                               cuda_home=elsewhere, cuda_worker=cuda)
 
@@ -378,6 +381,10 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
     # the GPU children used their own host's work folder (the cuda worker's HOME), never the parent's
     assert list((deployed.cuda_home / ".cache" / "fishtune" / "work" / "train").iterdir())
     assert not (tmp_path / "parent-work" / "train").exists() and (tmp_path / "parent-work" / "data").is_dir()
+    # the cuda worker's Prefect results are its own (another host's): the parent read each child's
+    # result from the store, where the child left it as JSON
+    results = {json.loads(fs.cat_file(p))["stage"] for p in fs.glob(f"{store}/runs/children/*.json")}
+    assert {"extract", "train", "evaluate", "merge"} <= results
 
     gpu_task_runs = []
     with get_client(sync_client=True) as client:
@@ -610,6 +617,7 @@ def test_extraction_shards_run_on_two_cuda_workers_and_a_lost_one_reruns_alone(d
         proc = deployed.server.spawn("worker", "start", "--pool", "cuda", "--limit", "1", "--name", name,
                                      log=f"worker-{name}.log", cwd=home,
                                      env={"HOME": str(home), "PREFECT_WORKER_HEARTBEAT_SECONDS": "3",
+                                          "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
                                           **child_env(f"stall_extract={armed}")})
         workers[proc.pid] = name
     killed = {}

@@ -43,11 +43,12 @@ def job_variables_for(params: BaseModel | None) -> dict[str, Any]:
 
     ``gpu_count`` and ``memory`` (bytes: a unit both Docker and Kubernetes read) are variables of
     our docker / kubernetes cuda templates (deployments/pools/); a process pool accepts and
-    ignores them. ``CUDA_VISIBLE_DEVICES`` lists the run's GPUs: inside a container they are
-    numbered from 0, and on a process pool it replaces the deployment's "0" when a run uses more.
+    ignores them. No ``CUDA_VISIBLE_DEVICES``: a container sees only the cards it was given, and a
+    process worker's jobs inherit the worker's own (one worker per card on a multi-GPU host:
+    ``CUDA_VISIBLE_DEVICES=3 prefect worker start --pool cuda --limit 1``); a value set here
+    would send every run of every such worker to the same card.
     """
-    gpus = gpu_count(params)
-    variables: dict[str, Any] = {"gpu_count": gpus, "env": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))}}
+    variables: dict[str, Any] = {"gpu_count": gpu_count(params)}
     memory = getattr(params, "memory", None)
     if memory:
         variables["memory"] = str(memory_bytes(memory))

@@ -545,7 +545,7 @@ def test_container_gpu_pools_from_our_templates_render_the_job_a_gpu_child_gets(
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": memory},
                                       "requests": {"memory": memory}}
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["DO_NOT_TRACK"] == "1"  # run over deployment over pool
+    assert "CUDA_VISIBLE_DEVICES" not in env and env["DO_NOT_TRACK"] == "1"  # the cards: the device plugin's
     assert env["PREFECT__FLOW_RUN_ID"] == str(run_id) and env["PREFECT_API_URL"] == deployed.server.api
     assert container["envFrom"] == [{"secretRef": {"name": "fishtune", "optional": True}}]  # credentials: a Secret
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -557,7 +557,7 @@ def test_container_gpu_pools_from_our_templates_render_the_job_a_gpu_child_gets(
     run_id, container = rendered[PoolType.docker]
     assert container.image == "fishtune-cuda:latest" and container.image_pull_policy == "IfNotPresent"
     assert container.command == "prefect flow-run execute" and container.mem_limit == memory
-    assert container.env["CUDA_VISIBLE_DEVICES"] == "0" and container.env["PREFECT__FLOW_RUN_ID"] == str(run_id)
+    assert "CUDA_VISIBLE_DEVICES" not in container.env and container.env["PREFECT__FLOW_RUN_ID"] == str(run_id)
     assert container.container_create_kwargs == {
         "device_requests": [{"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}], "shm_size": "8g"}
     # docker-py takes them as they are (what containers.create builds from the worker's settings)

@@ -5,7 +5,7 @@ Field descriptions double as CLI help (``fishtune finetune --help``) and UI help
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fish_speech_core import storage
 from fish_speech_core.evaluate.asr import SPEC_PATTERN as ASR_SPEC_PATTERN
@@ -14,6 +14,7 @@ from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_
 from fishtune.tasks.params import (
     PROJECT,
     AudioFormat,
+    Backend,
     EvaluateParams,
     ExtractParams,
     MergeParams,
@@ -22,6 +23,7 @@ from fishtune.tasks.params import (
     Preset,
     Sampling,
     TrainParams,
+    TrainStrategy,
     ValidateParams,
 )
 
@@ -76,6 +78,12 @@ class FinetuneConfig(BaseModel):
     sampling: Sampling = _train["sampling"]
     seed: int = _train["seed"]
     progress_every: int = _train["progress_every"]
+    devices: str = _train["devices"]
+    num_nodes: int = _train["num_nodes"]
+    strategy: TrainStrategy = _train["strategy"]
+    process_group_backend: Backend | None = _train["process_group_backend"]
+    master_addr: str | None = _train["master_addr"]
+    master_port: int = _train["master_port"]
     evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")
     preview_sentences_per_speaker: int = Field(
         _evaluate["sentences_per_speaker"].default, ge=1, le=20,
@@ -128,7 +136,10 @@ class FinetuneConfig(BaseModel):
 
     def train_params(self) -> TrainParams:
         return TrainParams(project=self.project, preset=self.preset, max_steps=self.max_steps, max_length=self.max_length,
-                           sampling=self.sampling, seed=self.seed, progress_every=self.progress_every)
+                           sampling=self.sampling, seed=self.seed, progress_every=self.progress_every,
+                           devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
+                           process_group_backend=self.process_group_backend, master_addr=self.master_addr,
+                           master_port=self.master_port)
 
     def evaluate_params(self) -> EvaluateParams:
         return EvaluateParams(sentences_per_speaker=self.preview_sentences_per_speaker,
@@ -143,6 +154,17 @@ class FinetuneConfig(BaseModel):
         speaker, how it was normalized (not its content: the next run redoes changed files only)."""
         return storage.digest_listing({"data": storage.normalize_url(self.data), "speaker": self.speaker or "",
                                        "normalize": storage.canonical_json(self.normalize.model_dump(mode="json"))})[:16]
+
+    @model_validator(mode="after")
+    def _nodes_run_on_the_pool(self) -> FinetuneConfig:
+        # one process cannot be several machines: each node is a child run of the train deployment
+        if self.num_nodes > 1 and not self.gpu_pool:
+            raise ValueError(f"num_nodes {self.num_nodes} needs gpu_pool: each node trains in its own child run")
+        try:
+            self.train_params()  # TrainParams' own checks (master_addr, devices), before any stage
+        except ValidationError as err:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
+        return self
 
     @model_validator(mode="after")
     def _outputs_outside_data(self) -> FinetuneConfig:

@@ -9,6 +9,7 @@ its child flow under the *same* cache key, so a rerun with the same inputs launc
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, task
@@ -86,9 +87,17 @@ def end_orphaned_task_runs(flow_run_id, final) -> int:
     return changed
 
 
-def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
+Launch = tuple[dict[str, Any], dict[str, Any] | None]  # (parameter overrides, job variables) of one child run
+Launches = Callable[[dict[str, Any]], list[Launch]]
+
+
+def on_pool(stage_task: Task, stage: Stage, deployment: str, launches: Launches | None = None) -> Task:
     """A task with ``stage_task``'s signature, keyed by its stage's key, that runs ``deployment``
     (the stage's child flow, taking the same arguments) instead of the body.
+
+    ``launches(parameters)`` -> one ``(parameter overrides, job variables)`` per child run to
+    start together (e.g. one per training node); the first one's result is the stage's, and any
+    one failing fails the launcher. Default: one child run, the pool's job variables.
 
     Extra keyword arguments of the launcher, not of the stage: ``run_name`` and ``run_tags`` for
     the child flow run (what the UI shows)."""
@@ -99,10 +108,38 @@ def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         parameters = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in bound.arguments.items()}
-        return run_child(deployment, parameters, flow_run_name=run_name, tags=run_tags)
+        runs = launches(parameters) if launches else [({}, None)]
+        if len(runs) == 1:
+            overrides, job_variables = runs[0]
+            return run_child(deployment, {**parameters, **overrides}, job_variables=job_variables,
+                             flow_run_name=run_name, tags=run_tags)
+        return run_children(deployment, [({**parameters, **o}, j) for o, j in runs], run_name, run_tags)
 
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("run_name", "run_tags")]
     launch.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     launch.__doc__ = f"Run {deployment} (the {stage_task.name} child flow) on its work pool; a cache hit launches nothing."
     launch.__name__ = launch.__qualname__ = f"{stage_task.name}_on_pool"
     return task(launch, name=f"{stage_task.name}-on-pool", cache_policy=stage.launch_policy, persist_result=True)
+
+
+def run_children(deployment: str, runs: list[tuple[dict[str, Any], dict[str, Any] | None]],
+                 run_name: str | None = None, tags: list[str] | None = None) -> Any:
+    """Start every ``(parameters, job_variables)`` child run of ``deployment`` at once (they may
+    wait for each other, as training nodes do), wait for all; the first one's result.
+
+    Raises:
+        ChildRunFailed: naming every child that did not complete.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(index: int, parameters: dict[str, Any], job_variables: dict[str, Any] | None) -> Any:
+        name = f"{run_name} ({index + 1}/{len(runs)})" if run_name else None
+        return run_child(deployment, parameters, job_variables=job_variables, flow_run_name=name, tags=tags)
+
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        futures = [pool.submit(one, i, p, j) for i, (p, j) in enumerate(runs)]
+        errors = [f.exception() for f in futures]
+    failed = [str(e) for e in errors if e is not None]
+    if failed:
+        raise ChildRunFailed("; ".join(failed))
+    return futures[0].result()

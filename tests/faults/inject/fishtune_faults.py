@@ -16,6 +16,8 @@ A spec is ``name=argument[,name=argument...]``. The faults:
 * ``raise_after_checkpoint=STEP``: training raises ``RuntimeError`` at the first optimizer step
   past STEP once a checkpoint exists, once per run folder (a ``.fault-injected`` marker there
   remembers it), so a rerun resumes and finishes.
+* ``sigkill_after_step=STEP``: the process SIGKILLs itself when its first training batch after
+  optimizer step STEP starts (one rank of a distributed run dying without a word).
 """
 
 from __future__ import annotations
@@ -98,7 +100,22 @@ def raise_after_checkpoint(step: str, patch: Patch) -> None:
     patch(train.StepProgress, "on_train_batch_end", on_train_batch_end)
 
 
+def sigkill_after_step(step: str, patch: Patch) -> None:
+    import signal
+
+    from fish_speech_core.finetune import train
+
+    after = int(step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    patch(train.StepProgress, "on_train_batch_start", on_train_batch_start)
+
+
 FAULTS: dict[str, Callable[[str, Patch], None]] = {
+    "sigkill_after_step": sigkill_after_step,
     "stall_checkpoint": stall_checkpoint,
     "raise_after_checkpoint": raise_after_checkpoint,
 }

@@ -216,7 +216,7 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     check_data_fits_base(config.base, config.data)
 
     threads = torch.get_num_threads()
-    if world.accelerator == "cpu" and world.per_node > 1:
+    if world.accelerator == "cpu" and world.per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cpu_threads(world))  # the node's cores are shared by its ranks
     children = start_local_ranks(world, config.to_dict(), str(resume_path or "never")) if world.starts_node else []
     try:

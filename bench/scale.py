@@ -48,7 +48,7 @@ def make_training_inputs(folder: Path, preset: str, speakers: int = 4, sentences
     with ShardWriter(shards, shard_size_mb=1.0) as writer:
         for s in range(speakers):
             rows = [(" ".join(rng.choice(words, int(rng.integers(3, 12)))),
-                     rng.integers(0, 1024, (8, int(rng.integers(20, 120)))).tolist()) for _ in range(sentences)]
+                     rng.integers(0, 1000, (8, int(rng.integers(20, 120)))).tolist()) for _ in range(sentences)]
             writer.write(make_text_data(f"SPK{s}", rows))
     return base, shards
 

@@ -40,6 +40,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "flow": (["--repeat", "1"], ["--repeat", "5"]),
     "memory": ([], ["--full"]),
     "scaling": (["--max-steps", "2", "--extract-seconds", "60"], []),
+    "scale": (["--steps", "5"], []),
 }
 # --quick: these replace the default arguments.
 QUICK: dict[str, list[str]] = {

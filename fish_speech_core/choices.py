@@ -47,6 +47,20 @@ class Sampling(str, Enum):
     reference = "reference"  # Fish Speech 1.4: short speakers always from their first clip
 
 
+class TrainStrategy(str, Enum):
+    """How training spreads over processes (fish_speech_core.finetune.module.STRATEGIES)."""
+
+    auto = "auto"  # DDP when devices x num_nodes > 1, else one process
+    ddp = "ddp"  # DistributedDataParallel, even in one process
+
+
+class Backend(str, Enum):
+    """torch.distributed backend of DDP training (fish_speech_core.finetune.module.BACKENDS)."""
+
+    gloo = "gloo"  # CPU (and GPU, slower)
+    nccl = "nccl"  # GPUs
+
+
 def values(choice: type[Enum]) -> tuple[str, ...]:
     """The choice's values in definition order, for the core's tuples of valid names."""
     return tuple(member.value for member in choice)

@@ -15,11 +15,14 @@ LORA_PRESET = "r_8_alpha_16"  # the recipe's adapter: rank 8, alpha 16 (scaling 
 LORA_R = 8
 LORA_ALPHA = 16.0
 LORA_DROPOUT = 0.01
-BATCH_SIZE = 8  # training samples per device per step (the recipe's)
+BATCH_SIZE = 8  # training samples per micro-batch, summed over every process (the recipe's, on one GPU)
 LR = 1e-4  # AdamW, constant after the warmup
 VAL_CHECK_INTERVAL = 100  # validate (and checkpoint) every N steps
 VAL_FRACTION = 0.05  # share of sentences held out for validation
 SAVE_TOP_K = 5  # checkpoints kept per run
+# distributed training: how long a rank waits for the others (joining, or in a collective) before
+# it fails; a rank that dies mid-run is noticed at once on gloo (its connection closes)
+DIST_TIMEOUT_S = 600
 # extract: padded audio seconds per batch on CPU, where big batches run slower per second of audio
 # (bench/extract.py: CPU encoding slows past ~1 min per batch); no cap on CUDA
 CPU_BATCH_SECONDS = 60.0

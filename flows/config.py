@@ -5,7 +5,7 @@ Field descriptions double as CLI help (``fishtune finetune --help``) and UI help
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fish_speech_core import storage
 from fish_speech_core.evaluate.asr import SPEC_PATTERN as ASR_SPEC_PATTERN
@@ -15,6 +15,7 @@ from fishtune.tasks.params import (
     MEMORY_PATTERN,
     PROJECT,
     AudioFormat,
+    Backend,
     EvaluateParams,
     ExtractParams,
     MergeParams,
@@ -23,6 +24,7 @@ from fishtune.tasks.params import (
     Preset,
     Sampling,
     TrainParams,
+    TrainStrategy,
     ValidateParams,
 )
 
@@ -87,6 +89,12 @@ class FinetuneConfig(BaseModel):
         description="With gpu_pool on a docker or kubernetes pool: memory of the train container, e.g. 32Gi. "
                     "Empty: the pool's default.",
     )
+    devices: str = _train["devices"]
+    num_nodes: int = _train["num_nodes"]
+    strategy: TrainStrategy = _train["strategy"]
+    process_group_backend: Backend | None = _train["process_group_backend"]
+    master_addr: str | None = _train["master_addr"]
+    master_port: int = _train["master_port"]
     evaluate: bool = Field(False, description="Render and score previews of the base and every kept checkpoint; merge the one they recommend.")
     preview_sentences_per_speaker: int = Field(
         _evaluate["sentences_per_speaker"].default, ge=1, le=20,
@@ -147,7 +155,10 @@ class FinetuneConfig(BaseModel):
     def train_params(self) -> TrainParams:
         return TrainParams(project=self.project, preset=self.preset, max_steps=self.max_steps, max_length=self.max_length,
                            sampling=self.sampling, seed=self.seed, progress_every=self.progress_every,
-                           memory=self.train_memory)
+                           memory=self.train_memory,
+                           devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy,
+                           process_group_backend=self.process_group_backend, master_addr=self.master_addr,
+                           master_port=self.master_port)
 
     def evaluate_params(self) -> EvaluateParams:
         return EvaluateParams(sentences_per_speaker=self.preview_sentences_per_speaker,
@@ -168,6 +179,17 @@ class FinetuneConfig(BaseModel):
         if self.extract_shards and self.extract_shards > 1 and not self.gpu_pool:
             raise ValueError(f"extract_shards {self.extract_shards} needs gpu_pool: shards are child runs on the "
                              "GPU pool's workers; set gpu_pool (e.g. 'cuda') or leave extract_shards empty")
+        return self
+
+    @model_validator(mode="after")
+    def _nodes_run_on_the_pool(self) -> FinetuneConfig:
+        # one process cannot be several machines: each node is a child run of the train deployment
+        if self.num_nodes > 1 and not self.gpu_pool:
+            raise ValueError(f"num_nodes {self.num_nodes} needs gpu_pool: each node trains in its own child run")
+        try:
+            self.train_params()  # TrainParams' own checks (master_addr, devices), before any stage
+        except ValidationError as err:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
         return self
 
     @model_validator(mode="after")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fish_speech_core import defaults as d
-from fish_speech_core.choices import AudioFormat, Sampling, CodecDtype as Dtype  # shared with the CLI and the core
+from fish_speech_core.choices import AudioFormat, Backend, Sampling, TrainStrategy, CodecDtype as Dtype  # shared with the CLI and the core
 from fish_speech_core.finetune.presets import preset_settings
 
 
@@ -92,7 +92,13 @@ class PackParams(StageParams):
 
 
 class TrainParams(StageParams):
-    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({"progress_every", "project", "memory"})
+    # How the training is spread (devices, nodes, strategy, backend, rendezvous) is run-only: the
+    # global batch is split over the processes, so any layout trains the same adapters (within
+    # float rounding, 1e-6 in tests/finetune/test_train_distributed.py), and a run folder trained
+    # on one GPU resumes on eight.
+    RUN_ONLY: ClassVar[frozenset[str]] = frozenset({
+        "progress_every", "project", "memory", "devices", "num_nodes", "strategy", "process_group_backend",
+        "master_addr", "master_port"})
     project: str = Field(PROJECT, description="Project the run belongs to (names the progress artifacts only).")
     preset: Preset = Field(Preset.small, description="LoRA training preset.")
     max_steps: int = Field(d.MAX_STEPS, gt=0, le=1_000_000, description="Training steps.")
@@ -110,6 +116,41 @@ class TrainParams(StageParams):
     seed: int = Field(d.SEED, ge=0, description="Seed of the training sample stream and the adapter init.")
     progress_every: int = Field(10, ge=1, le=100_000, description="Report training progress (UI and logs) every this many steps.")
     memory: str | None = MEMORY
+    devices: str = Field(
+        "auto", pattern=r"^(auto|[1-9][0-9]*|[0-9]+(,[0-9]+)+)$",
+        description="Training processes per node: GPUs (auto = all, a count, or indices like 0,1); on a machine "
+                    "without GPUs a count of CPU processes (auto = 1). The preset's batch is the global batch, "
+                    "split over devices x num_nodes: more devices train faster, not differently.",
+    )
+    num_nodes: int = Field(
+        1, ge=1, le=256,
+        description="Machines training together: one train child run per node on the GPU pool (needs gpu_pool "
+                    "and master_addr).",
+    )
+    strategy: TrainStrategy = Field(TrainStrategy.auto, description="auto: DDP when more than one process; ddp: DDP always.")
+    process_group_backend: Backend | None = Field(
+        None, description="torch.distributed backend of DDP. Empty: nccl on GPUs, gloo on CPU.")
+    master_addr: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9.:\[\]_-]+$",
+        description="With num_nodes > 1: the address at which the other nodes reach node 0's train job (MASTER_ADDR).",
+    )
+    master_port: int = Field(29500, ge=1, le=65535, description="With num_nodes > 1: the port node 0 listens on (MASTER_PORT).")
+
+    @model_validator(mode="after")
+    def _nodes_need_a_layout(self) -> "TrainParams":
+        if self.num_nodes > 1 and not self.master_addr:
+            raise ValueError(f"num_nodes {self.num_nodes} needs master_addr: the address node 0's train job is "
+                             f"reachable at from the other nodes")
+        if self.num_nodes > 1 and self.devices == "auto":
+            raise ValueError(f"num_nodes {self.num_nodes} needs devices as a count (or a list): every node must "
+                             f"know the world size before it starts")
+        return self
+
+    def processes_per_node(self) -> int | None:
+        """Processes each node runs; None for ``auto`` (all the GPUs the host has)."""
+        if self.devices == "auto":
+            return None
+        return len(self.devices.split(",")) if "," in self.devices else int(self.devices)
 
     def key_fields(self) -> dict[str, Any]:
         # the preset's expanded settings: editing a preset invalidates what it trained

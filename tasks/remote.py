@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, task
@@ -34,8 +35,8 @@ def memory_bytes(quantity: str) -> int:
 
 def gpu_count(params: BaseModel | None) -> int:
     """GPUs one child run of a stage uses: its parameters' ``devices`` when they have an int one, else 1."""
-    devices = getattr(params, "devices", None)
-    return devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 else 1
+    per_node = getattr(params, "processes_per_node", None)  # TrainParams: devices per node (None: auto)
+    return (per_node() if callable(per_node) else None) or 1
 
 
 def job_variables_for(params: BaseModel | None) -> dict[str, Any]:
@@ -214,9 +215,25 @@ def end_orphaned_task_runs(flow_run_id, final) -> int:
     return changed
 
 
-def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
+Launch = tuple[dict[str, Any], dict[str, Any] | None]  # (parameter overrides, job variables) of one child run
+Launches = Callable[[dict[str, Any]], list[Launch]]
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Job variables ``base`` updated by ``extra``; their ``env`` dicts are merged, not replaced."""
+    merged = {**base, **(extra or {})}
+    if "env" in base or "env" in (extra or {}):
+        merged["env"] = {**base.get("env", {}), **(extra or {}).get("env", {})}
+    return merged
+
+
+def on_pool(stage_task: Task, stage: Stage, deployment: str, launches: Launches | None = None) -> Task:
     """A task with ``stage_task``'s signature, keyed by its stage's key, that runs ``deployment``
     (the stage's child flow, taking the same arguments) instead of the body.
+
+    ``launches(parameters)`` -> one ``(parameter overrides, job variables)`` per child run to
+    start together (e.g. one per training node); the first one's result is the stage's, and any
+    one failing fails the launcher. Default: one child run, the pool's job variables.
 
     Extra keyword arguments of the launcher, not of the stage: ``run_name`` and ``run_tags`` for
     the child flow run (what the UI shows). The child's job variables (GPU count, memory) come
@@ -228,11 +245,38 @@ def on_pool(stage_task: Task, stage: Stage, deployment: str) -> Task:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         parameters = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in bound.arguments.items()}
-        return run_child(deployment, parameters, job_variables=job_variables_for(bound.arguments.get("params")),
-                         flow_run_name=run_name, tags=run_tags)
+        pool_variables = job_variables_for(bound.arguments.get("params"))  # GPU count, memory
+        runs = launches(parameters) if launches else [({}, None)]
+        jobs = [({**parameters, **overrides}, _merged(pool_variables, variables)) for overrides, variables in runs]
+        if len(jobs) == 1:
+            return run_child(deployment, jobs[0][0], job_variables=jobs[0][1], flow_run_name=run_name, tags=run_tags)
+        return run_children(deployment, jobs, run_name, run_tags)
 
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("run_name", "run_tags")]
     launch.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
     launch.__doc__ = f"Run {deployment} (the {stage_task.name} child flow) on its work pool; a cache hit launches nothing."
     launch.__name__ = launch.__qualname__ = f"{stage_task.name}_on_pool"
     return task(launch, name=f"{stage_task.name}-on-pool", cache_policy=stage.launch_policy, persist_result=True)
+
+
+def run_children(deployment: str, runs: list[tuple[dict[str, Any], dict[str, Any] | None]],
+                 run_name: str | None = None, tags: list[str] | None = None) -> Any:
+    """Start every ``(parameters, job_variables)`` child run of ``deployment`` at once (they may
+    wait for each other, as training nodes do), wait for all; the first one's result.
+
+    Raises:
+        ChildRunFailed: naming every child that did not complete.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(index: int, parameters: dict[str, Any], job_variables: dict[str, Any] | None) -> Any:
+        name = f"{run_name} ({index + 1}/{len(runs)})" if run_name else None
+        return run_child(deployment, parameters, job_variables=job_variables, flow_run_name=name, tags=tags)
+
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        futures = [pool.submit(one, i, p, j) for i, (p, j) in enumerate(runs)]
+        errors = [f.exception() for f in futures]
+    failed = [str(e) for e in errors if e is not None]
+    if failed:
+        raise ChildRunFailed("; ".join(failed))
+    return futures[0].result()

@@ -1,14 +1,21 @@
 """Training samples from ``.protos`` shards: encoding, sampling, datasets, collator, val split.
 
 Same semantics as Fish Speech 1.4's ``AutoTextSemanticInstructionDataset`` + ``TextDataCollator``
-(fixtures README sections 3 and 4), with every random draw taken from an explicit
-``random.Random`` seeded per (seed, epoch, rank, worker) instead of the global RNGs, and one
-deliberate change of the default: which sentences a sample starts from (``SAMPLING_MODES``).
+(fixtures README sections 3 and 4), with every random draw taken from explicit generators
+instead of the global RNGs, and one deliberate change of the default: which sentences a sample
+starts from (``SAMPLING_MODES``).
+
+The training stream is one numbered sequence of samples per (seed, epoch), the same in every
+process: sample ``i`` draws its speaker from a chunk of picks seeded by (seed, epoch, i // CHUNK)
+and everything else from a ``random.Random`` of its own, seeded by (seed, epoch, i). Micro-batch
+``m`` is samples ``[m·G, (m+1)·G)`` of it (G the global batch) and rank ``r`` takes the r-th
+slice, so the global batch, and so the training, does not depend on how many processes share it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -181,40 +188,73 @@ def truncated_normal(rng: random.Random, mean: float, std: float, low: float, hi
 class SampleBuilder:
     """Draws training samples from groups: a speaker, then consecutive sentences packed as turns.
 
-    Stateful in ``cover`` mode (each speaker's deck of start offsets), so one builder per stream:
-    the same rng draws in the same order give the same samples, which resume relies on.
+    In ``cover`` mode a speaker's windows start at offsets dealt from decks of every offset. With
+    ``deck_seed`` None (the sequential form, :meth:`sample`) a deck is shuffled by the sample's
+    ``rng`` when the previous one is used up, so the stream is stateful. With a ``deck_seed``
+    (the training stream, :class:`SampleStream`), pass ``p`` of group ``g`` is ``range(n)``
+    shuffled by a generator seeded from (deck_seed, g, p): the k-th window of a speaker is a
+    function of k alone, and any process can deal it.
     """
 
-    def __init__(self, tokenizer: FishTokenizer, groups: Sequence[Group], config: SamplingConfig) -> None:
+    def __init__(self, tokenizer: FishTokenizer, groups: Sequence[Group], config: SamplingConfig,
+                 deck_seed: int | str | None = None) -> None:
         self.tokenizer = tokenizer
         self.groups = [g for g in groups if g.items]
         if not self.groups:
             raise ValueError("no sentences to sample from")
         self.weights = [len(g.items) for g in self.groups]  # groups drawn by sentence count
+        self.cum_weights = list(itertools.accumulate(self.weights))
         self.config = config
-        self.decks: dict[int, list[int]] = {}  # group index -> start offsets not yet dealt
+        self.deck_seed = deck_seed
+        self.dealt = [0] * len(self.groups)  # windows dealt per group by sample()/choose_items()
+        self.decks: dict[int, list[int]] = {}  # sequential form: group -> start offsets not yet dealt
+        self._decks: dict[int, tuple[int, list[int]]] = {}  # seeded form: group -> (pass, its deck), the latest
 
-    def choose_items(self, rng: random.Random) -> tuple[Group, list[Item]]:
-        index = rng.choices(range(len(self.groups)), weights=self.weights, k=1)[0]
+    def pick_group(self, rng: random.Random) -> int:
+        # cum_weights: the same draw as weights=, without summing them again for every sample
+        return rng.choices(range(len(self.groups)), cum_weights=self.cum_weights, k=1)[0]
+
+    def deck(self, index: int, rank: int) -> int:
+        """The start offset of group ``index``'s window number ``rank`` (0, 1, ...), seeded form."""
+        n = len(self.groups[index].items)
+        passed, position = divmod(rank, n)
+        cached = self._decks.get(index)
+        if cached is None or cached[0] != passed:
+            deck = list(range(n))
+            random.Random(f"{self.deck_seed}:deck:{index}:{passed}").shuffle(deck)
+            cached = self._decks[index] = (passed, deck)
+        return cached[1][position]
+
+    def window(self, index: int, rng: random.Random, dealt: int) -> list[Item]:
+        """The sentences of group ``index``'s window; ``dealt``: its windows dealt before this one."""
         group = self.groups[index]
         budget = self.config.max_length // TOKENS_PER_SENTENCE_ESTIMATE
         if not self.config.causal:
-            return group, rng.choices(group.items, k=min(budget, len(group.items)))
+            return rng.choices(group.items, k=min(budget, len(group.items)))
         n = len(group.items)
         if self.config.mode == "reference":
             if budget >= n:
-                return group, list(group.items)
+                return list(group.items)
             begin = rng.randint(0, n - budget)
-            return group, list(group.items[begin : begin + budget])
+            return list(group.items[begin : begin + budget])
         # cover: every offset once per deck (then a new shuffle), window wrapping past the end,
         # so each sentence leads, and is inside, the same number of windows per pass.
-        deck = self.decks.get(index)
-        if not deck:
-            deck = list(range(n))
-            rng.shuffle(deck)
-            self.decks[index] = deck
-        begin = deck.pop()
-        return group, [group.items[(begin + i) % n] for i in range(min(budget, n))]
+        if self.deck_seed is not None:
+            begin = self.deck(index, dealt)
+        else:
+            deck = self.decks.get(index)
+            if not deck:
+                deck = list(range(n))
+                rng.shuffle(deck)
+                self.decks[index] = deck
+            begin = deck.pop()
+        return [group.items[(begin + i) % n] for i in range(min(budget, n))]
+
+    def choose_items(self, rng: random.Random) -> tuple[Group, list[Item]]:
+        index = self.pick_group(rng)
+        dealt = self.dealt[index]
+        self.dealt[index] += 1
+        return self.groups[index], self.window(index, rng, dealt)
 
     def sample(self, rng: random.Random) -> Sample:
         """One sample. Interactive: a turn per sentence until ``max_length`` tokens are spent.
@@ -222,8 +262,11 @@ class SampleBuilder:
 
         The sentence that crosses the budget is still included; the collator truncates.
         """
+        return self.build(*self.choose_items(rng), rng)
+
+    def build(self, group: Group, items: list[Item], rng: random.Random) -> Sample:
+        """The sample of a chosen window: turns, texts and the rest of the draws from ``rng``."""
         cfg = self.config
-        group, items = self.choose_items(rng)
         interactive = rng.random() < cfg.interactive_prob
         if interactive:
             remaining = cfg.max_length
@@ -319,35 +362,66 @@ def coverage(groups: Sequence[Group], seen: Iterable[int]) -> dict[str, dict[str
     return out
 
 
-def partition_groups(groups: Sequence[Group], part: int, num_parts: int) -> list[Group]:
-    """The share of ``part`` out of ``num_parts`` (ranks x DataLoader workers), disjoint.
-
-    With at least as many groups as parts, whole groups are dealt round-robin (keeps each
-    speaker's sentences together); otherwise each group is cut into ``num_parts`` contiguous
-    slices and part i gets slice i of every group.
-    """
-    if not 0 <= part < num_parts:
-        raise ValueError(f"part {part} out of range for {num_parts} parts")
-    if len(groups) >= num_parts:
-        return list(groups[part::num_parts])
-    share = []
-    for g in groups:
-        n = len(g.items)
-        items = g.items[part * n // num_parts : (part + 1) * n // num_parts]
-        if items:
-            share.append(Group(g.source, g.name, items))
-    return share
-
-
 # --- datasets --------------------------------------------------------------------------------
 
 
-class TextSemanticDataset(IterableDataset):
-    """Endless training samples from ``.protos`` shards, split across DDP ranks and workers.
+CHUNK = 4096  # speaker picks drawn per generator call (vectorised: replaying a long run is cheap)
 
-    Each (rank, worker) samples only its own disjoint share of the data, with a
-    ``random.Random`` seeded from (seed, epoch, rank, worker). Call :meth:`set_epoch` to vary
-    the stream between epochs.
+
+class SampleStream:
+    """The run's numbered samples, built on demand in increasing order (any subset of them).
+
+    Every process holds one and builds only its own samples; the speaker picks of all the others
+    are replayed (numpy, a chunk at a time) because a cover-mode window depends on how often its
+    speaker was picked before.
+    """
+
+    def __init__(self, builder: SampleBuilder, seed: int, epoch: int = 0) -> None:
+        self.builder = builder
+        self.seed = seed
+        self.epoch = epoch
+        self.cum = np.asarray(builder.cum_weights, dtype=np.float64)
+        self.counts = np.zeros(len(builder.groups), dtype=np.int64)  # picks of samples < position
+        self.position = 0
+        self._chunk: tuple[int, np.ndarray] | None = None
+
+    def picks(self, chunk: int) -> np.ndarray:
+        """Group index of samples ``[chunk·CHUNK, (chunk+1)·CHUNK)``, drawn by sentence count."""
+        if self._chunk is None or self._chunk[0] != chunk:
+            entropy = np.random.SeedSequence([self.seed % 2**64, self.epoch, chunk])
+            u = np.random.Generator(np.random.PCG64(entropy)).random(CHUNK) * self.cum[-1]
+            self._chunk = (chunk, np.searchsorted(self.cum, u, side="right"))
+        return self._chunk[1]
+
+    def _advance(self, index: int) -> None:
+        while self.position < index:
+            chunk, offset = divmod(self.position, CHUNK)
+            stop = min(CHUNK, offset + index - self.position)
+            self.counts += np.bincount(self.picks(chunk)[offset:stop], minlength=len(self.counts))
+            self.position += stop - offset
+
+    def sample(self, index: int) -> Sample:
+        """Sample number ``index`` (>= every index asked for before), with its ``uid``: ``index``."""
+        if index < self.position:
+            raise ValueError(f"sample {index} comes before {self.position}: a stream only moves forward")
+        self._advance(index)
+        group = int(self.picks(index // CHUNK)[index % CHUNK])
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        items = self.builder.window(group, rng, dealt=int(self.counts[group]))
+        out = self.builder.build(self.builder.groups[group], items, rng)
+        out["uid"] = torch.tensor(index)
+        return out
+
+
+class TextSemanticDataset(IterableDataset):
+    """Endless training samples from ``.protos`` shards: this rank's share of every global batch.
+
+    Micro-batch ``m`` of the run is samples ``[m·G, (m+1)·G)`` of the :class:`SampleStream`
+    (``G = batch_size · world_size``); rank ``r`` yields the ``batch_size`` samples
+    ``m·G + r·batch_size ...`` of every micro-batch from ``start_batch`` on, and DataLoader
+    worker ``w`` of ``W`` the micro-batches ``start_batch + w, + W, ...`` (the loader takes whole
+    batches from its workers in turn). So the samples of a step depend on the seed, the epoch,
+    the global batch and the step only: not on the world size, the worker count or a resume.
     """
 
     def __init__(
@@ -359,11 +433,15 @@ class TextSemanticDataset(IterableDataset):
         seed: int = SEED,
         rank: int = 0,
         world_size: int = 1,
+        batch_size: int = 1,
+        start_batch: int = 0,
         val_fraction: float = 0.0,
         split: str = "train",
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if batch_size < 1 or start_batch < 0:
+            raise ValueError(f"batch_size must be >= 1 and start_batch >= 0, got {batch_size} and {start_batch}")
         self.groups = number_items(split_groups(load_groups(paths), val_fraction, split))
         if not self.groups:
             raise ValueError(f"the {split} split is empty (val_fraction={val_fraction})")
@@ -372,33 +450,29 @@ class TextSemanticDataset(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.batch_size = batch_size
+        self.start_batch = start_batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shard(self, worker_id: int = 0, num_workers: int = 1) -> list[Group]:
-        """The groups this rank's ``worker_id`` samples from."""
-        part = self.rank * num_workers + worker_id
-        share = partition_groups(self.groups, part, self.world_size * num_workers)
-        if not share:
-            raise ValueError(
-                f"rank {self.rank} worker {worker_id} got no sentences: the data has fewer sentences "
-                f"than ranks x workers ({self.world_size * num_workers}); use fewer DataLoader workers"
-            )
-        return share
-
-    def rng(self, worker_id: int = 0) -> random.Random:
-        entropy = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id])
-        return random.Random(int(entropy.generate_state(1, dtype=np.uint64)[0]))
+    def stream(self) -> SampleStream:
+        """A fresh stream of every sample of this epoch (each process builds its own share)."""
+        builder = SampleBuilder(self.tokenizer, self.groups, self.config, deck_seed=f"{self.seed}:{self.epoch}")
+        return SampleStream(builder, self.seed, self.epoch)
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        builder = SampleBuilder(self.tokenizer, self.shard(worker_id, num_workers), self.config)
-        rng = self.rng(worker_id)
+        stream = self.stream()
+        global_batch = self.batch_size * self.world_size
+        batch = self.start_batch + worker_id
         while True:
-            yield builder.sample(rng)
+            first = batch * global_batch + self.rank * self.batch_size
+            for index in range(first, first + self.batch_size):
+                yield stream.sample(index)
+            batch += num_workers
 
 
 class HeldOutDataset(Dataset):
@@ -441,7 +515,8 @@ class Collator:
     Returns ``inputs`` and ``labels`` (B, 1+C, T), ``attention_masks`` (B, T) with True = padding,
     ``num_truncated``, how many samples were cut to ``max_length``, and ``sentences``, the
     ``Item.index`` of every sentence whose codes start inside the kept columns (empty for
-    samples that carry none, e.g. validation).
+    samples that carry none, e.g. validation), and ``uids`` (B,), each sample's number in the
+    training stream (-1 for samples without one: it keys the sample's dropout masks).
     """
 
     text_pad_id: int
@@ -480,4 +555,5 @@ class Collator:
             "labels": torch.stack(labels),
             "num_truncated": truncated,
             "sentences": torch.cat(sentences) if sentences else torch.zeros(0, dtype=torch.long),
+            "uids": torch.tensor([int(e["uid"]) if "uid" in e else -1 for e in examples], dtype=torch.long),
         }

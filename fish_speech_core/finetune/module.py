@@ -7,6 +7,7 @@ gradient clipping 1.0 by norm, batch 8, interactive_prob 0.7, use_speaker off.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from fish_speech_core.finetune.data import (
     DEFAULT_SAMPLING,
@@ -34,10 +35,16 @@ from fish_speech_core.finetune.lora import (
     lora_state_dict,
 )
 from fish_speech_core import defaults
+from fish_speech_core.choices import Backend, TrainStrategy, values
+from fish_speech_core.finetune.dropout import use_sample_dropout
+from fish_speech_core.lm.loss import lm_loss_sums
 from fish_speech_core.lm import DualARTransformer, lm_losses
 
 
 PRECISIONS = ("auto", "32-true", "32", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-true")
+STRATEGIES = values(TrainStrategy)  # ("auto", "ddp")
+BACKENDS = values(Backend)  # ("gloo", "nccl")
+DEVICES_RE = re.compile(r"^(auto|\d+|\d+(,\d+)+)$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,9 @@ class TrainConfig:
     lora_alpha: float = defaults.LORA_ALPHA
     lora_dropout: float = defaults.LORA_DROPOUT
     max_steps: int = defaults.MAX_STEPS
+    # The global batch: samples per micro-batch summed over every process (each of the
+    # devices x num_nodes processes takes batch_size / world_size of them), so the world size
+    # changes the speed, not the result.
     batch_size: int = defaults.BATCH_SIZE
     accumulate_grad_batches: int = 1
     max_length: int | None = None  # None: min(limits.DEFAULT_MAX_LENGTH, the base's max_seq_len)
@@ -69,9 +79,11 @@ class TrainConfig:
     interactive_prob: float = 0.7
     use_speaker: bool = False
     sampling: str = DEFAULT_SAMPLING  # data.SAMPLING_MODES; docs/train.md, Sampling
-    devices: str = "auto"
+    devices: str = "auto"  # per node: GPUs (auto = all, N, or a list "0,1"); on CPU a process count (auto = 1)
+    num_nodes: int = 1
+    strategy: str = "auto"  # STRATEGIES: auto = DDP when more than one process, ddp = always
     precision: str = "auto"
-    process_group_backend: str | None = None
+    process_group_backend: str | None = None  # BACKENDS; None: nccl on GPUs, gloo on CPU
     seed: int = defaults.SEED
     save_top_k: int = defaults.SAVE_TOP_K
     results_dir: str = "results"
@@ -82,7 +94,7 @@ class TrainConfig:
     # Fields a resumed run may change; every other field must equal the checkpoint's.
     RESUMABLE_CHANGES = (
         "base",  # the folder may move; base_sha256 must still match
-        "max_steps", "devices", "precision", "process_group_backend", "save_top_k",
+        "max_steps", "devices", "num_nodes", "strategy", "precision", "process_group_backend", "save_top_k",
         "results_dir", "num_workers", "val_check_interval", "val_batch_size", "max_val_batches",
     )
 
@@ -122,7 +134,7 @@ class TrainConfig:
             ("--accumulate-grad-batches", self.accumulate_grad_batches, 1),
             ("--val-check-interval", self.val_check_interval, 1), ("--save-top-k", self.save_top_k, 1),
             ("--max-length", 20 if self.max_length is None else self.max_length, 20), ("--lora-r", self.lora_r, 1),
-            ("--max-val-batches", self.max_val_batches, 0),
+            ("--max-val-batches", self.max_val_batches, 0), ("--num-nodes", self.num_nodes, 1),
         ):
             if value < low:
                 p.append(f"{flag} must be >= {low}, got {value}")
@@ -136,6 +148,12 @@ class TrainConfig:
             p.append(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.sampling not in SAMPLING_MODES:
             p.append(f"--sampling must be one of {list(SAMPLING_MODES)}, got {self.sampling!r}")
+        if self.strategy not in STRATEGIES:
+            p.append(f"--strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.process_group_backend is not None and self.process_group_backend not in BACKENDS:
+            p.append(f"--process-group-backend must be one of {list(BACKENDS)}, got {self.process_group_backend!r}")
+        if not DEVICES_RE.match(self.devices) or self.devices == "0":
+            p.append(f"--devices must be auto, a count >= 1 or a list of GPU indices like 0,1, got {self.devices!r}")
         if self.precision not in PRECISIONS:
             p.append(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not self.project or "/" in self.project or self.project.startswith("."):
@@ -155,28 +173,6 @@ class TrainConfig:
 
 
 # --- data ------------------------------------------------------------------------------------
-
-
-class SkippingDataset(IterableDataset):
-    """The training stream with its first ``skip`` batches (per worker) drawn and dropped, so a
-    resumed run sees the samples the interrupted one would have seen next."""
-
-    def __init__(self, dataset: TextSemanticDataset, batch_size: int, skip_batches: int) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.skip_batches = skip_batches
-
-    def __iter__(self):
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # The DataLoader takes whole batches from the workers in turn.
-        mine = self.skip_batches // workers + (worker < self.skip_batches % workers)
-        stream = iter(self.dataset)
-        for _ in range(mine * self.batch_size):
-            next(stream)
-        yield from stream
 
 
 class FinetuneData(pl.LightningDataModule):
@@ -219,21 +215,26 @@ class FinetuneData(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if self.config.batch_size % world:
+            raise ValueError(f"batch {self.config.batch_size} does not split over {world} processes")
+        local = self.config.batch_size // world
+        # The loop state is restored before the dataloaders are built, so global_step is the
+        # resumed step here: the stream starts after the micro-batches already trained on.
+        consumed = (trainer.global_step if trainer else 0) * self.config.accumulate_grad_batches
         dataset = TextSemanticDataset(
             self.config.data, self.tokenizer, self.sampling(), seed=self.config.seed,
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, batch_size=local, start_batch=consumed,
             val_fraction=0.0 if self.train_uses_all else self.config.val_fraction,
         )
-        # The loop state is restored before the dataloaders are built, so global_step is the
-        # resumed step here: skip what was already trained on.
-        consumed = (trainer.global_step if trainer else 0) * self.config.accumulate_grad_batches
         return DataLoader(
-            SkippingDataset(dataset, self.config.batch_size, consumed),
-            batch_size=self.config.batch_size, collate_fn=self.collator,
+            dataset, batch_size=local, collate_fn=self.collator,
             num_workers=self.config.num_workers, persistent_workers=False,
         )
 
     def val_dataloader(self) -> DataLoader:
+        # Every rank validates on the same batches (no DistributedSampler: it pads with repeats and
+        # splits max_val_batches per rank), so every world size logs the same validation loss;
+        # capped at max_val_batches, validation takes as long as on one device.
         return DataLoader(
             self.val_dataset, batch_size=self.config.val_batch_size, shuffle=False,
             collate_fn=self.collator, num_workers=0,
@@ -258,6 +259,7 @@ class LoraFinetune(pl.LightningModule):
         self.metadata = metadata
         # Checkpoints hold only the adapters: the frozen base comes from --base on resume.
         self.strict_loading = False
+        self.dropout = use_sample_dropout(model, config.seed)
         self.tokens_seen = 0
         self.num_truncated = 0
         self._micro_batch = 0  # micro-batches trained so far (restored from global_step on resume)
@@ -276,9 +278,9 @@ class LoraFinetune(pl.LightningModule):
         self._micro_batch = self.trainer.global_step * self.config.accumulate_grad_batches
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        # LoRA dropout draws from the global generators, which DataLoader iterators also draw
-        # from. Seeding them per micro-batch from (seed, micro-batch, rank) makes the masks a
-        # function of the step alone, so a resumed run trains exactly like an uninterrupted one.
+        # LoRA dropout has per-sample generators (finetune.dropout); anything else drawing from
+        # the global generators (attention dropout of a base with dropout > 0) is reseeded per
+        # micro-batch from (seed, micro-batch, rank), so a resumed run draws like an uninterrupted one.
         mixed = (self.config.seed * 1_000_003 + self._micro_batch) * 1009 + self.global_rank
         torch.manual_seed(mixed % 2**63)
         self._micro_batch += 1
@@ -286,21 +288,38 @@ class LoraFinetune(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        losses = self._losses(batch)
-        tokens = int((~batch["attention_masks"]).sum())
-        self.tokens_seen += tokens
+        inputs, padding = batch["inputs"], batch["attention_masks"]
+        rows = self.model.fast_rows(inputs)
+        self.dropout.set(batch["uids"], (~padding).sum(1).cpu(),
+                         torch.bincount(rows // inputs.shape[2], minlength=inputs.shape[0]).cpu())
+        out = self.model(inputs, padding)
+        sums = lm_loss_sums(out.token_logits.float(), out.codebook_logits.float(), batch["labels"])
+        # One all-reduce of the counts (and, for the logs, the sums) over the ranks. Each rank's
+        # loss is its share of the global sums over the global counts, times the world size: DDP
+        # averages the gradients over the ranks, so they come out as the gradient of the mean
+        # over the whole global batch, what one process holding all of it computes.
+        local = torch.cat([sums.stats(), (~padding).sum().double().reshape(1)])
+        total = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+        world = self.trainer.world_size
+        text_count = total[1].clamp(min=1).to(sums.text_sum.dtype)
+        code_count = total[3].clamp(min=1).to(sums.code_sum.dtype)
+        loss = world * (sums.text_sum / text_count + sums.code_sum / code_count)
+        base_loss, semantic_loss = float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3].clamp(min=1))
+        top_5 = float(total[4] / total[5].clamp(min=1))
+
+        self.tokens_seen += int(total[6])  # every rank's tokens: tokens/s is the run's
         self.num_truncated += int(batch["num_truncated"])
         self.seen.update(batch["sentences"].tolist())
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        bs = batch["inputs"].shape[0]
-        self.log("train/loss", losses.loss, prog_bar=True, batch_size=bs)
-        self.log("train/base_loss", losses.base_loss, batch_size=bs)
-        self.log("train/semantic_loss", losses.semantic_loss, batch_size=bs)
-        self.log("train/top_5_accuracy", losses.top_5_accuracy, batch_size=bs)
+        bs = inputs.shape[0]
+        self.log("train/loss", base_loss + semantic_loss, prog_bar=True, batch_size=bs)
+        self.log("train/base_loss", base_loss, batch_size=bs)
+        self.log("train/semantic_loss", semantic_loss, batch_size=bs)
+        self.log("train/top_5_accuracy", top_5, batch_size=bs)
         self.log("train/tokens_per_s", self.tokens_seen / elapsed, batch_size=bs)
         self.log("train/truncated", float(self.num_truncated), batch_size=bs)
-        self.last_train = {"loss": float(losses.loss.detach()), "tokens_per_s": self.tokens_seen / elapsed}
-        return losses.loss
+        self.last_train = {"loss": base_loss + semantic_loss, "tokens_per_s": self.tokens_seen / elapsed}
+        return loss
 
     def validation_step(self, batch, batch_idx):
         losses = self._losses(batch)
@@ -345,12 +364,18 @@ class LoraFinetune(pl.LightningModule):
 
     def all_seen(self) -> list[int]:
         """The sentences trained on by every rank (each rank samples its own share), sorted."""
-        seen = self.seen
+        return self.run_totals()[0]
+
+    def run_totals(self) -> tuple[list[int], int]:
+        """(sentences trained on, samples cut to max_length) over every rank: a collective, so
+        every rank calls it."""
+        seen, truncated = self.seen, self.num_truncated
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             parts: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, sorted(seen))
-            seen = set().union(*parts)
-        return sorted(seen)
+            torch.distributed.all_gather_object(parts, (sorted(seen), truncated))
+            seen = set().union(*(set(p[0]) for p in parts))
+            truncated = sum(p[1] for p in parts)
+        return sorted(seen), truncated
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         from fish_speech_core.finetune.lora import load_lora_state_dict

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,24 @@ from fish_speech_core.finetune.checkpoints import (
     recommend,
     remove_partial_checkpoints,
 )
+from fish_speech_core import defaults
 from fish_speech_core.finetune.data import coverage
+from fish_speech_core.finetune.distributed import (
+    Rendezvous,
+    World,
+    agree_on_resume,
+    broadcast,
+    cpu_threads,
+    destroy_process_group,
+    init_process_group,
+    is_peer_failure,
+    lightning_environment,
+    peer_failure,
+    resolve_world,
+    start_local_ranks,
+    stop_local_ranks,
+    wait_local_ranks,
+)
 from fish_speech_core.finetune.limits import TrainError, base_max_seq_len, resolve_max_length
 from fish_speech_core.finetune.lora import (
     LoraError,
@@ -77,6 +95,8 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     # per speaker: {"seen": training sentences trained on, "sentences": in the training split}
     coverage: dict[str, dict[str, int]] = field(default_factory=dict)
+    world_size: int = 1  # processes that trained (devices x num_nodes)
+    rank: int = 0  # this process's rank (0 writes the run's files and reports progress)
 
 
 def resolve_precision(precision: str) -> str:
@@ -86,15 +106,6 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-true"
     return "32-true"
-
-
-def resolve_devices(devices: str) -> tuple[str, int | str]:
-    """(accelerator, devices) for Lightning."""
-    if not torch.cuda.is_available():
-        return "cpu", 1
-    if devices == "auto":
-        return "gpu", torch.cuda.device_count()
-    return "gpu", int(devices) if devices.isdigit() else devices
 
 
 def find_resume(config: TrainConfig, resume: str) -> tuple[Path | None, list[str]]:
@@ -155,8 +166,12 @@ def build_model(config: TrainConfig) -> Pretrained:
 
 
 def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | None = None,
-          progress_every: int = 10, show_progress: bool = True) -> TrainResult:
+          progress_every: int = 10, show_progress: bool = True, rendezvous: Rendezvous | None = None) -> TrainResult:
     """Finetune ``config.base`` with LoRA on ``config.data``; see the module docstring for files.
+
+    Every process of a distributed run calls this (the node's first one starts the others, see
+    :mod:`fish_speech_core.finetune.distributed`); rank 0 reports progress and writes the run's
+    files, every rank returns the same :class:`TrainResult` numbers.
 
     Args:
         resume: ``"auto"`` (newest valid checkpoint of this project, if any), ``"never"`` or a path.
@@ -164,14 +179,12 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
             one with a :class:`TrainProgress` dict (``step``, ``max_steps``, ``loss``,
             ``tokens_per_s``, ``lr``, ``eta_s``).
         show_progress: draw the terminal bar (see :mod:`fish_speech_core.progress`).
+        rendezvous: where this process is in a multi-process run; None reads ``NODE_RANK``,
+            ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` and ``WORLD_SIZE`` from the environment.
 
     Raises:
-        TrainError: bad settings or inputs, naming the flag.
+        TrainError: bad settings or inputs, naming the flag; another rank of the run failed.
     """
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     problems = config.validate()
     if problems:
         raise TrainError("; ".join(problems))
@@ -189,13 +202,54 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
     # Before anything heavy: a sample longer than the base's max_seq_len fails in the first step.
     max_length = resolve_max_length(config.max_length, base_max_seq_len(config.base), config.base)
     config = replace(config, base_sha256=sha256_file(base_model), max_length=max_length)
+    world = resolve_world(config.devices, config.num_nodes, config.strategy, config.process_group_backend,
+                          rendezvous or Rendezvous.from_env(os.environ),
+                          torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if config.batch_size % world.world_size:
+        raise TrainError(f"--batch-size {config.batch_size} (the global batch) does not split evenly over the "
+                         f"{world.world_size} processes of --devices {config.devices} x --num-nodes {config.num_nodes}")
     resume_path, notes = find_resume(config, resume)
-    for partial in remove_partial_checkpoints(config.checkpoint_dir):
-        notes.append(f"removed {partial.name}, a checkpoint write that was interrupted")
-
+    lead = world.global_rank == 0
+    if lead:
+        for partial in remove_partial_checkpoints(config.checkpoint_dir):
+            notes.append(f"removed {partial.name}, a checkpoint write that was interrupted")
     check_data_fits_base(config.base, config.data)
+
+    threads = torch.get_num_threads()
+    if world.accelerator == "cpu" and world.per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads(world))  # the node's cores are shared by its ranks
+    children = start_local_ranks(world, config.to_dict(), str(resume_path or "never")) if world.starts_node else []
+    try:
+        if world.ddp:
+            init_process_group(world)
+            resume_path = agree_on_resume(world, resume_path, config.checkpoint_dir)
+        try:
+            result = _fit(config, world, resume_path, notes, progress, progress_every, show_progress)
+        except Exception as err:
+            if world.world_size > 1 and is_peer_failure(err):
+                raise peer_failure(world, err, [s for s, _ in list_checkpoints(config.checkpoint_dir)]) from None
+            raise
+        finally:
+            destroy_process_group()
+        wait_local_ranks(children)
+    except BaseException:
+        stop_local_ranks(children)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+def _fit(config: TrainConfig, world: World, resume_path: Path | None, notes: list[str],
+         progress: ProgressHook | None, progress_every: int, show_progress: bool) -> TrainResult:
+    """Build the model, data and trainer; validate, fit, and keep the final state."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    lead = world.global_rank == 0
     # Seed before the adapters are created: their init draws from the global generator, so
-    # --seed (not whatever ran earlier in the process) decides it.
+    # --seed (not whatever ran earlier in the process) decides it (the same on every rank).
     pl.seed_everything(config.seed, workers=True, verbose=False)
     loaded = build_model(config)
     model = loaded.model
@@ -210,21 +264,25 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run_dir / "config.json", "w") as handle:
-        handle.write(json.dumps(config.to_dict(), indent=4, sort_keys=True) + "\n")
-    save_metadata(meta, run_dir)
+    if lead:
+        with atomic_write(run_dir / "config.json", "w") as handle:
+            handle.write(json.dumps(config.to_dict(), indent=4, sort_keys=True) + "\n")
+        save_metadata(meta, run_dir)
 
-    history = _load_history(run_dir, resume_path)
+    history = _load_history(run_dir, resume_path) if lead else []
     recorder = HistoryRecorder(run_dir, history)
-    accelerator, devices = resolve_devices(config.devices)
     strategy: Any = "auto"
-    if accelerator == "gpu" and (devices if isinstance(devices, int) else 2) > 1:
+    if world.ddp:
+        from datetime import timedelta
+
         from lightning.pytorch.strategies import DDPStrategy
 
-        strategy = DDPStrategy(process_group_backend=config.process_group_backend)
+        strategy = DDPStrategy(cluster_environment=lightning_environment(world), process_group_backend=world.backend,
+                               timeout=timedelta(seconds=defaults.DIST_TIMEOUT_S))
     # Saved when each validation ends (Lightning runs checkpoint callbacks after the others), so
     # a checkpoint always comes after its history row: a run killed right after publishing
     # step N never resumes from N with N's validation missing from history.json.
+    # Lightning writes checkpoints on rank 0 only.
     checkpointing = ModelCheckpoint(
         dirpath=config.checkpoint_dir, filename="step_{step:09d}", auto_insert_metric_name=False,
         every_n_train_steps=None, every_n_epochs=1, save_on_train_epoch_end=False,
@@ -232,37 +290,44 @@ def train(config: TrainConfig, resume: str = "auto", progress: ProgressHook | No
         save_weights_only=False,
     )
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, strategy=strategy,
+        accelerator=world.accelerator, devices=world.devices, num_nodes=world.num_nodes, strategy=strategy,
         precision=resolve_precision(config.precision), max_steps=config.max_steps,
         accumulate_grad_batches=config.accumulate_grad_batches,
         gradient_clip_val=config.gradient_clip, gradient_clip_algorithm="norm",
+        # in micro-batches of each rank: every rank runs accumulate_grad_batches per optimizer
+        # step, so this is every val_check_interval optimizer steps whatever the world size
         val_check_interval=config.val_check_interval * config.accumulate_grad_batches,
         check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=config.max_val_batches or None, log_every_n_steps=1,
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
         callbacks=[checkpointing, recorder, StepProgress(config.max_steps, progress, progress_every, show_progress)],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(run_dir), deterministic=False,
+        default_root_dir=str(run_dir), deterministic=False, use_distributed_sampler=False,
     )
     if resume_path is None:
         trainer.validate(module, datamodule=data, verbose=False)  # the loss before training
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_path) if resume_path else None)
 
     step = trainer.global_step
+    # rank 0's folder and history decide (another node may hold neither): every rank then makes
+    # the same collective calls
     saved = {s for s, _ in list_checkpoints(config.checkpoint_dir)}
-    if step not in saved:  # max_steps not a multiple of the interval: keep the final state too
-        if not history or history[-1]["step"] != step:
+    validated = bool(recorder.history) and recorder.history[-1]["step"] == step
+    save_final, validate_final = broadcast((step not in saved, not validated))
+    if save_final:  # max_steps not a multiple of the interval: keep the final state too
+        if validate_final:
             trainer.validate(module, datamodule=data, verbose=False)
         # a full checkpoint (optimizer, schedule, loops) so it can be resumed; loading is weights_only=True
         trainer.save_checkpoint(config.checkpoint_dir / checkpoint_name(step), weights_only=False)
+    seen, truncated = module.run_totals()
     result = TrainResult(
         run_dir=run_dir, final_step=step, history=recorder.history,
         recommendation=recommend(recorder.history, config.checkpoint_dir),
         checkpoints=[p for _, p in list_checkpoints(config.checkpoint_dir)],
-        num_truncated=module.num_truncated, resumed_from=resume_path, notes=notes,
-        coverage=coverage(data.train_groups, module.all_seen()),
+        num_truncated=truncated, resumed_from=resume_path, notes=notes,
+        coverage=coverage(data.train_groups, seen), world_size=world.world_size, rank=world.global_rank,
     )
-    if trainer.is_global_zero:
+    if lead:
         _write_summary(result)
     return result
 
@@ -283,6 +348,7 @@ def _write_summary(result: TrainResult) -> None:
         "recommended": None if rec is None else rec.__dict__,
         "checkpoints": [str(p) for p in result.checkpoints],
         "num_truncated": result.num_truncated,
+        "world_size": result.world_size,
         "coverage": result.coverage,
         "notes": result.notes,
     }

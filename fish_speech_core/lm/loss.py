@@ -63,3 +63,43 @@ def top_k_accuracy(logits: Tensor, labels: Tensor, k: int = 5) -> Tensor:
     top = logits.topk(k, dim=-1).indices  # (..., k)
     hits = (top == labels.unsqueeze(-1)).any(dim=-1) & counted
     return hits.sum().float() / counted.sum()
+
+
+@dataclass(frozen=True)
+class LMLossSums:
+    """The parts of :class:`LMLosses` as sums and counts, so several batches (or ranks) combine
+    into exactly the mean over all their labels: ``base_loss = text_sum / text_count``.
+
+    ``text_sum`` and ``code_sum`` carry the graph; the counts and hits are plain (no grad)."""
+
+    text_sum: Tensor
+    text_count: Tensor
+    code_sum: Tensor
+    code_count: Tensor
+    hits: Tensor  # top-5 hits among the counted codebook labels
+    counted: Tensor  # codebook labels that are neither ignored nor the pad id
+
+    def stats(self) -> Tensor:
+        """(6,) float64, detached: text_sum, text_count, code_sum, code_count, hits, counted."""
+        return torch.stack([t.detach().double() for t in
+                            (self.text_sum, self.text_count, self.code_sum, self.code_count, self.hits, self.counted)])
+
+
+def lm_loss_sums(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor) -> LMLossSums:
+    """:func:`lm_losses` before the division by the label counts (same shapes, same labels)."""
+    num_codebooks = codebook_logits.size(2)
+    text_labels = labels[:, 0].reshape(-1)
+    text_sum = F.cross_entropy(token_logits.reshape(-1, token_logits.size(-1)), text_labels,
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    codebook_labels = labels[:, 1 : 1 + num_codebooks].transpose(1, 2)  # (B, T, K)
+    code_sum = F.cross_entropy(codebook_logits.reshape(-1, codebook_logits.size(-1)), codebook_labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    with torch.no_grad():
+        counted = (codebook_labels != IGNORE_INDEX) & (codebook_labels != CODEBOOK_PAD_ID)
+        top = codebook_logits.topk(5, dim=-1).indices
+        hits = ((top == codebook_labels.unsqueeze(-1)).any(dim=-1) & counted).sum()
+    return LMLossSums(
+        text_sum=text_sum, text_count=(text_labels != IGNORE_INDEX).sum(),
+        code_sum=code_sum, code_count=(codebook_labels != IGNORE_INDEX).sum(),
+        hits=hits, counted=counted.sum(),
+    )

@@ -325,6 +325,20 @@ class DualARTransformer(nn.Module):
         x = self._run_layers(self.fast_layers, x, self.fast_rope[: x.size(1)], None)
         return self.fast_output(self.fast_norm(x))
 
+    def fast_rows(self, inputs: Tensor) -> Tensor:
+        """Which of the B·T positions (flattened, b-major) the fast transformer runs on, ascending.
+
+        Rows whose next step has no codes (prompt, padding, last step) are skipped and their
+        logits stay exactly 0.0.
+        """
+        b, _, t = inputs.shape
+        next_codes = F.pad(inputs[:, 1 : self.config.num_codebooks, 1:], (0, 1))  # (B, K-1, T): codes of step t+1
+        keep = (next_codes != 0).any(dim=1).reshape(b * t)
+        if not keep.any():
+            # Run a few rows anyway so every fast parameter is in the graph (DDP expects it).
+            keep[: min(8, b * t)] = True
+        return keep.nonzero().squeeze(1)
+
     def forward(self, inputs: Tensor, key_padding_mask: Tensor | None = None) -> DualAROutput:
         """Training/teacher-forced forward.
 
@@ -355,14 +369,7 @@ class DualARTransformer(nn.Module):
             [self.fast_project_in(hidden)[:, None], self.fast_embeddings(next_codes)], dim=1
         )  # (B, K, T, fast_dim)
         x = x.transpose(1, 2).reshape(b * t, c.num_codebooks, c.fast_dim)
-        # Rows whose next step has no codes (prompt, padding, last step) are skipped and
-        # their logits stay exactly 0.0.
-        keep = (next_codes != 0).any(dim=1).reshape(b * t)
-        if not keep.any():
-            # Run a few rows anyway so every fast parameter is in the graph (DDP expects it).
-            keep = keep.clone()
-            keep[: min(8, b * t)] = True
-        rows = keep.nonzero().squeeze(1)
+        rows = self.fast_rows(inputs)
         logits = self.fast_logits(x.index_select(0, rows))
         codebook_logits = logits.new_zeros(b * t, c.num_codebooks, c.codebook_size)
         codebook_logits = codebook_logits.index_copy(0, rows, logits)

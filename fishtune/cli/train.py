@@ -8,12 +8,7 @@ from pathlib import Path
 import typer
 
 from fish_speech_core import defaults as d
-from fish_speech_core.choices import Sampling
-
-
-class Backend(str, Enum):
-    gloo = "gloo"
-    nccl = "nccl"
+from fish_speech_core.choices import Backend, Sampling, TrainStrategy
 
 
 class Format(str, Enum):
@@ -44,7 +39,11 @@ def train_command(
     lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="Override the preset's alpha (scaling = alpha / r)."),
     lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="Override the preset's dropout."),
     max_steps: int = typer.Option(d.MAX_STEPS, "--max-steps", help="Optimizer steps to train in total."),
-    batch_size: int = typer.Option(d.BATCH_SIZE, "--batch-size", help="Samples per device per step."),
+    batch_size: int = typer.Option(
+        d.BATCH_SIZE, "--batch-size",
+        help="Samples per micro-batch over all processes (the global batch; each of the devices x nodes processes "
+             "takes an equal share, so the world size changes speed, not results).",
+    ),
     accumulate_grad_batches: int = typer.Option(1, "--accumulate-grad-batches", help="Batches per optimizer step."),
     max_length: int | None = typer.Option(
         None, "--max-length",
@@ -63,9 +62,21 @@ def train_command(
         help="Validate on at most this many held-out batches (the same ones each time); 0 = all of them.",
     ),
     val_fraction: float = typer.Option(d.VAL_FRACTION, "--val-fraction", help="Share of sentences held out for validation (by content hash)."),
-    devices: str = typer.Option("auto", "--devices", help="GPUs to use: auto (all), a count, or a list like 0,1. CPU: 1."),
+    devices: str = typer.Option(
+        "auto", "--devices",
+        help="Processes per node: GPUs (auto = all, a count, or a list like 0,1); without GPUs a count of CPU "
+             "processes (auto = 1).",
+    ),
+    num_nodes: int = typer.Option(
+        1, "--num-nodes",
+        help="Machines training together: run this command on each with NODE_RANK (0..N-1), MASTER_ADDR "
+             "(node 0's address), MASTER_PORT and WORLD_SIZE (devices x nodes) in the environment.",
+    ),
+    strategy: TrainStrategy = typer.Option(
+        TrainStrategy.auto, "--strategy", help="auto: DDP when more than one process; ddp: DDP always.",
+    ),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16-true on CUDA with bf16, else 32-true), or a Lightning value."),
-    process_group_backend: Backend | None = typer.Option(None, "--process-group-backend", help="DDP backend with several GPUs (default: nccl)."),
+    process_group_backend: Backend | None = typer.Option(None, "--process-group-backend", help="DDP backend (default: nccl on GPUs, gloo on CPU)."),
     seed: int = typer.Option(d.SEED, "--seed", help="Seed of the sampling and of the adapter initialisation."),
     resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest valid checkpoint of PROJECT; never; or a checkpoint path."),
     init_lora: Path | None = typer.Option(None, "--init-lora", help="Start a NEW run from the adapters of this checkpoint."),
@@ -97,7 +108,7 @@ def train_command(
         lora_r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         max_steps=max_steps, batch_size=batch_size, accumulate_grad_batches=accumulate_grad_batches,
         max_length=max_length, sampling=sampling.value, lr=lr, val_check_interval=val_check_interval, max_val_batches=max_val_batches,
-        val_fraction=val_fraction, devices=devices, precision=precision,
+        val_fraction=val_fraction, devices=devices, num_nodes=num_nodes, strategy=strategy.value, precision=precision,
         process_group_backend=process_group_backend.value if process_group_backend else None,
         seed=seed, save_top_k=save_top_k, results_dir=str(results_dir),
         init_lora=str(init_lora) if init_lora else None, num_workers=num_workers,
@@ -108,7 +119,11 @@ def train_command(
         _fail(str(err))
     except DiskFullError as err:  # a checkpoint (CheckpointWriteError) or history/summary file
         _fail(str(err))
-    _print_summary(result)
+    if result.rank == 0:
+        _print_summary(result)
+    else:  # rank 0 prints the run's summary; the others say that they took part
+        resumed = f", resumed from {result.resumed_from.name}" if result.resumed_from else ""
+        typer.echo(f"rank {result.rank} of {result.world_size}: trained to step {result.final_step}{resumed}")
 
 
 def _print_summary(result) -> None:

@@ -15,7 +15,6 @@ from fish_speech_core.finetune.data import (
     encode_sentences,
     item_fraction,
     load_groups,
-    partition_groups,
     split_groups,
     truncated_normal,
 )
@@ -184,42 +183,41 @@ def test_held_out_dataset_is_fixed_and_finite(tmp_path, tokenizer):
     assert torch.equal(sample["tokens"], expected[0]) and torch.equal(sample["labels"], expected[1])
 
 
-@pytest.mark.parametrize("sizes", [[7, 3, 9, 4, 6], [50]])
-def test_ranks_and_workers_get_disjoint_shares_covering_everything(tmp_path, sizes):
-    groups = load_groups(_write_shards(tmp_path, sizes))
-    shares = [partition_groups(groups, part, 4) for part in range(4)]  # 2 ranks x 2 workers
-    seen = [(g.name, i.texts) for share in shares for g in share for i in g.items]
-    assert len(seen) == len(set(seen)) == sum(sizes)
-    assert all(shares)
+def _stream(shards, tokenizer, batches, rank=0, world_size=1, batch_size=4, workers=0, start_batch=0):
+    """Micro-batches of one rank as its DataLoader yields them (lists of samples)."""
+    dataset = TextSemanticDataset(shards, tokenizer, SamplingConfig(max_length=60), seed=3, rank=rank,
+                                  world_size=world_size, batch_size=batch_size, start_batch=start_batch)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    return [batch for _, batch in zip(range(batches), loader)]
 
 
-def test_dataset_splits_across_dataloader_workers_and_ranks(tmp_path, tokenizer):
-    shards = _write_shards(tmp_path, [40])
-    config = SamplingConfig(max_length=60)
-    per_part = []
-    for rank in range(2):
-        dataset = TextSemanticDataset(shards, tokenizer, config, seed=3, rank=rank, world_size=2)
-        loader = DataLoader(dataset, batch_size=None, num_workers=2)
-        samples = [s for _, s in zip(range(40), loader)]
-        for worker in range(2):  # the loader alternates workers
-            per_part.append({i for s in samples[worker::2] for i in _sentence_ids(s, tokenizer)})
-        shares = [dataset.shard(w, 2) for w in range(2)]
-        for worker, share in enumerate(shares):
-            allowed = {(0, int(i.codes[0, 1])) for g in share for i in g.items}
-            assert per_part[-2 + worker] <= allowed
-    for a in range(4):
-        for b in range(a + 1, 4):
-            assert per_part[a].isdisjoint(per_part[b])
+def test_global_batches_are_the_same_for_any_world_size_and_worker_count(tmp_path, tokenizer):
+    """Rank r's slice of every micro-batch, whichever the number of ranks and DataLoader workers,
+    is the r-th slice of the one-process batch: the run's samples do not depend on its layout."""
+    shards = _write_shards(tmp_path, [7, 3, 9, 1])
+    whole = _stream(shards, tokenizer, 5)  # global batch 4 in one process
+    split = [_stream(shards, tokenizer, 5, rank=r, world_size=2, batch_size=2, workers=2) for r in range(2)]
+    for m, batch in enumerate(whole):
+        joined = split[0][m] + split[1][m]
+        assert [int(s["uid"]) for s in batch] == [int(s["uid"]) for s in joined] == list(range(4 * m, 4 * m + 4))
+        for a, b in zip(batch, joined, strict=True):
+            assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+    # a resumed rank starts at its slice of micro-batch start_batch
+    resumed = _stream(shards, tokenizer, 2, rank=1, world_size=2, batch_size=2, start_batch=3)
+    assert [int(s["uid"]) for s in resumed[0]] == [14, 15]
+    assert torch.equal(resumed[0][0]["tokens"], whole[3][2]["tokens"])
 
 
-def test_rank_worker_and_epoch_change_the_stream(tmp_path, tokenizer):
+def test_seed_and_epoch_change_the_stream(tmp_path, tokenizer):
     shards = _write_shards(tmp_path, [10, 10])
-    a = TextSemanticDataset(shards, tokenizer, seed=1)
-    first = a.rng(0).random()
-    assert a.rng(0).random() == first and a.rng(1).random() != first
-    a.set_epoch(1)
-    assert a.rng(0).random() != first
-    assert TextSemanticDataset(shards, tokenizer, seed=1, rank=1, world_size=2).rng(0).random() != first
+    first = [next(iter(TextSemanticDataset(shards, tokenizer, seed=1)))["tokens"] for _ in range(2)]
+    assert torch.equal(*first)  # deterministic
+    other = TextSemanticDataset(shards, tokenizer, seed=2)
+    epoch = TextSemanticDataset(shards, tokenizer, seed=1)
+    epoch.set_epoch(1)
+    samples = [list(zip(range(6), iter(d))) for d in (TextSemanticDataset(shards, tokenizer, seed=1), other, epoch)]
+    tokens = [[s["tokens"].tolist() for _, s in run] for run in samples]
+    assert tokens[0] != tokens[1] and tokens[0] != tokens[2]
 
 
 def test_bad_shards_fail_clearly(tmp_path, tokenizer):

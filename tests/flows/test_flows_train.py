@@ -167,3 +167,39 @@ def test_a_base_and_codec_that_do_not_belong_together_fail_before_any_stage(pref
     assert "2048" in str(error.value) and "1024" in str(error.value)
     manifest = json.loads(next((tmp_path / "store" / "runs").iterdir()).joinpath("manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["stages"] == []  # nothing heavy ran
+
+
+def test_layout_is_run_only_and_the_launcher_gives_each_node_its_rendezvous():
+    """devices / num_nodes / strategy / backend / rendezvous leave the stage key alone (the layout
+    trains the same adapters); the pool launcher starts one train child run per node, each with
+    the env job variables the core reads and its own GPUs."""
+    from fishtune.flows.gpu import train_job_variables, train_launches
+    from fishtune.tasks.params import TrainParams
+    from fishtune.tasks.remote import _merged, job_variables_for
+
+    layout = dict(devices="0,1", num_nodes=2, strategy="ddp", process_group_backend="nccl", master_addr="10.0.0.5",
+                  master_port=29600)
+    assert TrainParams(**layout).key_fields() == TrainParams().key_fields()
+    assert TrainParams(seed=1).key_fields() != TrainParams().key_fields()
+    runs = train_launches({"params": TrainParams(**layout).model_dump(mode="json")})
+    assert [overrides["node_rank"] for overrides, _ in runs] == [0, 1]
+    assert all(overrides["params"]["devices"] == "2" for overrides, _ in runs)  # the child sees only its two GPUs
+    assert [variables for _, variables in runs] == [
+        {"env": {"NODE_RANK": str(rank), "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29600", "WORLD_SIZE": "4"}}
+        for rank in (0, 1)]
+    # what the launcher sends each node: the pool sizing (2 GPUs per node) plus its rendezvous
+    overrides, variables = runs[1]
+    sized = _merged(job_variables_for(TrainParams.model_validate(overrides["params"])), variables)
+    assert sized == {"gpu_count": 2, "env": variables["env"]}
+    assert train_launches({"params": TrainParams().model_dump(mode="json")}) == [({}, None)]  # one node, auto: as before
+    assert train_job_variables(TrainParams(devices="4")) == {}  # one node: the pool's sizing alone
+    assert job_variables_for(TrainParams(devices="0,1,2")) == {"gpu_count": 3}
+
+    with pytest.raises(ValueError, match="num_nodes 2 needs gpu_pool"):
+        FinetuneConfig(data="/d", num_nodes=2, devices="1", master_addr="h")
+    with pytest.raises(ValueError, match="num_nodes 2 needs master_addr"):
+        FinetuneConfig(data="/d", num_nodes=2, devices="1", gpu_pool="cuda")
+    with pytest.raises(ValueError, match="needs devices as a count"):
+        FinetuneConfig(data="/d", num_nodes=2, master_addr="h", gpu_pool="cuda")
+    config = FinetuneConfig(data="/d", gpu_pool="cuda", **layout)
+    assert config.train_params() == TrainParams(**layout)

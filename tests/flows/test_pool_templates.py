@@ -49,13 +49,10 @@ def test_templates_are_the_installed_workers_defaults_plus_our_variables(kind):
 
 
 def test_job_variables_size_the_child_from_the_stage_parameters():
-    class WithDevices(TrainParams):  # the shape of train's `devices` (another change adds the field)
-        devices: int = 2
-
     assert job_variables_for(TrainParams(memory="24Gi")) == {
         "gpu_count": 1, "memory": str(24 * 2**30)}
     assert job_variables_for(ExtractParams()) == {"gpu_count": 1}
-    assert job_variables_for(WithDevices(memory="64G")) == {
+    assert job_variables_for(TrainParams(devices="2", memory="64G")) == {
         "gpu_count": 2, "memory": str(64 * 10**9)}
     assert job_variables_for(None)["gpu_count"] == 1
     assert [memory_bytes(q) for q in ("1000", "1.5Gi", "512Mi", "2T")] == [1000, 3 * 2**29, 2**29, 2 * 10**12]

@@ -20,6 +20,8 @@ A spec is ``name=argument[,name=argument...]``. The faults:
   a clip ``<stem>`` armed by a file ``FOLDER/<stem>.stall``; it first renames that file to
   ``<stem>.stalled`` holding its pid, so a test knows whom to kill and the rerun does not stall.
   Without an armed clip it does nothing (workers can carry it for a whole test module).
+* ``sigkill_after_step=STEP``: the process SIGKILLs itself when its first training batch after
+  optimizer step STEP starts (one rank of a distributed run dying without a word).
 """
 
 from __future__ import annotations
@@ -152,8 +154,23 @@ def _stall_extract(armed: Path, extract, patch: Patch) -> None:
     patch(extract, "write_codes", write_codes)
 
 
+def sigkill_after_step(step: str, patch: Patch) -> None:
+    import signal
+
+    from fish_speech_core.finetune import train
+
+    after = int(step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    patch(train.StepProgress, "on_train_batch_start", on_train_batch_start)
+
+
 FAULTS: dict[str, Callable[[str, Patch], None]] = {
     "stall_extract": stall_extract,
+    "sigkill_after_step": sigkill_after_step,
     "stall_checkpoint": stall_checkpoint,
     "raise_after_checkpoint": raise_after_checkpoint,
 }

@@ -132,6 +132,12 @@ class Stages:
     def _check_pool(self, name: str) -> None:
         if name not in self.pool_checked:
             check_pool(DEPLOYMENTS[name], self.config.gpu_pool)
+            if name == "train":  # a train child takes one slot of the `gpu` limit per process: fewer would wait for ever
+                needed, slots = self.config.train_params().processes_per_node() or 1, gpu_slots()
+                if needed > slots:
+                    raise ValueError(f"devices {self.config.devices}: a train node takes {needed} slots of the "
+                                     f"'gpu' concurrency limit, which has {slots}; run fishtune deploy --gpus "
+                                     f"{needed} (one slot per GPU of a host) or train on fewer devices")
             self.pool_checked.add(name)
 
 

@@ -1,4 +1,5 @@
-"""Scale-out figures: training tokens/s at world size 1 and 2 (DDP over gloo on CPU).
+"""Scale-out figures: training tokens/s at world size 1 and 2 (DDP over gloo on CPU), and
+extraction audio-s/s with 1 and 2 shards (bench/scale_extract.py).
 
     python bench/scale.py                          # every part
     python bench/scale.py --parts train --steps 20 --threads 1 --preset tiny
@@ -12,6 +13,9 @@
   training step to the last, no validation in between), s/step, the 2-over-1 ratio and its
   efficiency (ratio / 2), and the largest adapter difference between the two runs (they train
   the same adapters: DDP changes the speed, not the result).
+* extract: ``bench/scale_extract.py`` (``--extract-seconds`` of generated speech, real-size codec
+  with random weights): 1 shard vs 2 shard processes, the ratio, and whether the merged artifacts
+  are byte-identical. On 2 CPU cores expect little gain; rerun on a GPU host with one GPU per shard.
 """
 
 from __future__ import annotations
@@ -119,7 +123,20 @@ def print_train(figures: dict) -> None:
           f"adapters differ by at most {figures['adapters_max_diff']:.1e}")
 
 
-PARTS = {"train": (lambda a: train_scaling(a.preset, a.steps, a.batch_size, a.max_length, a.threads), print_train)}
+def extract_scaling(seconds: float, preset: str) -> dict:
+    """Extraction audio-s/s with 1 and 2 shards (bench/scale_extract.py, in its own process: its
+    shard processes are what it times)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "extract.json"
+        subprocess.run([sys.executable, str(ROOT / "bench" / "scale_extract.py"), "--seconds", str(seconds),
+                        "--preset", preset, "--json", str(out)], check=True,
+                       env={k: v for k, v in _env(1).items() if k != "OMP_NUM_THREADS"})
+        return json.loads(out.read_text())
+
+
+PARTS = {"train": (lambda a: train_scaling(a.preset, a.steps, a.batch_size, a.max_length, a.threads), print_train),
+         # scale_extract prints its own lines
+         "extract": (lambda a: extract_scaling(a.extract_seconds, a.extract_preset), lambda figures: None)}
 
 
 def main() -> None:
@@ -130,6 +147,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="train: the global batch (split over the ranks)")
     parser.add_argument("--max-length", type=int, default=256, help="train: tokens per sample")
     parser.add_argument("--threads", type=int, default=1, help="train: torch threads per rank")
+    parser.add_argument("--extract-seconds", type=float, default=60.0, help="extract: seconds of audio to extract")
+    parser.add_argument("--extract-preset", default="fish-speech-1.4", help="extract: codec preset (random init)")
     parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     # a training run in this process (what train_scaling starts)
     parser.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)

@@ -16,8 +16,8 @@ prompt; :func:`semantic_codes` turns the new columns into codec codes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -27,30 +27,19 @@ from torch import Tensor
 from fish_speech_core.formats.prompt import CODEBOOK_OFFSET, turn_prompt
 from fish_speech_core.formats.text import clean_text
 from fish_speech_core.lm.model import Attention, DualARTransformer, TransformerBlock
+from fish_speech_core.threads import one_thread
 from fish_speech_core.tokenizer import FishTokenizer
 
 # Codebook penalty window: the last 16 generated columns (zeros before that many exist).
 PENALTY_WINDOW = 16
 
-# Decoding runs one position at a time: on CPU, a model up to this width does kernels of a few
-# microseconds, and each OpenMP parallel region costs more than the kernel (on a busy machine a
-# scheduler slice, ~2 ms, waiting for the second thread). Measured on 2 busy cores: tiny 6.5 ->
-# 32 tokens/s, mid (dim 512) 1.0 -> 3.2 tokens/s with one thread; results are the same.
+# Decoding runs one position at a time: a model up to this width decodes faster on one CPU
+# thread (fish_speech_core/threads.py has the measurements).
 SINGLE_THREAD_MAX_DIM = 512
 
 
-@contextmanager
-def _decode_threads(model: DualARTransformer, device: torch.device) -> Iterator[None]:
-    """Run a small model's CPU decode on one intra-op thread; restore the count after."""
-    before = torch.get_num_threads()
-    if device.type != "cpu" or model.config.dim > SINGLE_THREAD_MAX_DIM or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _decode_threads(model: DualARTransformer, device: torch.device) -> AbstractContextManager[None]:
+    return one_thread(device.type == "cpu" and model.config.dim <= SINGLE_THREAD_MAX_DIM)
 
 
 # --- prompt ------------------------------------------------------------------------------

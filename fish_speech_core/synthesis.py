@@ -25,7 +25,7 @@ from fish_speech_core.lm.generate import (
     generate,
     semantic_codes,
 )
-from fish_speech_core.threads import one_thread
+from fish_speech_core.threads import one_thread, small_on_cpu
 
 if TYPE_CHECKING:
     from fish_speech_core.lm.checkpoint import Pretrained
@@ -177,7 +177,7 @@ def encode_reference(synth: Synthesizer, audio_path: str | os.PathLike) -> Tenso
     mono = torch.from_numpy(to_mono(audio))
     mono = resample(mono, rate, synth.sample_rate).to(synth.device)
     try:
-        with torch.inference_mode(), one_thread(_small_on_cpu(synth.codec, synth.device)):
+        with torch.inference_mode(), one_thread(small_on_cpu(synth.codec, synth.device)):
             return synth.codec.encode([mono])[0].cpu()
     except ValueError as err:  # shorter than one code frame; NaN features (a damaged codec)
         raise ValueError(f"{audio_path}: {err}") from None
@@ -258,19 +258,10 @@ def synthesize(
     if codes.size(1) == 0:
         audio = torch.zeros(0)
     else:
-        with torch.inference_mode(), one_thread(_small_on_cpu(synth.codec, synth.device)):
+        with torch.inference_mode(), one_thread(small_on_cpu(synth.codec, synth.device)):
             wave, _ = decode(synth.codec, codes[None])
         audio = wave[0, 0].float().cpu()
     return SynthesisResult(audio, synth.sample_rate, codes, chunks, generations)
-
-
-# A codec up to this size (the tiny preset: 1.3 M) encodes/decodes faster on one CPU thread;
-# the released one (47 M) was not measured, so it keeps every thread.
-SMALL_CODEC_PARAMETERS = 10_000_000
-
-
-def _small_on_cpu(codec: torch.nn.Module, device: torch.device) -> bool:
-    return device.type == "cpu" and sum(p.numel() for p in codec.parameters()) <= SMALL_CODEC_PARAMETERS
 
 
 def _codec_codebook_size(codec: torch.nn.Module) -> int:

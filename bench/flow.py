@@ -1,6 +1,12 @@
 """Benchmark the finetune flow on the demo data: first run, no-change rerun, one-file-changed rerun.
 
     python bench/flow.py [--repeat 1] [--no-codec] [--json OUT]
+    python bench/flow.py --demo [--json OUT]
+
+``--demo`` times ``fishtune demo`` itself as a user runs it (a fresh process each time:
+interpreter, imports, tiny models, the ephemeral server, all stages incl. train and evaluate):
+the first run into an empty folder, then the unchanged rerun, and the rerun/first ratio
+(issue 17: first <= 45 s on 2 quiet cores, rerun <= 10 % of it), with each run's stage seconds.
 
 Runs in Prefect's ephemeral mode (a temporary local server, started once before timing). Prints
 the wall time of each run, the first/rerun ratios, and the Prefect overhead of the first run:
@@ -39,7 +45,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="copies of each demo speaker")
     parser.add_argument("--no-codec", action="store_true", help="stop after normalize (no extract/pack)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--demo", action="store_true", help="time `fishtune demo`: first run and unchanged rerun")
     args = parser.parse_args()
+    if args.demo:
+        return demo(args.json)
 
     import soundfile
     from prefect import flow
@@ -93,6 +102,45 @@ def main() -> None:
         print(f"{key:32s} {value}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def demo(json_out: Path | None) -> None:
+    """First run and unchanged rerun of `fishtune demo`, each a fresh process, wall-timed."""
+    import re
+    import subprocess
+
+    walls, tails = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in ("first", "rerun"):
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "fishtune", "demo", "--output", str(Path(tmp) / "demo")],
+                                  capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+            walls.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                raise SystemExit(f"fishtune demo failed ({done.returncode}): {done.stderr[-2000:]}")
+            tails.append(done.stdout + done.stderr)
+
+    def stage_seconds(text: str) -> dict[str, str]:  # the demo's end table: | stage | cache | seconds | artifact |
+        found = {}
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.split("\u2502")]
+            if len(cells) >= 4 and re.fullmatch(r"[a-z]+", cells[1]) and re.fullmatch(r"[0-9.]+", cells[3]):
+                found[cells[1]] = f"{cells[3]} s ({cells[2]})"
+        return found
+
+    figures = {
+        "first_s": round(walls[0], 1),
+        "rerun_s": round(walls[1], 1),
+        "rerun_over_first": round(walls[1] / walls[0], 3),
+        "stage_seconds_first": stage_seconds(tails[0]),
+        "stage_seconds_rerun": stage_seconds(tails[1]),
+        "cpus": os.cpu_count(),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
+    }
+    for key, value in figures.items():
+        print(f"{key:32s} {value}")
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from fish_speech_core.lm.generate import (
     generate,
     semantic_codes,
 )
+from fish_speech_core.threads import one_thread, small_on_cpu
 
 if TYPE_CHECKING:
     from fish_speech_core.lm.checkpoint import Pretrained
@@ -102,8 +103,13 @@ def load_synthesizer(
     codec_preset_or_config: str | os.PathLike | None = None,
     lora: str | os.PathLike | None = None,
     device: str = "auto",
+    codec: torch.nn.Module | None = None,
 ) -> Synthesizer:
-    """Load the LM folder (optionally with a LoRA adapter applied on the fly) and the codec."""
+    """Load the LM folder (optionally with a LoRA adapter applied on the fly) and the codec.
+
+    ``codec``: one already loaded from ``codec_path`` on this device, reused as is (an
+    evaluation of several checkpoints loads it once).
+    """
     from fish_speech_core.codec import load_codec
     from fish_speech_core.lm import load_pretrained
 
@@ -116,7 +122,8 @@ def load_synthesizer(
     model, tokenizer = loaded.model, loaded.tokenizer
     model = model.to(dev).eval()
     model.reset_buffers(dev)
-    codec = load_codec(codec_path, codec_preset_or_config, device=dev)
+    if codec is None:
+        codec = load_codec(codec_path, codec_preset_or_config, device=dev)
     return Synthesizer(model=model, tokenizer=tokenizer, codec=codec, device=dev)
 
 
@@ -170,7 +177,7 @@ def encode_reference(synth: Synthesizer, audio_path: str | os.PathLike) -> Tenso
     mono = torch.from_numpy(to_mono(audio))
     mono = resample(mono, rate, synth.sample_rate).to(synth.device)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), one_thread(small_on_cpu(synth.codec, synth.device)):
             return synth.codec.encode([mono])[0].cpu()
     except ValueError as err:  # shorter than one code frame; NaN features (a damaged codec)
         raise ValueError(f"{audio_path}: {err}") from None
@@ -251,7 +258,7 @@ def synthesize(
     if codes.size(1) == 0:
         audio = torch.zeros(0)
     else:
-        with torch.inference_mode():
+        with torch.inference_mode(), one_thread(small_on_cpu(synth.codec, synth.device)):
             wave, _ = decode(synth.codec, codes[None])
         audio = wave[0, 0].float().cpu()
     return SynthesisResult(audio, synth.sample_rate, codes, chunks, generations)

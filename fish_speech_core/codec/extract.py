@@ -393,7 +393,9 @@ def encode_batches(
 def _encode(
     model: FireflyCodec, audios: list[torch.Tensor], device: torch.device, autocast_dtype
 ) -> list[np.ndarray]:
-    with torch.inference_mode():
+    from fish_speech_core.threads import one_thread, small_on_cpu
+
+    with torch.inference_mode(), one_thread(small_on_cpu(model, device)):
         codes = model.encode([audio.to(device) for audio in audios], autocast_dtype=autocast_dtype)
         return [c.to("cpu", torch.int32).numpy() for c in codes]
 

@@ -131,6 +131,7 @@ def evaluate_checkpoints(
     transcriber_id = None if transcriber is None else f"{type(transcriber).__module__}.{type(transcriber).__qualname__}"
     loaded: dict[str, object] = {} if embedder is None else {"embedder": embedder}
     references: dict[str, np.ndarray] = {}
+    prompt_codes: dict[Path, object] = {}  # prompt audio -> its codec codes (K, n)
 
     def scorer() -> SpeakerEmbedder:
         """The embedder, loaded only when some score is not cached (Resemblyzer's import is slow)."""
@@ -160,11 +161,15 @@ def evaluate_checkpoints(
             if wavs is None:
                 from fish_speech_core.synthesis import encode_reference, load_synthesizer
 
-                if synth is None:
-                    synth = load_synthesizer(model_dir, codec, codec_preset_or_config, candidate.lora, device)
+                if synth is None:  # the codec and the prompts' codes are the same for every candidate
+                    synth = load_synthesizer(model_dir, codec, codec_preset_or_config, candidate.lora, device,
+                                             codec=loaded.get("codec"))
+                    loaded["codec"] = synth.codec
+                if plan.prompt.audio not in prompt_codes:
+                    prompt_codes[plan.prompt.audio] = encode_reference(synth, plan.prompt.audio)
                 info = {"model": candidate.name, "lora": str(candidate.lora) if candidate.lora else None,
                         "speaker": plan.speaker, "prompt": str(plan.prompt.audio)}
-                wavs = write_previews(synth, plan.sentences, encode_reference(synth, plan.prompt.audio),
+                wavs = write_previews(synth, plan.sentences, prompt_codes[plan.prompt.audio],
                                       plan.prompt.text, out, key, seed, settings, max_new_tokens, info)
                 evaluation.rendered += 1
             relative = [f"{candidate.name}/{plan.speaker}/{Path(w).name}" for w in wavs]

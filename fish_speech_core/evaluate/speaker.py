@@ -30,8 +30,17 @@ class ResemblyzerEmbedder:
             from resemblyzer import VoiceEncoder, preprocess_wav
         self._preprocess = preprocess_wav
         self._encoder = VoiceEncoder(device, verbose=False)
+        self._cpu = str(device).startswith("cpu")
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+        from fish_speech_core.threads import one_thread
+
+        # A 1.4 M-parameter LSTM: one CPU thread embeds a 3 s clip in 0.3 s instead of 2.5-6.7 s
+        # on 2 busy cores (same embedding).
+        with one_thread(self._cpu):
+            return self._embed(audio, sample_rate)
+
+    def _embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         audio = np.asarray(audio, dtype=np.float32)
         wav = self._preprocess(audio, source_sr=sample_rate)
         if wav.size < self.MIN_SAMPLES:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,19 @@ from torch import Tensor
 from fish_speech_core.formats.prompt import CODEBOOK_OFFSET, turn_prompt
 from fish_speech_core.formats.text import clean_text
 from fish_speech_core.lm.model import Attention, DualARTransformer, TransformerBlock
+from fish_speech_core.threads import one_thread
 from fish_speech_core.tokenizer import FishTokenizer
 
 # Codebook penalty window: the last 16 generated columns (zeros before that many exist).
 PENALTY_WINDOW = 16
+
+# Decoding runs one position at a time: a model up to this width decodes faster on one CPU
+# thread (fish_speech_core/threads.py has the measurements).
+SINGLE_THREAD_MAX_DIM = 512
+
+
+def _decode_threads(model: DualARTransformer, device: torch.device) -> AbstractContextManager[None]:
+    return one_thread(device.type == "cpu" and model.config.dim <= SINGLE_THREAD_MAX_DIM)
 
 
 # --- prompt ------------------------------------------------------------------------------
@@ -344,7 +354,35 @@ def generate(
     slow_cache = new_slow_cache(model, t + max_new_tokens)
     fast_cache = new_fast_cache(model)
     started = time.perf_counter()
+    with _decode_threads(model, device):
+        columns = _decode_loop(
+            model, prompt, im_end_id, max_new_tokens, kwargs, slow_cache, fast_cache,
+            generator, on_step, on_logits, on_window,
+        )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    sequence = torch.cat([prompt.to(torch.int32), torch.stack(columns, dim=1).cpu()], dim=1)
+    return GenerationResult(sequence=sequence, prompt_length=t, seconds=seconds)
 
+
+def _decode_loop(
+    model: DualARTransformer,
+    prompt: Tensor,
+    im_end_id: int,
+    max_new_tokens: int,
+    kwargs: dict[str, Tensor],
+    slow_cache: KVCache,
+    fast_cache: KVCache,
+    generator: torch.Generator | None,
+    on_step: Callable[[int], None] | None,
+    on_logits: Callable[[Tensor, Tensor], None] | None,
+    on_window: Callable[[Tensor | None], None] | None,
+) -> list[Tensor]:
+    """The prefill column then the decode loop of :func:`generate`: the list of new columns."""
+    c = model.config
+    device = model.embeddings.weight.device
+    t = prompt.size(1)
     if on_window is not None:
         on_window(None)
     column = decode_one_token(
@@ -372,11 +410,7 @@ def generate(
             on_step(len(columns))
         if column[0] == im_end_id:
             break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
-    sequence = torch.cat([prompt.to(torch.int32), torch.stack(columns, dim=1).cpu()], dim=1)
-    return GenerationResult(sequence=sequence, prompt_length=t, seconds=seconds)
+    return columns
 
 
 @torch.inference_mode()
@@ -396,21 +430,22 @@ def generate_uncached(
     seq = prompt.to(torch.int32)
     window_buf = torch.zeros(1 + c.num_codebooks, max_new_tokens, dtype=torch.int32)
     started = time.perf_counter()
-    for i in range(max_new_tokens):
-        cache = new_slow_cache(model, seq.size(1))
-        window = None
-        if i >= 1:
-            j = i - 1
-            window = window_buf[:, max(0, j - PENALTY_WINDOW) : max(PENALTY_WINDOW, j)]
-            window = F.pad(window, (0, PENALTY_WINDOW - window.size(1)))
-        column = decode_one_token(
-            model, seq[None], 0, cache, new_fast_cache(model), kwargs, generator, window
-        )
-        if i >= 1:
-            window_buf[:, i - 1] = column
-        seq = torch.cat([seq, column[:, None]], dim=1)
-        if i >= 1 and column[0] == im_end_id:
-            break
+    with _decode_threads(model, seq.device):
+        for i in range(max_new_tokens):
+            cache = new_slow_cache(model, seq.size(1))
+            window = None
+            if i >= 1:
+                j = i - 1
+                window = window_buf[:, max(0, j - PENALTY_WINDOW) : max(PENALTY_WINDOW, j)]
+                window = F.pad(window, (0, PENALTY_WINDOW - window.size(1)))
+            column = decode_one_token(
+                model, seq[None], 0, cache, new_fast_cache(model), kwargs, generator, window
+            )
+            if i >= 1:
+                window_buf[:, i - 1] = column
+            seq = torch.cat([seq, column[:, None]], dim=1)
+            if i >= 1 and column[0] == im_end_id:
+                break
     return GenerationResult(seq, t, time.perf_counter() - started)
 
 

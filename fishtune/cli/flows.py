@@ -142,7 +142,8 @@ def demo_command(
 ) -> None:
     """Run the whole finetune flow on the demo data with a tiny random base model and codec (no download).
 
-    Ephemeral Prefect (a temporary local server), a local store under --output; a few minutes on 2 CPU cores.
+    Ephemeral Prefect (a temporary local server; the one PREFECT_API_URL names, if set), a local store under
+    --output; a few minutes on 2 CPU cores.
     The models are random, so the merged model speaks nonsense: the demo shows the pipeline, not a voice.
     """
     from rich.console import Console
@@ -150,10 +151,10 @@ def demo_command(
     console = Console(stderr=True)
     output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)
-    # Before Prefect is imported: its own home under --output (no user profile, no server URL, so
-    # ephemeral mode), no telemetry, and a startup timeout that holds on a loaded 2-core machine.
+    # Before Prefect is imported: its own home under --output (no user profile), no telemetry, and a
+    # startup timeout that holds on a loaded 2-core machine. A server named by PREFECT_API_URL is
+    # used as is (its start, ~half of an unchanged rerun, is skipped); without one, ephemeral mode.
     os.environ["PREFECT_HOME"] = str(output / "prefect-home")
-    os.environ.pop("PREFECT_API_URL", None)
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     _prefect_defaults()

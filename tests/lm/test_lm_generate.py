@@ -206,3 +206,22 @@ def test_cached_steps_work_on_a_peft_lora_model(reference, gen_dir):
         for i in range(steps["continuation"].size(1)):
             logits, _ = slow_step(model, steps["continuation"][:, i].view(1, 9, 1), t + i, cache)
             torch.testing.assert_close(logits[0], full.token_logits[0, t + i], atol=ATOL_LOGITS, rtol=0)
+
+
+def test_small_cpu_model_decodes_on_one_thread_and_restores_the_count(reference, gen_dir):
+    # Tiny kernels lose to OpenMP's per-region cost; the caller's thread count comes back.
+    data = torch.load(gen_dir / "greedy-edited-model.pt", weights_only=True)
+    model = load_tiny(reference, data["state_dict_overrides"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        s = data["settings"]
+        result = generate(model, data["prompt"], s["im_end_id"], s["max_new_tokens"],
+                          SamplingSettings(s["temperature"], s["top_p"], s["repetition_penalty"]),
+                          torch.Generator().manual_seed(0),
+                          on_step=lambda n: seen.append(torch.get_num_threads()))
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        assert torch.equal(result.sequence, data["sequence"])
+    finally:
+        torch.set_num_threads(before)

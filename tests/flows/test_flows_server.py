@@ -459,9 +459,8 @@ def test_api_rejects_invalid_parameters_naming_the_field(deployed, change, field
 def _render(configuration_class, flow_run_id, pool_name: str):
     """The job configuration a worker of ``pool_name`` builds for the flow run: the worker's own code
     (``resolve_for_flow_run``: pool template + deployment and run job variables, then prepare)."""
-    import asyncio
-
     from prefect.client.orchestration import get_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
     async def resolve():
         async with get_client() as client:
@@ -470,7 +469,9 @@ def _render(configuration_class, flow_run_id, pool_name: str):
             return await configuration_class.resolve_for_flow_run(run, client=client, work_pool=pool,
                                                                   worker_name="render-test")
 
-    return asyncio.run(resolve())
+    # on Prefect's own loop thread: a loop of our own (asyncio.run) would leave this process's events
+    # client bound to a closed loop, and every later in-process run would lose its events
+    return run_coro_as_sync(resolve())
 
 
 @pytest.mark.slow

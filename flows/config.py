@@ -40,6 +40,13 @@ class NormalizeOptions(BaseModel):
     format: AudioFormat = NormalizeParams.model_fields["format"]
 
 
+def _container_memory(stage: str, example: str):
+    """The memory setting of a GPU stage's container (docker / kubernetes pools)."""
+    return Field(None, pattern=MEMORY_PATTERN,
+                 description=f"With gpu_pool on a docker or kubernetes pool: memory of the {stage} container, "
+                             f"e.g. {example}. Empty: the pool's default.")
+
+
 class FinetuneConfig(BaseModel):
     """Everything a finetune run needs; validated before any work starts."""
 
@@ -73,22 +80,14 @@ class FinetuneConfig(BaseModel):
     codec: str | None = Field(None, description="Firefly VQ-GAN codec checkpoint (path or URL) for semantic token extraction.")
     extract_batch_size: int | None = _extract["batch_size"]
     extract_num_workers: int = _extract["num_workers"]
-    extract_memory: str | None = Field(
-        None, pattern=MEMORY_PATTERN,
-        description="With gpu_pool on a docker or kubernetes pool: memory of the extract container, e.g. 16Gi or 32G. "
-                    "Empty: the pool's default.",
-    )
+    extract_memory: str | None = _container_memory("extract", "16Gi or 32G")
     preset: Preset = _train["preset"]
     max_steps: int = _train["max_steps"]
     max_length: int | None = _train["max_length"]
     sampling: Sampling = _train["sampling"]
     seed: int = _train["seed"]
     progress_every: int = _train["progress_every"]
-    train_memory: str | None = Field(
-        None, pattern=MEMORY_PATTERN,
-        description="With gpu_pool on a docker or kubernetes pool: memory of the train container, e.g. 32Gi. "
-                    "Empty: the pool's default.",
-    )
+    train_memory: str | None = _container_memory("train", "32Gi")
     devices: str = _train["devices"]
     num_nodes: int = _train["num_nodes"]
     strategy: TrainStrategy = _train["strategy"]

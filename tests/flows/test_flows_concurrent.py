@@ -20,6 +20,18 @@ DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 STAGES = ["validate", "normalize", "extract", "pack", "train", "merge"]
 
 
+def _run_both(commands: list[list[str]], env: dict, cwd, log: str, timeout: float) -> list[str]:
+    """Start both commands at once, wait for both; their logs (each must exit 0)."""
+    procs = [subprocess.Popen(command, env=env, cwd=cwd, stdout=open(cwd / f"{log}{i}.log", "wb"),
+                              stderr=subprocess.STDOUT) for i, command in enumerate(commands)]
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    logs = [(cwd / f"{log}{i}.log").read_text(errors="replace") for i in range(len(procs))]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n\n".join(text[-3000:] for text in logs)
+    return logs
+
+
 @pytest.mark.slow
 def test_two_finetune_runs_at_once_compute_each_stage_once(prefect_server, tmp_path):
     from fish_speech_core.codec import init_codec, save_codec
@@ -37,15 +49,7 @@ def test_two_finetune_runs_at_once_compute_each_stage_once(prefect_server, tmp_p
         "--preset", "tiny", "--max-steps", "6", "--progress-every", "3",
     ]
     env = {**prefect_server.env, "COLUMNS": "200", "NO_COLOR": "1"}
-    procs = [
-        subprocess.Popen(command, env=env, cwd=tmp_path, stdout=open(tmp_path / f"run{i}.log", "wb"), stderr=subprocess.STDOUT)
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 600
-    for proc in procs:
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    logs = [(tmp_path / f"run{i}.log").read_text(errors="replace") for i in range(2)]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    _run_both([command, command], env, tmp_path, "run", timeout=600)
 
     manifests = [json.loads(p.read_text()) for p in sorted(store.glob("runs/*/manifest.json"))]
     assert len(manifests) == 2 and all(m["status"] == "completed" for m in manifests)
@@ -84,19 +88,10 @@ def test_two_hosts_on_one_s3_store_share_redis_locks_and_compute_each_stage_once
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the moto endpoint
     env = {**prefect_server.env, **aws, "FISHTUNE_REDIS_URL": redis_server, "COLUMNS": "200", "NO_COLOR": "1"}
     calls_before = redis.Redis.from_url(redis_server).info("commandstats").get("cmdstat_set", {}).get("calls", 0)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "fishtune", "finetune", "--data", str(tmp_path / "data"), "--storage", store,
-             "--project", "hosts", "--codec", str(tmp_path / "codec.pth"), "--work-dir", str(tmp_path / f"host{i}")],
-            env=env, cwd=tmp_path, stdout=open(tmp_path / f"host{i}.log", "wb"), stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 300
-    for proc in procs:
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    logs = [(tmp_path / f"host{i}.log").read_text(errors="replace") for i in range(2)]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    commands = [[sys.executable, "-m", "fishtune", "finetune", "--data", str(tmp_path / "data"), "--storage", store,
+                 "--project", "hosts", "--codec", str(tmp_path / "codec.pth"), "--work-dir", str(tmp_path / f"host{i}")]
+                for i in range(2)]
+    logs = _run_both(commands, env, tmp_path, "host", timeout=300)
     assert not any("cache locks are per host" in log for log in logs)
 
     fs = fsspec.filesystem("s3")

@@ -6,9 +6,9 @@ The key itself is the stage's store key (:mod:`fishtune.tasks.stage`). Which loc
 - a remote store and ``FISHTUNE_REDIS_URL`` set: Redis locks every host shares
   (:mod:`fishtune.tasks.shared_locks`);
 - a remote store without it: file locks, so runs on *one* host still wait for each other, but
-  two hosts may compute the same stage at once: the work is done twice, and a run that reads the
-  artifact while the other re-publishes it can fail (seen with moto: ``FileExpired`` on an object
-  overwritten mid-read; a rerun finds the artifact). One warning per process says so; refusing
+  two hosts may compute the same stage at once: the work is done twice (the second publish keeps
+  the first one's artifact: ``Store.publish`` never rewrites a complete one, so no reader sees
+  an object replaced mid-read). One warning per process says so; refusing
   would break every single-host S3 setup (one run at a time, or one host's workers) for no gain.
 
 The URL comes from the environment of each host (its worker, its container) and never from a
@@ -76,8 +76,7 @@ def _warn_per_host(store_root: str) -> None:
 
     run_logger("fishtune.locks").warning(
         "cache locks are per host: %s is remote but %s is not set, so a run on another host may compute "
-        "the same stage at the same time (the work done twice, and a run reading that artifact while the other "
-        "re-publishes it can fail: rerun it); set %s to a Redis every host reaches",
+        "the same stage at the same time (the work done twice); set %s to a Redis every host reaches",
         redact(store_root), REDIS_URL_ENV, REDIS_URL_ENV)
 
 

@@ -34,7 +34,7 @@ def memory_bytes(quantity: str) -> int:
 
 
 def gpu_count(params: BaseModel | None) -> int:
-    """GPUs one child run of a stage uses: its parameters' ``devices`` when they have an int one, else 1."""
+    """GPUs one child run of a stage uses: its parameters' devices per node (TrainParams), else 1."""
     per_node = getattr(params, "processes_per_node", None)  # TrainParams: devices per node (None: auto)
     return (per_node() if callable(per_node) else None) or 1
 

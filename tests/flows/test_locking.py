@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -145,8 +146,16 @@ def test_file_locks_stay_the_default_and_a_remote_store_without_redis_warns_once
     assert isinstance(lock_manager(Store(str(tmp_path / "store")), tmp_path / "locks"), CrashSafeLockManager)
     monkeypatch.delenv("FISHTUNE_REDIS_URL")
     root = f"s3://bucket/{tmp_path.name}"
-    with caplog.at_level("WARNING", logger="fishtune.locks"):
-        for _ in range(3):
-            assert isinstance(lock_manager(Store(root), tmp_path / "locks"), CrashSafeLockManager)
+    # caplog's handler directly on the logger (and only there): importing Prefect for the first time
+    # in this test (when it runs alone) reconfigures the root logger and drops caplog's handler
+    logger = logging.getLogger("fishtune.locks")
+    logger.addHandler(caplog.handler)
+    monkeypatch.setattr(logger, "propagate", False)
+    try:
+        with caplog.at_level("WARNING", logger="fishtune.locks"):
+            for _ in range(3):
+                assert isinstance(lock_manager(Store(root), tmp_path / "locks"), CrashSafeLockManager)
+    finally:
+        logger.removeHandler(caplog.handler)
     warned = [r.getMessage() for r in caplog.records if r.name == "fishtune.locks"]
     assert len(warned) == 1 and "cache locks are per host" in warned[0] and "FISHTUNE_REDIS_URL" in warned[0]

@@ -6,6 +6,8 @@ suite pays nothing.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import socket
 import subprocess
@@ -149,6 +151,38 @@ def prefect_env(prefect_harness, tmp_path):
 
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
         yield
+
+
+@contextlib.contextmanager
+def api_in_process(api: str, results: Path):
+    """This test process talks to the server at ``api`` (results under ``results``) for a while.
+
+    Prefect's events and API-log workers are process-wide services keyed without the API URL:
+    one started earlier (say by the session harness) would go on sending this block's task-run
+    events to the old server, where they are lost. Drain them on the way in and out, so the
+    next event starts a worker for the server that is current then."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    _drain_prefect_services()
+    try:
+        with temporary_settings({PREFECT_API_URL: api, PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}):
+            yield
+            _drain_prefect_services()
+    finally:
+        _drain_prefect_services()
+
+
+def _drain_prefect_services() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:  # on Prefect's own loop: drain() returns awaitables inside a loop
+        for result in (APILogWorker.drain_all(timeout=30), EventsWorker.drain_all(timeout=30)):
+            if inspect.isawaitable(result):
+                await result
+
+    run_coro_as_sync(drain())
 
 
 def _sigint_default() -> None:

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.flows.conftest import api_in_process
+
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -35,7 +37,6 @@ def deployed(moto_s3, prefect_server, tmp_path_factory):
 
     moto_s3 first: the server and its workers inherit the AWS environment that points at it."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
     root = tmp_path_factory.mktemp("deployed")
     data, store = root / "data", root / "store"
@@ -45,8 +46,7 @@ def deployed(moto_s3, prefect_server, tmp_path_factory):
         env=prefect_server.env, capture_output=True, text=True, cwd=root,  # not the checkout
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    with temporary_settings({PREFECT_API_URL: prefect_server.api,
-                             PREFECT_RESULTS_LOCAL_STORAGE_PATH: Path(prefect_server.env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])}):
+    with api_in_process(prefect_server.api, Path(prefect_server.env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])):
         with get_client(sync_client=True) as client:
             finetune = client.read_deployment_by_name("finetune/finetune")
             project = client.read_deployment_by_name("finetune-project/finetune-project")

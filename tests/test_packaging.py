@@ -129,7 +129,9 @@ def test_wheel_installs_from_the_lock_and_runs_the_demo_outside_the_repository(t
     run(uv, "export", "--frozen", "--no-emit-project", "--no-dev", "--output-file", str(requirements), cwd=ROOT)
     run(uv, "venv", "--python", sys.executable, str(venv))
     python = venv / "bin" / "python"
-    run(uv, "pip", "install", "--python", str(python), "--compile-bytecode", "-r", str(requirements))
+    # no --compile-bytecode (make's install has it): compiling all of torch's sources is ~100 s of CPU
+    # here, and what the demo imports is compiled on first import anyway
+    run(uv, "pip", "install", "--python", str(python), "-r", str(requirements))
     run(uv, "pip", "install", "--python", str(python), "--no-deps", str(wheel))
 
     # Inside the fishtune namespace only: no top-level `tasks` / `flows` in site-packages.

@@ -5,9 +5,11 @@ Each fails before the model or the data are loaded, so the cases cost a CLI star
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +19,20 @@ from tests.hardening.corpus import Case, Run
 
 
 _TINY_BASE: list[Path] = []  # made once per process, copied into each case
+_TINY_BASE_LOCK = threading.Lock()  # the corpus test builds two cases at once
 
 
 def _base_and_shards(tmp: Path) -> tuple[Path, Path]:
     """A real tiny base (max_seq_len 512) and a real packed shard of one speaker."""
-    if not _TINY_BASE:
-        from fish_speech_core.lm.config import PRESETS
-        from fish_speech_core.lm.init_base import init_base
+    with _TINY_BASE_LOCK:
+        if not _TINY_BASE:
+            from fish_speech_core.lm.config import PRESETS
+            from fish_speech_core.lm.init_base import init_base
 
-        made = Path(tempfile.mkdtemp(prefix="fishtune-corpus-base-")) / "base"
-        init_base(made, PRESETS["tiny"], seed=0)
-        _TINY_BASE.append(made)
+            folder = Path(tempfile.mkdtemp(prefix="fishtune-corpus-base-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            init_base(folder / "base", PRESETS["tiny"], seed=0)
+            _TINY_BASE.append(folder / "base")
     base, shards = tmp / "base", tmp / "protos"
     shutil.copytree(_TINY_BASE[0], base)
     rng = np.random.default_rng(0)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -383,15 +384,21 @@ def test_read_only_outputs_give_one_line_naming_the_folder(tmp_path):
     write_clip(ro_data / "spk" / "a.wav")
     readonly.chmod(0o555)
     (ro_data / "spk").chmod(0o555)
+    commands = [  # (arguments, the folder the error must name); independent processes: two at a time
+        (["normalize", data, readonly], readonly),
+        (["pack", "-i", tmp_path / "packin", "-o", readonly], readonly),
+        (["merge", "--base-weight", tmp_path / "base", "--lora-weight", tmp_path / "x.ckpt", "--output",
+          readonly / "merged"], readonly / "merged"),
+        (["train", "--project", "p", "--base", tmp_path / "base", "--data", tmp_path / "protos", "--results-dir",
+          readonly], readonly / "p"),
+        (["extract", ro_data, "--checkpoint-path", tmp_path / "codec.pth", "--preset", "tiny", "--num-workers", "0"],
+         ro_data / "spk"),
+    ]
     try:
-        _one_clear_line(_run_readonly(["normalize", data, readonly]), readonly)
-        _one_clear_line(_run_readonly(["pack", "-i", tmp_path / "packin", "-o", readonly]), readonly)
-        _one_clear_line(_run_readonly(["merge", "--base-weight", tmp_path / "base", "--lora-weight",
-                                       tmp_path / "x.ckpt", "--output", readonly / "merged"]), readonly / "merged")
-        _one_clear_line(_run_readonly(["train", "--project", "p", "--base", tmp_path / "base", "--data",
-                                       tmp_path / "protos", "--results-dir", readonly]), readonly / "p")
-        _one_clear_line(_run_readonly(["extract", ro_data, "--checkpoint-path", tmp_path / "codec.pth", "--preset", "tiny",
-                                       "--num-workers", "0"]), ro_data / "spk")
+        with ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(_run_readonly, [args for args, _ in commands]))
+        for result, (_, folder) in zip(done, commands):
+            _one_clear_line(result, folder)
     finally:
         readonly.chmod(0o755)
         (ro_data / "spk").chmod(0o755)

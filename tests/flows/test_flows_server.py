@@ -101,13 +101,12 @@ def _project_manifests(store: Path, project: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tiny_models, tmp_path):
+def test_deploy_and_the_watch_trigger_on_a_real_server(deployed, tiny_models, tmp_path):
     from prefect.client.orchestration import get_client
     from typer.testing import CliRunner
 
     from fishtune.cli import app
     from fishtune.cli.project import schedule_slug
-    from fishtune.tasks.remote import ChildRunFailed, run_child
 
     data, store, runner = deployed.data, deployed.store, CliRunner()
     pools = deployed.server.prefect("work-pool", "ls").stdout
@@ -172,13 +171,6 @@ def test_deploy_trigger_and_child_runs_on_a_real_server(deployed, tiny_models, t
     mine = schedules[schedule_slug(str(store), "triggered")]
     assert mine.schedule.cron == "0 3 * * *" and mine.parameters == {"storage": str(store), "project": "triggered"}
 
-    # A child run through run_deployment: its result comes back; a failed child raises with its name.
-    ok = run_child("finetune/finetune", {"config": {"data": str(data), "storage": str(store), "speaker": "alice",
-                                                    "project": "child"}}, timeout=180, poll_interval=1)
-    assert ok["status"] == "completed" and [s["stage"] for s in ok["stages"]] == ["validate", "normalize"]
-    with pytest.raises(ChildRunFailed, match=r"child run '.+' of deployment finetune/finetune ended Failed"):
-        run_child("finetune/finetune", {"config": {"data": str(tmp_path / "missing"), "storage": str(store)}},
-                  timeout=180, poll_interval=1)
 
 
 def _wait_until(check, what: str, timeout: float = 30.0) -> None:
@@ -256,6 +248,7 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
         steps.send_keys("7")
         _wait_until(lambda: (value(project), value(steps)) == ("ui-form", "7"), "the typed values to stick")
         _submit(browser, deployed.server.root / "ui-submit.png")
+        saved = _ui_starts_a_saved_project(deployed, browser)  # while the first run runs
     finally:
         browser.quit()
     with get_client(sync_client=True) as client:
@@ -265,16 +258,12 @@ def test_ui_form_starts_a_run_with_the_changed_parameters(deployed):
     assert (config["project"], config["max_steps"], config["data"]) == ("ui-form", 7, str(deployed.data))
     report = (deployed.store / "runs" / str(runs[0].id) / "report.md").read_text()
     assert "# fishtune finetune `ui-form`" in report
-    _ui_runs_a_saved_project(deployed)
+    _saved_project_ran_with_the_override(deployed, saved)
 
 
-def _ui_runs_a_saved_project(deployed) -> None:
+def _ui_starts_a_saved_project(deployed, browser) -> bytes:
     """A saved project started from the finetune-project form with one override typed in it, a
-    nested one (Normalize > Loudness): the run's audio is normalized to it, every other field comes
-    from the spec (the form sends only the field typed), and the saved spec is unchanged."""
-    import pyloudnorm
-    import soundfile
-    from prefect.client.orchestration import get_client
+    nested one (Normalize > Loudness). Returns the saved spec's bytes."""
     from selenium.webdriver.common.by import By
 
     from fishtune import projects
@@ -282,7 +271,6 @@ def _ui_runs_a_saved_project(deployed) -> None:
     projects.create(str(deployed.store), "ui-project", {"data": str(deployed.data), "speaker": "carmen",
                                                          "max_seconds": 20.0})
     saved = (deployed.store / "projects" / "ui-project.json").read_bytes()
-    browser = _chromium()
     value = lambda element: element.get_property("value")
     try:
         browser.get(f"{deployed.server.url}/v2/deployments/deployment/{deployed.project.id}/run")
@@ -297,8 +285,16 @@ def _ui_runs_a_saved_project(deployed) -> None:
     except Exception:
         (deployed.server.root / "ui-project.html").write_text(browser.page_source)
         raise
-    finally:
-        browser.quit()
+    return saved
+
+
+def _saved_project_ran_with_the_override(deployed, saved: bytes) -> None:
+    """The run's audio is normalized to the typed loudness, every other field comes from the spec
+    (the form sends only the field typed), and the saved spec is unchanged."""
+    import pyloudnorm
+    import soundfile
+    from prefect.client.orchestration import get_client
+
     with get_client(sync_client=True) as client:
         deadline = time.monotonic() + 180
         while True:

@@ -129,7 +129,8 @@ class FinetuneConfig(BaseModel):
 
     cpu_pool: str | None = Field(
         None, description="Run normalize as child runs of the normalize-shard deployment, which must be on this work "
-                          "pool (e.g. 'cpu'), when the data is large (see normalize_shards). Empty: in this process.",
+                          "pool (e.g. 'cpu'), when the data is large (see normalize_shards); its workers read the data folder "
+                          "the run fetched (one host or a shared filesystem). Empty: in this process.",
     )
     normalize_shards: int | None = Field(
         None, ge=1, le=1024,

@@ -136,8 +136,8 @@ class FinetuneConfig(BaseModel):
         None, ge=1, le=1024,
         description="With cpu_pool: split normalize into this many child runs at once, merged into the same artifact "
                     "one run makes; a rerun after a failed shard runs that shard alone. Empty: one per "
-                    f"{NORMALIZE_ITEMS_PER_SHARD} accepted clips (at most {NORMALIZE_MAX_SHARDS}), so data under "
-                    f"{NORMALIZE_ITEMS_PER_SHARD + 1} clips stays one in-process run. Without cpu_pool only 1.",
+                    f"{NORMALIZE_ITEMS_PER_SHARD} accepted clips (at most {NORMALIZE_MAX_SHARDS}), so data of up to "
+                    f"{NORMALIZE_ITEMS_PER_SHARD} clips stays one in-process run. Without cpu_pool only 1.",
     )
 
     @field_validator("data", "storage", "work_dir", "base", "codec")

@@ -3,6 +3,11 @@
 Each resolves its inputs, calls the core and returns a small dict (artifact URL, key, summary):
 the bytes stay in the store. Keys and reuse: :mod:`fishtune.tasks.stage`. The lock and the
 result storage are set per run by :func:`fishtune.tasks.runtime.bind`.
+
+Sharded normalize (several CPU workers): :func:`normalize_shard_task` normalizes the items of one
+shard (:mod:`fish_speech_core.sharding`) as a ``normalize-shard`` artifact keyed by those files'
+content; :func:`merge_normalize_shards` publishes their union under the one ``normalize`` key, byte
+for byte what :func:`normalize_task` publishes (report and summary hold only what the content decides).
 """
 
 from __future__ import annotations

@@ -118,17 +118,18 @@ def _state(job: _Job) -> dict:
     }
 
 
-def _is_current(job: _Job) -> bool:
-    """True when the output exists, is intact and was made from these bytes with these settings."""
+def _current_record(job: _Job) -> dict | None:
+    """The skip record when the output exists, is intact and was made from these bytes with these
+    settings (and the record says what a skipped file's result is: its length and clipping), else None."""
     try:
         recorded = json.loads(job.state_path.read_text())
     except (OSError, ValueError):
-        return False
-    if any(recorded.get(key) != value for key, value in _state(job).items()):
-        return False
+        return None
+    if any(recorded.get(key) != value for key, value in _state(job).items()) or "duration" not in recorded:
+        return None
     if not job.output_path.is_file() or not job.transcript_out.is_file():
-        return False
-    return recorded.get("output_sha256") == sha256_file(job.output_path)
+        return None
+    return recorded if recorded.get("output_sha256") == sha256_file(job.output_path) else None
 
 
 def _output_subtype(container: str, input_subtype: str) -> str | None:
@@ -156,8 +157,10 @@ def _state_path(output_root: Path, out_rel: str) -> Path:
 def normalize_file(job: _Job) -> FileResult:
     """Normalize one file; errors become a ``failed`` result, except a full disk, which
     would fail every later file too and is raised (:class:`DiskFullError`)."""
-    if not job.overwrite and _is_current(job):
-        return FileResult(job.rel_path, "skipped", str(job.output_path))
+    recorded = None if job.overwrite else _current_record(job)
+    if recorded is not None:  # the same result as when it was written: a report never depends on what was skipped
+        return FileResult(job.rel_path, "skipped", str(job.output_path), duration=recorded["duration"],
+                          clipped=recorded["clipped"], limited=recorded["limited"])
     if job.input_root is not None:  # discovery checked these; a link may be re-pointed since
         for source in (job.input_path, job.transcript_src):
             try:
@@ -191,7 +194,8 @@ def normalize_file(job: _Job) -> FileResult:
             handle.write(_transcript_bytes(job))
         # The record is written last: a crash before it means the file is redone, never trusted.
         with atomic_write(job.state_path, "w") as handle:
-            json.dump({**_state(job), "output_sha256": sha256_file(job.output_path)}, handle)
+            json.dump({**_state(job), "output_sha256": sha256_file(job.output_path), "duration": result.duration,
+                       "clipped": result.clipped, "limited": result.limited}, handle)
         return result
     except (DiskFullError, NotWritableError):
         raise  # every later file would fail the same way: stop the run

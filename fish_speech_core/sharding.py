@@ -11,7 +11,10 @@ average (about N/K +- sqrt(N/K) items), and a shard may be empty for tiny datase
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+V = TypeVar("V")
 
 
 def item_name(rel: str) -> str:
@@ -34,3 +37,14 @@ def split(items: Iterable[str], shards: int) -> list[list[str]]:
     for item in sorted(set(items)):
         out[shard_of(item, shards)].append(item)
     return out
+
+
+def shard_files(listing: Mapping[str, V], shard: int, shards: int) -> dict[str, V]:
+    """The entries of ``listing`` (relative path -> anything, e.g. a hash) whose item is in shard
+    ``shard`` (0-based) of ``shards``: every file goes with its item (:func:`item_name`)."""
+    return {rel: value for rel, value in listing.items() if shard_of(item_name(rel), shards) == shard}
+
+
+def shards_for(items: int, per_shard: int, most: int) -> int:
+    """K for ``items`` items: one shard per ``per_shard`` items (rounded up), at least 1, at most ``most``."""
+    return max(1, min(most, -(-items // per_shard)))

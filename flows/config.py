@@ -8,8 +8,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fish_speech_core import storage
+from fish_speech_core.defaults import NORMALIZE_ITEMS_PER_SHARD, NORMALIZE_MAX_SHARDS
 from fish_speech_core.evaluate.asr import SPEC_PATTERN as ASR_SPEC_PATTERN
 from fish_speech_core.files import refuse_overlap
+from fish_speech_core.sharding import shards_for
 from fish_speech_core.storage import DEFAULT_ROOT, is_local, local_path, refuse_credentials
 from fishtune.tasks.params import (
     MEMORY_PATTERN,
@@ -125,6 +127,19 @@ class FinetuneConfig(BaseModel):
                     "per slot of the `gpu` concurrency limit (fishtune deploy --gpus). Without gpu_pool only 1.",
     )
 
+    cpu_pool: str | None = Field(
+        None, description="Run normalize as child runs of the normalize-shard deployment, which must be on this work "
+                          "pool (e.g. 'cpu'), when the data is large (see normalize_shards); its workers read the data folder "
+                          "the run fetched (one host or a shared filesystem). Empty: in this process.",
+    )
+    normalize_shards: int | None = Field(
+        None, ge=1, le=1024,
+        description="With cpu_pool: split normalize into this many child runs at once, merged into the same artifact "
+                    "one run makes; a rerun after a failed shard runs that shard alone. Empty: one per "
+                    f"{NORMALIZE_ITEMS_PER_SHARD} accepted clips (at most {NORMALIZE_MAX_SHARDS}), so data of up to "
+                    f"{NORMALIZE_ITEMS_PER_SHARD} clips stays one in-process run. Without cpu_pool only 1.",
+    )
+
     @field_validator("data", "storage", "work_dir", "base", "codec")
     @classmethod
     def _no_credentials_and_absolute(cls, value: str | None) -> str | None:
@@ -175,10 +190,20 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _shards_need_a_pool(self) -> FinetuneConfig:
-        if self.extract_shards and self.extract_shards > 1 and not self.gpu_pool:
-            raise ValueError(f"extract_shards {self.extract_shards} needs gpu_pool: shards are child runs on the "
-                             "GPU pool's workers; set gpu_pool (e.g. 'cuda') or leave extract_shards empty")
+        for shards, pool, kind, example in (("extract_shards", "gpu_pool", "GPU", "cuda"),
+                                            ("normalize_shards", "cpu_pool", "CPU", "cpu")):
+            k = getattr(self, shards)
+            if k and k > 1 and not getattr(self, pool):
+                raise ValueError(f"{shards} {k} needs {pool}: shards are child runs on the {kind} pool's workers; "
+                                 f"set {pool} (e.g. '{example}') or leave {shards} empty")
         return self
+
+    def normalize_shards_for(self, accepted: int) -> int:
+        """K, the normalize child runs for ``accepted`` clips: ``normalize_shards``, else one per
+        NORMALIZE_ITEMS_PER_SHARD clips (at most NORMALIZE_MAX_SHARDS) with a cpu pool; 1 without one."""
+        if not self.cpu_pool:
+            return 1
+        return self.normalize_shards or shards_for(accepted, NORMALIZE_ITEMS_PER_SHARD, NORMALIZE_MAX_SHARDS)
 
     @model_validator(mode="after")
     def _nodes_run_on_the_pool(self) -> FinetuneConfig:

@@ -1,7 +1,9 @@
 """The ``finetune`` flow: validate -> normalize -> extract -> pack -> train -> (evaluate) -> merge.
 
 It only wires: each stage is a task keyed by its input content (:mod:`fishtune.tasks.stage`), run
-in this process or, with ``gpu_pool``, as a child run on the GPU pool (:mod:`fishtune.flows.gpu`).
+in this process or, with ``gpu_pool``, as a child run on the GPU pool (:mod:`fishtune.flows.gpu`);
+extract and (with ``cpu_pool``, on large data) normalize can run as K shard children
+(:mod:`fishtune.flows.shards`).
 A rerun with nothing changed is all ``Cached``; a failed stage fails the flow. The run manifest
 and report (:mod:`fishtune.flows.report`) land in ``<storage>/runs/<run id>/``.
 """
@@ -27,7 +29,9 @@ from fish_speech_core.links import browser_link
 from fish_speech_core.registry import latest_lora
 from fish_speech_core.storage import RunManifest, StageRecord, Store
 from fishtune.flows.config import FinetuneConfig
-from fishtune.flows.gpu import DEPLOYMENTS, LAUNCHERS, LOCAL, extract_on_shards
+from fishtune.flows import cpu
+from fishtune.flows.gpu import DEPLOYMENTS, EXTRACT_SHARDS, LAUNCHERS, LOCAL
+from fishtune.flows.shards import run_on_shards
 from fishtune.flows.report import plot_url, report_markdown
 from fishtune.tasks import data as data_tasks
 from fishtune.tasks.remote import check_pool, gpu_slots
@@ -82,6 +86,9 @@ def run_tags(project: str, stage: str | None = None) -> list[str]:
     return ["fishtune", f"project:{project}"] + ([f"stage:{stage}"] if stage else [])
 
 
+SHARDED = {"extract": EXTRACT_SHARDS, "normalize": cpu.NORMALIZE_SHARDS}  # the stages that can run on K shards
+
+
 @dataclass
 class Stages:
     """Runs the stages of one finetune run: binds each task to the run's store and lock folder,
@@ -93,14 +100,14 @@ class Stages:
     manifest: RunManifest
     pool_checked: set[str] = field(default_factory=set)
 
-    def __call__(self, name: str, inputs: dict[str, str], task: Task | None = None, title: str = "", **arguments) -> dict:
+    def __call__(self, name: str, inputs: dict[str, str], task: Task | None = None, title: str = "", shards: int = 1,
+                 **arguments) -> dict:
         project = self.config.project
-        shards = self.extract_shards() if name == "extract" and task is None else 1
         started = time.perf_counter()
-        if shards > 1:  # one child run per shard on the GPU pool, then their merge here
-            self._check_pool("extract-shard")
-            state = extract_on_shards(self.store, self.work_dir, shards, f"{name}/{project}{title}",
-                                      run_tags(project, name), **arguments)
+        if shards > 1:  # one child run per shard on the stage's pool, then their merge here
+            self._check_pool(f"{name}-shard")
+            state = run_on_shards(SHARDED[name], self.store, self.work_dir, shards, f"{name}/{project}{title}",
+                                  run_tags(project, name), **arguments)
         else:
             if task is None and self.config.gpu_pool:  # a child flow run on the GPU pool (it resolves its own work folder)
                 self._check_pool(name)
@@ -131,7 +138,10 @@ class Stages:
 
     def _check_pool(self, name: str) -> None:
         if name not in self.pool_checked:
-            check_pool(DEPLOYMENTS[name], self.config.gpu_pool)
+            if name in cpu.DEPLOYMENTS:
+                check_pool(cpu.DEPLOYMENTS[name], self.config.cpu_pool, flag="cpu_pool")
+            else:
+                check_pool(DEPLOYMENTS[name], self.config.gpu_pool)
             if name == "train":  # a train child takes one slot of the `gpu` limit per process: fewer would wait for ever
                 needed, slots = self.config.train_params().processes_per_node() or 1, gpu_slots()
                 if needed > slots:
@@ -161,12 +171,14 @@ def pipeline(config: FinetuneConfig, run: Stages, out: Outputs) -> None:
     if not validated["summary"]["accepted"]:
         raise ValueError(f"no accepted audio in {storage.redact(config.data)}: see {validated['url']}/report.md")
     normalized = run("normalize", {"data": validated["data_sha256"]}, data_tasks.normalize_task,
-                     data_dir=data_dir, params=config.normalize_params())
+                     shards=config.normalize_shards_for(validated["summary"]["accepted"]), data_dir=data_dir,
+                     params=config.normalize_params())
     out.normalized = normalized["url"]
     if not config.codec:
         logger.warning("no --codec given: stopping after normalize (extract, pack and train need it)")
         return
-    tokens = run("extract", {"normalize": normalized["key"]}, normalized_url=normalized["url"], codec=config.codec,
+    tokens = run("extract", {"normalize": normalized["key"]}, shards=run.extract_shards(),
+                 normalized_url=normalized["url"], codec=config.codec,
                  params=config.extract_params(), workspace=config.workspace())
     packed = run("pack", {"extract": tokens["key"]}, data_tasks.pack_task, codes_dir=tokens["url"],
                  params=config.pack_params())

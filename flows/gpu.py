@@ -7,19 +7,18 @@ Every child takes one slot of the global ``gpu`` concurrency limit (``fishtune d
 one slot per GPU), so no two GPU steps share a card whatever a worker's ``--limit``. The child
 resolves its own work folder on its own host (``work_dir`` empty).
 
-Extraction can be sharded: :func:`extract_on_shards` runs one ``extract-shard`` child per shard at
-once (each its own cached unit) and merges their artifacts into the one ``extract`` artifact.
+Extraction can be sharded (:data:`EXTRACT_SHARDS`, run by :func:`fishtune.flows.shards.run_on_shards`):
+one ``extract-shard`` child per shard at once (each its own cached unit), their artifacts merged
+into the one ``extract`` artifact.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import Task, flow
 from prefect.concurrency.sync import concurrency
-from prefect.states import State
 
 from fish_speech_core.storage import Store
+from fishtune.flows.shards import Sharded
 from fishtune.tasks.codec import EXTRACT, EXTRACT_SHARD, extract_shard_task, extract_task, merge_shards, shard_items
 from fishtune.tasks.evaluate import EVALUATE, evaluate_task
 from fishtune.tasks.merge import MERGE, merge_task
@@ -124,53 +123,8 @@ LAUNCHERS: dict[str, Task] = {name: on_pool(stage_task, stage, DEPLOYMENTS[name]
                               for name, (stage, stage_task) in STAGES.items()}
 
 
-class ShardsFailed(RuntimeError):
-    """Some extraction shards failed; the finished ones are cached for the rerun."""
-
-
-def extract_on_shards(store: Store, work_dir: Path, shards: int, run_name: str, run_tags: list[str], *,
-                      normalized_url: str, codec: str, params: ExtractParams, workspace: str) -> State:
-    """Extract on one ``extract-shard`` child run per non-empty shard of ``shards``, all at once,
-    then merge their artifacts into the ``extract`` artifact (the bytes one run would publish).
-    Returns the merge task's state. Called from a flow (the shards are submitted to its task runner).
-
-    The merge has the one-run launcher's key: a K=2 run after a K=1 run (or the reverse) finds
-    the published artifact and launches nothing. Each shard's launcher is cached by that shard's
-    content, so a rerun after a failed shard launches that shard alone. The shard launchers are
-    top-level tasks, not nested in another task: a nested task's cache record is committed only
-    with its parent's, and a failed parent would drop the finished shards' records.
-
-    Raises:
-        ShardsFailed: naming every failed shard and why, once all shards have ended.
-    """
-    merge = bind(merge_shards, store, work_dir).with_options(task_run_name=f"{run_name}/merge")
-    args = {"normalized_url": normalized_url, "codec": codec, "params": params}
-    keys: list[str] = []
-    counts = {"extracted": 0, "skipped": 0}
-    if store.lookup(EXTRACT.name, EXTRACT.key(args)) is None:  # else published before, whatever its K
-        launcher = bind(LAUNCHERS["extract-shard"], store, work_dir)
-        futures = {}
-        for i in range(shards):
-            if not shard_items(normalized_url, i, shards, params.text_extension):
-                continue  # a tiny dataset can leave a shard empty
-            label = f"shard-{i + 1}-of-{shards}"
-            futures[label] = launcher.with_options(task_run_name=f"{run_name}/{label}").submit(
-                normalized_url=normalized_url, codec=codec, store_root=store.root, shard=i, shards=shards,
-                params=params, workspace=workspace, run_name=f"{run_name}/{label}",
-                run_tags=[*run_tags, f"shard:{label}"])
-        for future in futures.values():
-            future.wait()  # every shard ends before any failure is raised: the finished ones are recorded
-        states = {label: future.state for label, future in futures.items()}
-        failed = {label: state.result(raise_on_failure=False) for label, state in states.items() if not state.is_completed()}
-        if failed:
-            reasons = "; ".join(f"{label}: {error}" for label, error in failed.items())
-            raise ShardsFailed(f"extract: {len(failed)} of {len(states)} shard(s) failed ({reasons}); the "
-                               f"{len(states) - len(failed)} finished shard(s) are kept, a rerun runs only the failed ones")
-        for state in states.values():
-            result = state.result()
-            keys.append(result["key"])
-            cached = state.name == "Cached"  # its counts are an earlier run's: all reused now
-            counts["extracted"] += 0 if cached else result["summary"]["extracted"]
-            counts["skipped"] += result["summary"]["files"] if cached else result["summary"]["skipped"]
-    return merge(normalized_url=normalized_url, codec=codec, store_root=store.root, params=params, shard_keys=keys,
-                 counts=counts, return_state=True)
+# extraction on K shards (flows.shards.run_on_shards): one extract-shard child per shard, merged here
+EXTRACT_SHARDS = Sharded(EXTRACT, LAUNCHERS["extract-shard"], merge_shards,
+                         lambda args, shard, shards: shard_items(args["normalized_url"], shard, shards,
+                                                                 args["params"].text_extension),
+                         counts=("extracted", "skipped"))

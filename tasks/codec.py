@@ -15,7 +15,6 @@ summary holds only what the content decides, never timings or per-run counts).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,11 @@ from typing import Any
 from prefect import task
 
 from fish_speech_core import storage
-from fish_speech_core.sharding import item_name, split
-from fish_speech_core.storage import Store, local_file, redact, sync_tree
+from fish_speech_core.sharding import item_name, shard_files
+from fish_speech_core.storage import local_file, redact, sync_tree
 from fishtune.tasks.params import ExtractParams
 from fishtune.tasks.runtime import work_folder
+from fishtune.tasks.shards import union_of_shards
 from fishtune.tasks.stage import Stage
 
 DERIVED = (".npy", ".npy.json")  # made here, kept across syncs
@@ -38,10 +38,9 @@ def shard_items(normalized_url: str, shard: int, shards: int, text_extension: st
     from fish_speech_core.audio import AUDIO_EXTENSIONS
 
     listing = storage.file_hashes(normalized_url)
-    is_audio = lambda rel: Path(rel).suffix.lower() in AUDIO_EXTENSIONS
-    mine = set(split({item_name(rel) for rel in listing if is_audio(rel)}, shards)[shard])
-    return {rel: sha for rel, sha in listing.items()
-            if (is_audio(rel) or rel.endswith(text_extension)) and item_name(rel) in mine}
+    # a normalize artifact holds accepted items only: each audio file has its transcript
+    kept = {rel: sha for rel, sha in listing.items() if Path(rel).suffix.lower() in AUDIO_EXTENSIONS or rel.endswith(text_extension)}
+    return shard_files(kept, shard, shards)
 
 
 def _shard_hashes(args: Mapping[str, Any]) -> dict[str, str]:
@@ -162,27 +161,9 @@ def merge_shards(normalized_url: str, codec: str, store_root: str, params: Extra
     """
     from fish_speech_core.audio import AUDIO_EXTENSIONS
 
-    store = Store(store_root)
-
     def compute(tmp: Path):
-        seconds: dict[str, float] = {}
-        files: dict[str, Path] = {}
-        for number, key in enumerate(shard_keys):
-            artifact = store.lookup(EXTRACT_SHARD.name, key)
-            if artifact is None:
-                raise ValueError(f"shard artifact {redact(store.artifact_url(EXTRACT_SHARD.name, key))} is not in the store")
-            shard_seconds = json.loads(store.read_bytes(f"{EXTRACT_SHARD.name}/{key}/{SUMMARY}"))["seconds"]
-            twice = set(seconds) & set(shard_seconds)
-            if twice:
-                raise ValueError(f"{sorted(twice)[0]} is in two shards: the shards are of different inputs")
-            seconds.update(shard_seconds)
-            for rel in artifact.files:
-                if rel != SUMMARY:
-                    files[rel] = _local_copy(artifact.file_url(rel), tmp / f"shard-{number}" / rel)
         expected = {item_name(rel) for rel in storage.file_hashes(normalized_url) if Path(rel).suffix.lower() in AUDIO_EXTENSIONS}
-        missing = expected - set(seconds)
-        if missing:
-            raise ValueError(f"{len(missing)} item(s) of {redact(normalized_url)} are in no shard, e.g. {sorted(missing)[0]}")
+        files, seconds = union_of_shards(store_root, EXTRACT_SHARD, shard_keys, tmp, "seconds", expected, normalized_url)
         return files, codes_summary(seconds)
 
     args = {"normalized_url": normalized_url, "codec": codec, "params": params}
@@ -190,10 +171,3 @@ def merge_shards(normalized_url: str, codec: str, store_root: str, params: Extra
     run = {"extracted": 0, "skipped": 0, **(counts or {})} if not done.reused else {"extracted": 0, "skipped": 0}
     return done.result({**done.summary, **run, "shards": len(shard_keys)})
 
-
-def _local_copy(url: str, target: Path) -> Path:
-    """A local file with the bytes of ``url``: itself when local, else downloaded to ``target``."""
-    if storage.is_local(url):
-        return storage.local_path(url)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return storage.download(url, target)

@@ -3,18 +3,27 @@
 Each resolves its inputs, calls the core and returns a small dict (artifact URL, key, summary):
 the bytes stay in the store. Keys and reuse: :mod:`fishtune.tasks.stage`. The lock and the
 result storage are set per run by :func:`fishtune.tasks.runtime.bind`.
+
+Sharded normalize (several CPU workers): :func:`normalize_shard_task` normalizes the items of one
+shard (:mod:`fish_speech_core.sharding`) as a ``normalize-shard`` artifact keyed by those files'
+content; :func:`merge_normalize_shards` publishes their union under the one ``normalize`` key, byte
+for byte what :func:`normalize_task` publishes (report and summary hold only what the content decides).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
 from fish_speech_core import storage
+from fish_speech_core.sharding import item_name, shard_files
 from fishtune.tasks.params import NormalizeParams, PackParams, ValidateParams
 from fishtune.tasks.runtime import work_folder
+from fishtune.tasks.shards import union_of_shards
 from fishtune.tasks.stage import Stage
 
 MAX_LISTED_REJECTS = 50  # the report lists this many rejected files; the manifest has them all
@@ -60,41 +69,132 @@ def validate_task(data_dir: str, store_root: str, params: ValidateParams = Valid
                        manifest=done.artifact.file_url("manifest.parquet"))
 
 
+def _normalize(data_dir: str, out: Path, params: NormalizeParams) -> tuple[dict[str, Path], dict[str, dict], dict]:
+    """Normalize ``data_dir`` into ``out`` (per-file incremental); (files to publish, one entry per
+    accepted item by output path, this run's counts)."""
+    from fish_speech_core.normalize import NormalizeSettings, normalize_tree
+    from fish_speech_core.validate import ValidationSettings
+
+    settings = NormalizeSettings(peak=params.peak, loudness=params.loudness, format=params.format.value)
+    report = normalize_tree(data_dir, out, settings, ValidationSettings(params.text_extension, params.max_seconds),
+                            None, params.num_workers, show_progress=False)
+    failed = [r for r in report.results if r.status == "failed"]
+    if failed:
+        listed = "; ".join(f"{r.rel_path}: {r.detail}" for r in failed[:5])
+        raise RuntimeError(f"normalize failed for {len(failed)} file(s): {listed}")
+    files: dict[str, Path] = {}
+    entries: dict[str, dict] = {}
+    for result in report.results:  # only this run's accepted items: stale outputs are not published
+        audio = Path(result.output)
+        rel = audio.relative_to(out).as_posix()
+        files[rel] = audio
+        files[str(Path(rel).with_suffix(params.text_extension))] = audio.with_suffix(params.text_extension)
+        entries[rel] = {"seconds": result.duration, "clipped": result.clipped, "limited": result.limited}
+    return files, entries, {"written": report.count("written"), "skipped": report.count("skipped")}
+
+
+def normalized_report(entries: Mapping[str, Mapping], params: NormalizeParams) -> dict:
+    """``normalize-report.json`` of a normalize artifact: decided by its items alone (no paths of
+    a host, timings or per-run counts; sums in sorted order), so a merge of shards writes the
+    bytes one run writes."""
+    return {"settings": {"peak": params.peak, "loudness": params.loudness, "format": params.format.value},
+            "files": len(entries), "audio_seconds": round(sum(entries[k]["seconds"] for k in sorted(entries)), 3),
+            "clipped": [{"path": k, "limited": entries[k]["limited"]} for k in sorted(entries) if entries[k]["clipped"]]}
+
+
+def _publish_normalized(files: dict[str, Path], entries: Mapping[str, Mapping], params: NormalizeParams,
+                        tmp: Path) -> tuple[dict[str, Path], dict]:
+    report = normalized_report(entries, params)
+    files["normalize-report.json"] = tmp / "normalize-report.json"
+    files["normalize-report.json"].write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return files, {"files": report["files"], "audio_seconds": report["audio_seconds"], "clipped": len(report["clipped"])}
+
+
+def _work_place(data_dir: str, params: NormalizeParams) -> str:
+    # The work folder is keyed by *where* the data is and the settings, not by its content: the
+    # next run over the same dataset finds last run's outputs there and redoes only changed files.
+    return storage.digest_listing({"data": str(Path(data_dir).absolute()),
+                                   "params": storage.canonical_json(params.key_fields())})[:16]
+
+
 @task(name="normalize", cache_policy=NORMALIZE.cache_policy, persist_result=True)
 def normalize_task(data_dir: str, store_root: str, params: NormalizeParams = NormalizeParams(),
                    work_dir: str | None = None) -> dict:
     """Loudness-normalize into a per-dataset work folder (per-file incremental), publish the result."""
-    from fish_speech_core.normalize import NormalizeSettings, normalize_tree
-    from fish_speech_core.validate import ValidationSettings
+    counts = {"written": 0, "skipped": 0}  # this run's work; 0/0 when the artifact is reused
 
     def compute(tmp: Path):
-        # The work folder is keyed by *where* the data is and the settings, not by its content: the
-        # next run over the same dataset finds last run's outputs there and redoes only changed files.
-        place = storage.digest_listing({"data": str(Path(data_dir).absolute()),
-                                        "params": storage.canonical_json(params.key_fields())})[:16]
-        out = work_folder(store_root, work_dir) / "normalize" / place
-        settings = NormalizeSettings(peak=params.peak, loudness=params.loudness, format=params.format.value)
-        report = normalize_tree(data_dir, out, settings, ValidationSettings(params.text_extension, params.max_seconds),
-                                None, params.num_workers, show_progress=False)
-        failed = [r for r in report.results if r.status == "failed"]
-        if failed:
-            listed = "; ".join(f"{r.rel_path}: {r.detail}" for r in failed[:5])
-            raise RuntimeError(f"normalize failed for {len(failed)} file(s): {listed}")
-        files: dict[str, Path] = {}
-        for result in report.results:  # only this run's accepted items: stale outputs are not published
-            audio = Path(result.output)
-            rel = audio.relative_to(out).as_posix()
-            files[rel] = audio
-            files[str(Path(rel).with_suffix(params.text_extension))] = audio.with_suffix(params.text_extension)
-        full = report.summary()
-        files["normalize-report.json"] = tmp / "normalize-report.json"
-        files["normalize-report.json"].write_text(json.dumps(full, indent=2, ensure_ascii=False))
-        small = {k: full[k] for k in ("written", "skipped", "audio_seconds_written", "wall_seconds")}
-        return files, {**small, "files": len(report.results), "clipped": len(full["clipped"])}
+        out = work_folder(store_root, work_dir) / "normalize" / _work_place(data_dir, params)
+        files, entries, done_counts = _normalize(data_dir, out, params)
+        counts.update(done_counts)
+        return _publish_normalized(files, entries, params, tmp)
 
     done = NORMALIZE.run(store_root, {"data_dir": data_dir, "params": params}, compute)
-    summary = {**done.summary, "written": 0, "skipped": 0} if done.reused else done.summary
-    return done.result(summary, data_sha256=done.inputs["data"])
+    return done.result({**done.summary, **counts}, data_sha256=done.inputs["data"])
+
+
+def data_shard_files(data_dir: str, shard: int, shards: int) -> dict[str, str]:
+    """Relative path -> sha256 of the files of shard ``shard`` (0-based) of ``shards`` of a dataset
+    (each audio file with its transcript, by :func:`fish_speech_core.sharding.item_name`)."""
+    return shard_files(storage.file_hashes(data_dir), shard, shards)
+
+
+def _normalize_shard_hashes(args: Mapping[str, Any]) -> dict[str, str]:
+    # the shard's own files, not the whole dataset: a new clip elsewhere keeps this key
+    return {"items": storage.digest_listing(data_shard_files(str(args["data_dir"]), int(args["shard"]), int(args["shards"])))}
+
+
+NORMALIZE_SHARD = Stage("normalize-shard", {"data": "data_dir"}, hash_inputs=_normalize_shard_hashes)
+
+
+@task(name="normalize-shard", cache_policy=NORMALIZE_SHARD.cache_policy, persist_result=True)
+def normalize_shard_task(data_dir: str, store_root: str, shard: int, shards: int,
+                         params: NormalizeParams = NormalizeParams(), work_dir: str | None = None) -> dict:
+    """Normalize the items of shard ``shard`` (0-based) of ``shards``; publish their audio + transcripts.
+
+    Its files are synced from ``data_dir`` (a path or URL this host reads) into
+    ``<work>/normalize/<place>-<shard>-of-<shards>/data`` and normalized beside it (per-file
+    incremental, as one run). The summary lists every item of the shard (None: not accepted),
+    for the merge's checks."""
+    counts = {"written": 0, "skipped": 0}
+    args = {"data_dir": data_dir, "shard": shard, "shards": shards, "params": params}
+
+    def compute(tmp: Path):
+        wanted = data_shard_files(data_dir, shard, shards)
+        if not wanted:
+            raise ValueError(f"shard {shard + 1} of {shards} of {storage.redact(data_dir)} holds no file")
+        place = work_folder(store_root, work_dir) / "normalize" / f"{_work_place(data_dir, params)}-{shard + 1}-of-{shards}"
+        storage.sync_tree(data_dir, place / "data", files=wanted)
+        files, entries, done_counts = _normalize(str(place / "data"), place / "out", params)
+        counts.update(done_counts)
+        items: dict[str, dict | None] = {item_name(rel): None for rel in wanted}
+        items.update({item_name(rel): {"path": rel, **entry} for rel, entry in entries.items()})
+        return files, {"files": len(entries), "items": items}
+
+    done = NORMALIZE_SHARD.run(store_root, args, compute)
+    return done.result({"files": done.summary["files"], **counts})
+
+
+@task(name="normalize-merge", cache_policy=NORMALIZE.launch_policy, persist_result=True)
+def merge_normalize_shards(data_dir: str, store_root: str, params: NormalizeParams = NormalizeParams(),
+                           shard_keys: Sequence[str] = (), counts: Mapping[str, int] | None = None) -> dict:
+    """Publish the union of the ``normalize-shard`` artifacts ``shard_keys`` as the ``normalize``
+    artifact of ``data_dir``: the same files and bytes one run publishes, under its key (so a K=1
+    run finds it). ``counts``: the shards' files written and reused in this run (result only).
+
+    Raises:
+        ValueError: a shard artifact is missing, an item is in two shards, or a data item is in none.
+    """
+    def compute(tmp: Path):
+        expected = {item_name(rel) for rel in storage.file_hashes(data_dir)}
+        files, items = union_of_shards(store_root, NORMALIZE_SHARD, shard_keys, tmp, "items", expected, data_dir)
+        entries = {item["path"]: item for item in items.values() if item}
+        return _publish_normalized(files, {rel: {k: e[k] for k in ("seconds", "clipped", "limited")}
+                                           for rel, e in entries.items()}, params, tmp)
+
+    done = NORMALIZE.run(store_root, {"data_dir": data_dir, "params": params}, compute)
+    run = {"written": 0, "skipped": 0, **(counts or {})} if not done.reused else {"written": 0, "skipped": 0}
+    return done.result({**done.summary, **run, "shards": len(shard_keys)}, data_sha256=done.inputs["data"])
 
 
 @task(name="pack", cache_policy=PACK.cache_policy, persist_result=True)

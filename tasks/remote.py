@@ -60,15 +60,20 @@ class ChildRunFailed(RuntimeError):
     """A child flow run ended in a state other than Completed."""
 
 
-def check_pool(deployment: str, pool: str) -> None:
-    """Refuse a ``gpu_pool`` that is not the pool the child deployment runs on (one line, what to do)."""
+def check_pool(deployment: str, pool: str, flag: str = "gpu_pool") -> None:
+    """Refuse a pool (the setting ``flag``) that is not the pool the child deployment runs on (one line, what to do)."""
     from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        found = client.read_deployment_by_name(deployment)
+        try:
+            found = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            raise ValueError(f"{flag} {pool!r}: deployment {deployment} does not exist on this server; run "
+                             "fishtune deploy") from None
     if found.work_pool_name != pool:
-        raise ValueError(f"gpu_pool {pool!r}: deployment {deployment} runs on work pool {found.work_pool_name!r}; "
-                         f"set gpu_pool to {found.work_pool_name!r}, or move the deployment "
+        raise ValueError(f"{flag} {pool!r}: deployment {deployment} runs on work pool {found.work_pool_name!r}; "
+                         f"set {flag} to {found.work_pool_name!r}, or move the deployment "
                          f"(work_pool in deployments/prefect.yaml, then fishtune deploy)")
 
 
@@ -227,7 +232,8 @@ def _merged(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any
     return merged
 
 
-def on_pool(stage_task: Task, stage: Stage, deployment: str, launches: Launches | None = None) -> Task:
+def on_pool(stage_task: Task, stage: Stage, deployment: str, launches: Launches | None = None,
+            sizing: Callable[[BaseModel | None], dict[str, Any]] = job_variables_for) -> Task:
     """A task with ``stage_task``'s signature, keyed by its stage's key, that runs ``deployment``
     (the stage's child flow, taking the same arguments) instead of the body.
 
@@ -236,8 +242,8 @@ def on_pool(stage_task: Task, stage: Stage, deployment: str, launches: Launches 
     one failing fails the launcher. Default: one child run, the pool's job variables.
 
     Extra keyword arguments of the launcher, not of the stage: ``run_name`` and ``run_tags`` for
-    the child flow run (what the UI shows). The child's job variables (GPU count, memory) come
-    from the stage's ``params`` (:func:`job_variables_for`)."""
+    the child flow run (what the UI shows). The child's job variables come from the stage's
+    ``params`` through ``sizing`` (default :func:`job_variables_for`: GPU count, memory)."""
 
     signature = inspect.signature(stage_task.fn)
 
@@ -245,7 +251,7 @@ def on_pool(stage_task: Task, stage: Stage, deployment: str, launches: Launches 
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         parameters = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in bound.arguments.items()}
-        pool_variables = job_variables_for(bound.arguments.get("params"))  # GPU count, memory
+        pool_variables = sizing(bound.arguments.get("params"))  # GPU count, memory
         runs = launches(parameters) if launches else [({}, None)]
         jobs = [({**parameters, **overrides}, _merged(pool_variables, variables)) for overrides, variables in runs]
         if len(jobs) == 1:

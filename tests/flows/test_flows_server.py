@@ -571,6 +571,48 @@ def _parent_pid(pid: int) -> int:
 
 
 @pytest.mark.slow
+def test_normalize_shards_run_on_the_cpu_pool_and_merge_to_one_runs_bytes(deployed, tmp_path):
+    """K=2 normalize shards run as child runs of the normalize-shard deployment on the cpu pool
+    (the fixture's cpu worker, which takes both at once); the merged artifact is byte for byte what
+    one in-process run publishes, under its key, so a K=1 run after it reuses it."""
+    from prefect.client.orchestration import get_client
+
+    from fish_speech_core.storage import Store
+    from fishtune.flows.config import FinetuneConfig
+    from fishtune.flows.finetune import finetune
+    from fishtune.tasks.data import normalize_task
+
+    data, store = tmp_path / "data", tmp_path / "store"
+    for speaker in ("alice", "carmen"):  # alice's two clips are shard 1 of 2, carmen's shard 2
+        (data / speaker).mkdir(parents=True)
+        for clip in sorted((DEMO / speaker).iterdir())[:4]:
+            shutil.copy(clip, data / speaker / clip.name)
+    config = FinetuneConfig(data=str(data), storage=str(store), project="norm-shards", cpu_pool="cpu",
+                            normalize_shards=2)  # no codec: stops after normalize
+    first = finetune(config)
+    with get_client(sync_client=True) as client:
+        children = [c for c in _children(client, "normalize-shard/normalize-shard")
+                    if c.name.startswith("normalize/norm-shards/")]
+        assert sorted((c.name, c.state.name, c.work_pool_name) for c in children) == [
+            ("normalize/norm-shards/shard-1-of-2", "Completed", "cpu"),
+            ("normalize/norm-shards/shard-2-of-2", "Completed", "cpu")]
+        assert all({"fishtune", "project:norm-shards", "stage:normalize"} <= set(c.tags) for c in children)
+    stage = {s["stage"]: s for s in first["stages"]}["normalize"]
+    assert {k: stage["summary"][k] for k in ("files", "shards", "written", "skipped")} == {
+        "files": 4, "shards": 2, "written": 4, "skipped": 0}
+    merged = Store(str(store)).lookup("normalize", stage["key"])
+    one = normalize_task.fn(str(data), str(tmp_path / "one"), work_dir=str(tmp_path / "one-work"))
+    assert one["key"] == merged.key
+    reference = Store(str(tmp_path / "one")).lookup("normalize", one["key"])
+    assert set(merged.files) == set(reference.files) and len(merged.files) == 4 * 2 + 2
+    for rel in merged.files:
+        assert Path(merged.file_url(rel)).read_bytes() == Path(reference.file_url(rel)).read_bytes(), rel
+    # K=1 (in this process) after K=2: the same key, the published artifact is reused
+    again = normalize_task.fn(str(data), str(store), work_dir=str(tmp_path / "k1-work"))
+    assert again["key"] == stage["key"] and again["summary"]["reused_artifact"]
+
+
+@pytest.mark.slow
 def test_extraction_shards_run_on_two_cuda_workers_and_a_lost_one_reruns_alone(deployed, tiny_models, tmp_path):
     """K=2 extraction shards (K from the `gpu` limit's 2 slots) run at once on two cuda workers;
     the host of one dies mid-shard (its worker and the job it started are SIGKILLed): the parent

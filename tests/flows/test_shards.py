@@ -104,8 +104,56 @@ def test_a_new_clip_changes_only_its_shards_key(normalized):
     assert shard_items(url, 1, 3, ".lab") == shard_items(url, 0, 1, ".lab") and key(3, 1) == key(1, 0)
 
 
-def test_shards_need_a_gpu_pool():
+def test_shards_need_a_pool_and_normalize_shards_only_on_large_data():
+    from fish_speech_core.defaults import NORMALIZE_ITEMS_PER_SHARD as PER, NORMALIZE_MAX_SHARDS as MOST
+
     with pytest.raises(ValueError, match="extract_shards 2 needs gpu_pool"):
         FinetuneConfig(data="/tmp/d", extract_shards=2)
+    with pytest.raises(ValueError, match="normalize_shards 2 needs cpu_pool"):
+        FinetuneConfig(data="/tmp/d", normalize_shards=2, gpu_pool="cuda")
     assert FinetuneConfig(data="/tmp/d", extract_shards=2, gpu_pool="cuda").extract_shards == 2
     assert FinetuneConfig(data="/tmp/d", extract_shards=1).extract_shards == 1
+    # K for normalize: the config's with a cpu pool, else one per PER accepted clips (at most MOST); 1 without a pool
+    pool = FinetuneConfig(data="/tmp/d", cpu_pool="cpu")
+    assert [pool.normalize_shards_for(n) for n in (0, 1, PER, PER + 1, 3 * PER, 10**9)] == [1, 1, 1, 2, 3, MOST]
+    assert FinetuneConfig(data="/tmp/d").normalize_shards_for(10**9) == 1
+    assert pool.model_copy(update={"normalize_shards": 2}).normalize_shards_for(1) == 2
+
+
+def test_normalize_shards_merge_to_the_bytes_of_one_run(tmp_path):
+    """Normalize on K=2 shards (task bodies in-process; the child runs: test_flows_server.py::
+    test_normalize_shards_run_on_the_cpu_pool): the merged artifact is one run's, key and bytes."""
+    from fishtune.tasks.data import NORMALIZE, NORMALIZE_SHARD, data_shard_files, merge_normalize_shards, normalize_shard_task
+
+    data = tmp_path / "data"
+    for speaker in ("alice", "carmen"):
+        (data / speaker).mkdir(parents=True)
+        for clip in sorted((DEMO / speaker).iterdir())[:4]:  # 2 clips each: audio + transcript
+            shutil.copy(clip, data / speaker / clip.name)
+    shutil.copy(DEMO / "carmen" / "carmen_000.lab", data / "carmen" / "orphan.lab")  # rejected: no audio
+    # each file once, with its item (audio + transcript in one shard)
+    parts = [data_shard_files(str(data), i, 2) for i in range(2)]
+    assert sorted(r for p in parts for r in p) == sorted(storage.file_hashes(str(data)))
+    assert all(item_name(r) in {item_name(o) for o in p if o != r} or r == "carmen/orphan.lab" for p in parts for r in p)
+
+    one = normalize_task.fn(str(data), str(tmp_path / "k1"), work_dir=str(tmp_path / "w1"))
+    expected = _files(str(tmp_path / "k1"), "normalize", one["key"])
+    assert len(expected) == 4 * 2 + 2  # audio + transcript of the 4 accepted clips; the report and summary
+    assert json.loads(expected["normalize-report.json"]).keys() == {"settings", "files", "audio_seconds", "clipped"}
+
+    store = str(tmp_path / "k2")
+    shards = [normalize_shard_task.fn(str(data), store, i, 2, work_dir=str(tmp_path / "w2")) for i in range(2)]
+    assert sorted(r["summary"]["files"] for r in shards) == [2, 2] and all(r["summary"]["written"] == 2 for r in shards)
+    keys = [r["key"] for r in shards]
+    merged = merge_normalize_shards.fn(str(data), store, shard_keys=keys, counts={"written": 4, "skipped": 0})
+    assert merged["key"] == one["key"]  # K is not in the key: a K=1 run after a K=2 run is a cache hit
+    assert _files(store, "normalize", merged["key"]) == expected  # every file, byte for byte
+    assert merged["summary"] == {**one["summary"], "shards": 2}
+    assert normalize_task.fn(str(data), store, work_dir=str(tmp_path / "w3"))["summary"]["reused_artifact"]
+    # a shard's key is its files' content: the same items make the same shard whatever K split them
+    assert NORMALIZE_SHARD.key({"data_dir": str(data), "shard": 0, "shards": 1}) != keys[0]
+    # one shard missing: refused naming an item, nothing published
+    (data / "alice" / "new.lab").write_text("x")
+    with pytest.raises(ValueError, match=r"item\(s\) of .+ are in no shard"):
+        merge_normalize_shards.fn(str(data), store, shard_keys=keys)
+    assert Store(store).lookup("normalize", NORMALIZE.key({"data_dir": str(data)})) is None

@@ -61,8 +61,7 @@ def test_deploy_needs_only_the_storage(tmp_path):
     copy = _with_set_parameters(PREFECT_FILE, {"FISHTUNE_STORAGE": "s"}, tmp_path)
     deployments = {d["name"]: d for d in yaml.safe_load(copy.read_text())["deployments"]}
     original = {d["name"]: d for d in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]}
-    assert deployments["finetune"]["parameters"] == {"config": {"storage": "{{ $FISHTUNE_STORAGE }}", "gpu_pool": "cuda",
-                                                       "cpu_pool": "cpu"}}
+    assert deployments["finetune"]["parameters"] == {"config": {"storage": "{{ $FISHTUNE_STORAGE }}", "gpu_pool": "cuda"}}
     assert {n: d for n, d in deployments.items() if n != "finetune"} == {n: d for n, d in original.items() if n != "finetune"}
 
 

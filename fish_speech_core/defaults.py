@@ -26,3 +26,6 @@ DIST_TIMEOUT_S = 600
 # extract: padded audio seconds per batch on CPU, where big batches run slower per second of audio
 # (bench/extract.py: CPU encoding slows past ~1 min per batch); no cap on CUDA
 CPU_BATCH_SECONDS = 60.0
+# extract: decode worker processes; 0 = one decode thread in the extracting process, overlapping
+# the encoder (it beat one worker process in every same-run pair on 2 shared cores, docs/codec.md)
+EXTRACT_DECODE_WORKERS = 0

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,27 +35,107 @@ RATES = (44100, 22050, 16000)
 ORDERS = ("file-order", "file-order+cap", "bucketed")
 
 
-def make_audio(folder: Path, total_seconds: float, seed: int = 0) -> list[Path]:
-    """Speech-like clips: a gliding harmonic tone with syllable-rate envelope plus noise."""
+# The comparison set of shared/notes (issue 17): 24 clips, 184 s of speech at 16-48 kHz.
+MIXED_RATES = (16000, 22050, 24000, 32000, 44100, 48000)
+
+
+def write_clip(path: Path, seconds: float, rate: int, rng) -> None:
+    """A speech-like clip: a gliding harmonic tone with syllable-rate envelope plus noise."""
     import soundfile
 
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 40 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 6) * t)
+    audio = 0.1 * voice * envelope + 0.01 * rng.standard_normal(t.shape)
+    soundfile.write(path, audio.astype(np.float32), rate, subtype="PCM_16")
+
+
+def make_audio(folder: Path, total_seconds: float, seed: int = 0) -> list[Path]:
+    """Clips of 1-15 s at RATES until ``total_seconds`` of audio."""
     rng = np.random.default_rng(seed)
     paths, total, index = [], 0.0, 0
     while total < total_seconds:
         seconds = float(rng.uniform(1.0, 15.0))
-        rate = int(rng.choice(RATES))
-        t = np.arange(int(seconds * rate)) / rate
-        f0 = 120 + 40 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t)
-        phase = 2 * np.pi * np.cumsum(f0) / rate
-        voice = sum(np.sin(k * phase) / k for k in range(1, 12))
-        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(3, 6) * t)
-        audio = 0.1 * voice * envelope + 0.01 * rng.standard_normal(t.shape)
         path = folder / f"clip{index:04d}.wav"
-        soundfile.write(path, audio.astype(np.float32), rate, subtype="PCM_16")
+        write_clip(path, seconds, int(rng.choice(RATES)), rng)
         paths.append(path)
         total += seconds
         index += 1
     return paths
+
+
+def make_mixed_clips(folder: Path, count: int = 24, total_seconds: float = 184.0, seed: int = 0) -> list[Path]:
+    """``count`` clips of 2-13 s (scaled to ``total_seconds`` in all) at MIXED_RATES."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.uniform(2.0, 13.0, count)
+    lengths *= total_seconds / lengths.sum()
+    paths = []
+    for index, seconds in enumerate(lengths):
+        path = folder / f"clip{index:04d}.wav"
+        write_clip(path, float(seconds), int(rng.choice(MIXED_RATES)), rng)
+        paths.append(path)
+    return paths
+
+
+def loop_vs_encoder(folder: str, repeats: int = 2, threads: int = 0) -> dict:
+    """Audio-s/s of extraction inside its loop with the CLI's CPU defaults, against two baselines
+    alternated in this one process: the loop with one decode worker process (the default before
+    the decode thread) and the encoder alone on audio decoded beforehand (the loop's ceiling).
+
+    Real-size codec (random init); best of ``repeats`` per configuration, wall and CPU time
+    (this process and its decode workers); fails unless all three give identical codes.
+    """
+    import torch
+
+    from fish_speech_core.audio import read_audio, resample, to_mono
+    from fish_speech_core.codec import FireflyConfig, init_codec
+    from fish_speech_core.codec.extract import ExtractSettings, batching_for, extract_codes
+
+    if threads:
+        torch.set_num_threads(threads)
+    paths = sorted(Path(folder).glob("*.wav"))
+    model = init_codec(FireflyConfig.from_name("fish-speech-1.4"), seed=0)
+    with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
+        model.encode([torch.zeros(44100)])
+    batch_size, cap = batching_for("cpu")
+    default = ExtractSettings(batch_size=batch_size, max_batch_seconds=cap, max_seconds=60)
+    decoded = [resample(torch.from_numpy(to_mono(a)), r, model.sample_rate) for a, r in map(read_audio, paths)]
+
+    def encoder_alone() -> dict:
+        with torch.inference_mode():
+            return {p: model.encode([a])[0].to(torch.int32).numpy() for p, a in zip(paths, decoded, strict=True)}
+
+    configs = {
+        "loop": lambda: extract_codes(model, paths, default),
+        "loop, 1 decode process": lambda: extract_codes(model, paths, replace(default, num_workers=1)),
+        "encoder alone": encoder_alone,
+    }
+    audio_seconds = sum(a.shape[-1] for a in decoded) / model.sample_rate
+    best: dict[str, dict] = {}
+    codes: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, run in configs.items():
+            cpu_start, start = cpu_seconds(), time.perf_counter()
+            codes[name] = run()
+            wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+            figure = {"audio_s_per_s": audio_seconds / wall, "audio_s_per_cpu_s": audio_seconds / cpu}
+            best[name] = {k: max(v, best.get(name, {}).get(k, 0.0)) for k, v in figure.items()}
+    first = codes["loop"]
+    identical = all(set(c) == set(first) and all(np.array_equal(c[k], first[k]) for k in first) for c in codes.values())
+    if not identical:
+        raise SystemExit("extraction configurations gave different codes")
+    return {"clips": len(paths), "audio_seconds": round(audio_seconds, 1), "repeats": repeats,
+            "decode_workers": default.num_workers, "batch_size": batch_size,
+            "configs": {k: {m: round(v, 2) for m, v in f.items()} for k, f in best.items()},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "codes_identical": identical}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished (joined) children, e.g. decode workers."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -74,10 +155,6 @@ def worker(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, num_workers=args.num_workers, bucket=args.order == "bucketed",
         max_seconds=60, max_batch_seconds=None if args.order == "file-order" else args.max_batch_seconds or None,
     )
-    def cpu_seconds() -> float:  # this process and its finished (joined) decode workers
-        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        return sum(u.ru_utime + u.ru_stime for u in usage)
-
     cpu_start, start = cpu_seconds(), time.perf_counter()
     codes = extract_codes(model, paths, settings)
     wall = time.perf_counter() - start

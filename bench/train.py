@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/tr
 
 SHAPES = {"tiny": (4, 256), "mid": (2, 1024)}
 CASES = {"ours": ("sdpa", False), "reference-like": ("explicit", True)}
+# Not in this script's own sweep: bench/compare.py also times our default with checkpointing on.
+EXTRA_CASES = {"ours+checkpointing": ("sdpa", True)}
 
 
 def build_lora_step(preset: str, checkpointing: bool, batch: int, seq_len: int, attention_impl: str = "sdpa",
@@ -60,7 +62,7 @@ def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
 
     from fish_speech_core.lm import lm_losses
 
-    impl, checkpointing = CASES[case]
+    impl, checkpointing = {**CASES, **EXTRA_CASES}[case]
     batch, seq_len = SHAPES[preset]
     model, params, optimizer, (inputs, labels, padding) = build_lora_step(
         preset, checkpointing, batch, seq_len, impl, threads)

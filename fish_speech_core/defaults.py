@@ -32,3 +32,6 @@ CPU_BATCH_SECONDS = 60.0
 # so smaller data stays one run (1 shard up to 2000 clips, 2 up to 4000, ...)
 NORMALIZE_ITEMS_PER_SHARD = 2000
 NORMALIZE_MAX_SHARDS = 16
+# extract: decode worker processes; 0 = one decode thread in the extracting process, overlapping
+# the encoder (it beat one worker process in every same-run pair on 2 shared cores, docs/codec.md)
+EXTRACT_DECODE_WORKERS = 0

@@ -77,8 +77,8 @@ class ExtractParams(StageParams):
         description="Files per encoder batch. Empty: 1 on CPU (capped at 60 s of padded audio), 16 on CUDA.",
     )
     num_workers: int = Field(
-        1, ge=0, le=64,
-        description="Data-loader worker processes that decode audio for extraction while the codec encodes (0: in the main process).",
+        d.EXTRACT_DECODE_WORKERS, ge=0, le=64,
+        description="Data-loader worker processes that decode audio for extraction while the codec encodes (0: one thread of the extracting process, alongside).",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
     memory: str | None = MEMORY

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from fish_speech_core.codec import FireflyCodec, load_codec
 from fish_speech_core.codec.extract import (
     ExtractSettings,
     Job,
+    encode_batches,
     extract,
     extract_codes,
     make_batches,
@@ -206,6 +208,19 @@ def test_bucketed_and_file_order_batching_give_identical_codes(model, tmp_path, 
             codes = extract_codes(model, paths, ExtractSettings(num_workers=0, batch_size=batch_size, bucket=bucket))
             for path in paths:
                 assert np.array_equal(codes[path], baseline[path]), (batch_size, bucket, path.name)
+
+
+def test_decode_thread_loads_ahead_and_ends_with_its_consumer(model, data):
+    def decode_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("fishtune-decode")]
+
+    plan = plan_extraction(list(audio_paths(data).values()), model, FAST)
+    results = encode_batches(model, plan.todo, ExtractSettings(num_workers=0, batch_size=1))
+    job, codes, digest, error = next(results)
+    assert codes is not None and codes.dtype == np.int32 and error == "" and len(digest) == 64
+    assert len(decode_threads()) == 1  # the next files load while this one is consumed
+    results.close()  # e.g. the run stops on an error: the thread is joined, nothing keeps running
+    assert decode_threads() == []
 
 
 def test_make_batches_buckets_by_length():

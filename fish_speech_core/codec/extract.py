@@ -1,8 +1,9 @@
 """Semantic-token extraction: audio files -> ``<stem>.npy`` int32 codes (groups, frames).
 
 Pipeline: :func:`plan_extraction` reads headers only (lengths, rejections) and decides what is
-already done; :func:`run_extraction` decodes/resamples in DataLoader worker processes while
-the main process encodes length-bucketed batches under ``torch.inference_mode``.
+already done; :func:`run_extraction` decodes, resamples and (on CPU) computes log-mels in a
+decode thread, or in DataLoader worker processes, while the main thread encodes length-bucketed
+batches under ``torch.inference_mode``.
 
 Incremental by content: each ``x.npy`` gets a sidecar ``x.npy.json`` recording the sha256 of
 the audio bytes, the codec hash (:func:`~fish_speech_core.codec.checkpoint.codec_hash`), the
@@ -18,8 +19,11 @@ import io
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,7 @@ from fish_speech_core.audio import audio_info, read_audio, resample, to_mono
 from fish_speech_core.codec.checkpoint import codec_hash
 from fish_speech_core.codec.model import FireflyCodec, NonFiniteEncodingError
 from fish_speech_core.codes import SIDECAR_SUFFIX, CodeSpec, sidecar_path_for
-from fish_speech_core.defaults import CPU_BATCH_SECONDS, MAX_SECONDS
+from fish_speech_core.defaults import CPU_BATCH_SECONDS, EXTRACT_DECODE_WORKERS, MAX_SECONDS
 from fish_speech_core.files import atomic_write, remove_temporaries, sha256_bytes, sha256_file
 
 SIDECAR_FORMAT = "fishtune-codes/1"
@@ -62,7 +66,7 @@ class ExtractSettings:
     """Knobs of one extraction run. Only ``dtype`` changes the codes (it is in the sidecar)."""
 
     batch_size: int = 16
-    num_workers: int = 1
+    num_workers: int = EXTRACT_DECODE_WORKERS  # 0: a decode thread beside the encoder
     max_seconds: float = MAX_SECONDS
     dtype: str = "fp32"  # "fp32" (reference parity) or "bf16" (autocast on the encoder)
     overwrite: bool = False
@@ -284,15 +288,20 @@ class _Loaded:
     audio: torch.Tensor | None  # (T,) float32 at the codec rate
     audio_sha256: str = ""
     error: str = ""
+    mel: torch.Tensor | None = None  # (n_mels, T // hop) when the loader computes the log-mel
 
 
 class _AudioDataset(torch.utils.data.Dataset):
-    """Reads, hashes, downmixes and resamples one file; runs in DataLoader workers."""
+    """Reads, hashes, downmixes and resamples one file (and, given ``spec_transform``, computes
+    its log-mel); runs in the decode thread or in DataLoader workers, beside the encoder."""
 
-    def __init__(self, jobs: Sequence[Job], sample_rate: int, max_seconds: float) -> None:
+    def __init__(self, jobs: Sequence[Job], sample_rate: int, max_seconds: float,
+                 spec_transform: torch.nn.Module | None = None, min_samples: int = 1) -> None:
         self.jobs = list(jobs)
         self.sample_rate = sample_rate
         self.max_seconds = max_seconds
+        self.spec_transform = spec_transform
+        self.min_samples = min_samples
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -308,7 +317,14 @@ class _AudioDataset(torch.utils.data.Dataset):
             if not np.isfinite(audio).all():  # would encode to garbage codes (INT32_MIN)
                 return _Loaded(index, None, digest, "audio holds NaN or infinite samples")
             mono = torch.from_numpy(to_mono(audio))
-            return _Loaded(index, resample(mono, rate, self.sample_rate), digest)
+            audio = resample(mono, rate, self.sample_rate)
+            if audio.shape[-1] < self.min_samples:
+                return _Loaded(index, None, digest,
+                               f"decoded to {audio.shape[-1]} samples, shorter than one code frame")
+            if self.spec_transform is None:
+                return _Loaded(index, audio, digest)
+            with torch.inference_mode():  # the same log-mel the encoder would compute, one clip at a time
+                return _Loaded(index, audio, digest, mel=self.spec_transform(audio))
         except Exception as error:  # corrupt or unsupported: reported, never fatal
             return _Loaded(index, None, "", f"{type(error).__name__}: {error}")
 
@@ -317,13 +333,39 @@ def _collate(items: list[_Loaded]) -> list[_Loaded]:
     return items
 
 
+def _prefetched(batches: list[list[int]], load: Callable[[int], _Loaded], depth: int = 2) -> Iterator[list[_Loaded]]:
+    """``[load(i) for i in batch]`` per batch, loaded up to ``depth`` batches ahead on one thread.
+
+    soundfile, hashlib, resampling and the STFT release the GIL, so the thread decodes while the
+    main thread encodes; unlike a worker process it needs no start-up, no pickling of results,
+    and no second copy of torch's thread pool competing for the same cores.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fishtune-decode")
+    pending: deque[Future] = deque()
+    todo = iter(batches)
+    try:
+        for batch in islice(todo, depth):
+            pending.append(pool.submit(lambda b=batch: [load(i) for i in b]))
+        while pending:
+            loaded = pending.popleft().result()
+            batch = next(todo, None)
+            if batch is not None:
+                pending.append(pool.submit(lambda b=batch: [load(i) for i in b]))
+            yield loaded
+    finally:  # also when the consumer stops early: drop what is queued, wait for the one running
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _loaded_batches(
-    jobs: Sequence[Job], batches: list[list[int]], sample_rate: int, settings: ExtractSettings
+    jobs: Sequence[Job], batches: list[list[int]], model: FireflyCodec, settings: ExtractSettings
 ) -> Iterator[list[_Loaded]]:
-    dataset = _AudioDataset(jobs, sample_rate, settings.max_seconds)
+    device = next(model.parameters()).device
+    # The log-mel is per clip (batch-invariant), so on CPU it moves off the encoder's path too;
+    # on a GPU the encoder's device computes it faster.
+    spec = model.spec_transform if device.type == "cpu" else None
+    dataset = _AudioDataset(jobs, model.sample_rate, settings.max_seconds, spec, model.config.samples_per_code)
     if settings.num_workers == 0:
-        for batch in batches:
-            yield [dataset[i] for i in batch]
+        yield from _prefetched(batches, dataset.__getitem__)
         return
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -349,17 +391,13 @@ def encode_batches(
     """
     device = next(model.parameters()).device
     autocast_dtype = DTYPES[settings.dtype]
-    min_samples = model.config.samples_per_code
     cap = settings.max_batch_seconds
     batches = make_batches(
         jobs, settings.batch_size, settings.bucket, None if cap is None else int(cap * model.sample_rate)
     )
-    for loaded in _loaded_batches(jobs, batches, model.sample_rate, settings):
+    for loaded in _loaded_batches(jobs, batches, model, settings):
         good = []
         for item in loaded:
-            if item.audio is not None and item.audio.shape[-1] < min_samples:
-                item.error = f"decoded to {item.audio.shape[-1]} samples, shorter than one code frame"
-                item.audio = None
             if item.audio is None:
                 yield jobs[item.index], None, item.audio_sha256, item.error
             else:
@@ -367,10 +405,10 @@ def encode_batches(
         if not good:
             continue
         try:
-            arrays = _encode(model, [item.audio for item in good], device, autocast_dtype)
+            arrays = _encode(model, good, device, autocast_dtype)
         except NonFiniteEncodingError as error:  # only the clips it names; the rest again
             rest = [i for i in range(len(good)) if i not in error.indices]
-            encoded = iter(_encode(model, [good[i].audio for i in rest], device, autocast_dtype) if rest else [])
+            encoded = iter(_encode(model, [good[i] for i in rest], device, autocast_dtype) if rest else [])
             arrays = [ENCODER_NOT_FINITE if i in error.indices else next(encoded) for i in range(len(good))]
         except RuntimeError:  # e.g. out of memory: retry one by one so only the culprit fails
             if len(good) == 1:
@@ -378,7 +416,7 @@ def encode_batches(
             arrays = []
             for item in good:
                 try:
-                    arrays.append(_encode(model, [item.audio], device, autocast_dtype)[0])
+                    arrays.append(_encode(model, [item], device, autocast_dtype)[0])
                 except NonFiniteEncodingError:
                     arrays.append(ENCODER_NOT_FINITE)
                 except RuntimeError as error:
@@ -390,13 +428,15 @@ def encode_batches(
                 yield jobs[item.index], array, item.audio_sha256, ""
 
 
-def _encode(
-    model: FireflyCodec, audios: list[torch.Tensor], device: torch.device, autocast_dtype
-) -> list[np.ndarray]:
+def _encode(model: FireflyCodec, items: list[_Loaded], device: torch.device, autocast_dtype) -> list[np.ndarray]:
     from fish_speech_core.threads import one_thread, small_on_cpu
 
     with torch.inference_mode(), one_thread(small_on_cpu(model, device)):
-        codes = model.encode([audio.to(device) for audio in audios], autocast_dtype=autocast_dtype)
+        if all(item.mel is not None for item in items):
+            codes = model.encode_log_mels([item.mel.to(device) for item in items],
+                                          [item.audio.shape[-1] for item in items], autocast_dtype)
+        else:
+            codes = model.encode([item.audio.to(device) for item in items], autocast_dtype=autocast_dtype)
         return [c.to("cpu", torch.int32).numpy() for c in codes]
 
 

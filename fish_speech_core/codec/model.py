@@ -433,14 +433,22 @@ class FireflyCodec(nn.Module):
                     f"({self.config.samples_per_code} samples at {self.sample_rate} Hz)"
                 )
         mels = [self.spec_transform(audio) for audio in audios]  # (n_mels, len // hop) each
+        return self.encode_log_mels(mels, [audio.shape[-1] for audio in audios], autocast_dtype)
+
+    def encode_log_mels(
+        self, mels: Sequence[Tensor], num_samples: Sequence[int], autocast_dtype: torch.dtype | None = None
+    ) -> list[Tensor]:
+        """The second half of :meth:`encode`: per-clip log-mels -> int32 codes (G * R, frames).
+
+        ``mels[i]`` is ``spec_transform(clip_i)`` (n_mels, len // hop), computed at the clip's own
+        length, and ``num_samples[i]`` that clip's length: extraction computes the log-mels
+        while the previous batch encodes, and the codes equal :meth:`encode`'s.
+        """
         longest = max(m.shape[-1] for m in mels)
         batch = torch.stack([F.pad(m, (0, longest - m.shape[-1])) for m in mels])
         with torch.autocast(batch.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             codes = self.encode_mels(batch)
-        return [
-            codes[i, :, : self.config.num_code_frames(audio.shape[-1])]
-            for i, audio in enumerate(audios)
-        ]
+        return [codes[i, :, : self.config.num_code_frames(n)] for i, n in enumerate(num_samples)]
 
     def decode(self, codes: Tensor) -> Tensor:
         """int codes (B, G * R, T) -> audio (B, 1, T * samples_per_code)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from fish_speech_core.choices import CodecDtype, CodecPreset, Device
-from fish_speech_core.defaults import CPU_BATCH_SECONDS
+from fish_speech_core.defaults import CPU_BATCH_SECONDS, EXTRACT_DECODE_WORKERS
 
 
 def find_audio_files(data: Path, filelist: Path | None = None, text_extension: str = ".lab") -> list[Path]:
@@ -63,8 +63,8 @@ def extract_command(
         help="Files per encoder batch. Default: 1 on CPU (batching only adds padding work there), 16 on CUDA.",
     ),
     num_workers: int = typer.Option(
-        1, "--num-workers", min=0, help="Data-loader worker processes that read, decode and resample "
-        "audio while the codec encodes (0: in the main process, between batches).",
+        EXTRACT_DECODE_WORKERS, "--num-workers", min=0, help="Data-loader worker processes that read, decode "
+        "and resample audio while the codec encodes (0: one thread of this process does it, alongside).",
     ),
     device: Device = typer.Option(Device.auto, "--device", help="Where the codec runs (auto: cuda if available)."),
     filelist: Path | None = typer.Option(

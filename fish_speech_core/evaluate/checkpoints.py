@@ -52,7 +52,7 @@ class Evaluation:
 
 
 SCORES = "scores.json"  # beside a cached preview set: its scores, with the key they were computed under
-SCORE_FORMAT = 1  # bump when scoring changes, so cached scores are recomputed
+SCORE_FORMAT = 2  # bump when scoring changes, so cached scores are recomputed
 
 
 def _scores_key(wavs: Sequence[Path], texts: Sequence[str], references: Sequence[Path], embedder: str,

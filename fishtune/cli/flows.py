@@ -157,6 +157,11 @@ def demo_command(
     os.environ["PREFECT_HOME"] = str(output / "prefect-home")
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # The temporary server otherwise imports every installed Prefect integration (prefect-docker,
+    # prefect-kubernetes: 4-7 s CPU on 2 busy cores) to register their block types, which the
+    # demo's flow never uses. Only the ephemeral server reads these; a user's value wins.
+    os.environ.setdefault("PREFECT_SERVER_REGISTER_BLOCKS_ON_START", "false")
+    os.environ.setdefault("PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION", "false")
     _prefect_defaults()
 
     base, codec = output / "models" / "base-tiny", output / "models" / "codec-tiny.pth"

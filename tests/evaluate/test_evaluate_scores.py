@@ -42,13 +42,26 @@ def load(path):
     return to_mono(audio), rate
 
 
-@pytest.mark.slow  # first use of Resemblyzer imports librosa (numba JIT, ~25 s on 2 cores)
 def test_same_voice_scores_higher_than_a_different_voice(voices, embedder):
     refs = [load(p) for p in voices["en-us"][:2]]
     same = speaker_similarity(embedder, *load(voices["en-us"][2]), refs)
     other = speaker_similarity(embedder, *load(voices["en-us+f3"][2]), refs)
     assert same > other + 0.1
     assert same > 0.8
+
+
+def test_embedding_calls_no_librosa(voices, embedder, monkeypatch):
+    # librosa's first use compiles numba kernels (4 s idle, up to 100 s on busy cores): the
+    # embedder's resampling and mel frontend are torch, Resemblyzer's VAD and LSTM are used as is.
+    import resemblyzer.audio
+
+    class NoLibrosa:
+        def __getattr__(self, name):
+            raise AssertionError(f"the embedder called librosa.{name}")
+
+    monkeypatch.setattr(resemblyzer.audio, "librosa", NoLibrosa())
+    emb = embedder.embed(*load(voices["en-us"][0]))
+    assert emb.shape == (256,) and abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
 
 
 def test_espeak_speech_passes_the_audio_checks(voices):

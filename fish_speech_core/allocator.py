@@ -14,7 +14,10 @@ import ctypes.util
 import platform
 
 MMAP_THRESHOLD = 1 << 20  # bytes: blocks from here up are mmap'ed, and unmapped when freed
-_M_MMAP_THRESHOLD = -3  # <malloc.h>
+# Free space at the top of the heap beyond this goes back to the system: glibc's start value, which
+# its dynamic rule raises to twice the mmap threshold (64 MiB) in a process that ran a while.
+TRIM_THRESHOLD = 128 << 10
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 
 
 class _MallInfo2(ctypes.Structure):
@@ -33,16 +36,16 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def release_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold for this process; False (and nothing done) elsewhere.
-
-    A ``MALLOC_MMAP_THRESHOLD_`` the user exported wins: it is left as it is.
-    """
+    """Fix glibc's mmap (and trim) threshold for this process, what ``MALLOC_MMAP_THRESHOLD_=1048576``
+    in the environment does; False (and nothing done) without glibc or when the user exported
+    ``MALLOC_MMAP_THRESHOLD_`` (theirs wins)."""
     import os
 
     libc = _libc()
     if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    trimmed = "MALLOC_TRIM_THRESHOLD_" in os.environ or libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) and trimmed)
 
 
 def mmapped_bytes() -> int | None:

@@ -144,20 +144,20 @@ def test_full_disk_keeps_earlier_checkpoints(tmp_path):
 
 
 def small_blocks_are_mmapped() -> bool:
-    """Whether glibc maps a 2 MiB malloc that follows a freed 8 MiB one: no under its dynamic
-    threshold (freeing 8 MiB raised it to 8 MiB), yes once training fixed it at 1 MiB."""
+    """Whether glibc maps a 24 MiB malloc that follows a freed 30 MiB one: no under its dynamic
+    threshold (freeing 30 MiB raised it to 30 MiB), yes once training fixed it at 1 MiB."""
     import ctypes
 
     from fish_speech_core.allocator import _libc, mmapped_bytes
 
     libc = _libc()
     libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-    libc.free(libc.malloc(8 << 20))
+    libc.free(libc.malloc(30 << 20))
     before = mmapped_bytes()
-    block = libc.malloc(2 << 20)
+    block = libc.malloc(24 << 20)
     grew = mmapped_bytes() - before
     libc.free(block)
-    return grew >= 2 << 20
+    return grew >= 24 << 20
 
 
 def test_one_speaker_one_sentence_trains(tmp_path, setup, capsys):
@@ -165,8 +165,8 @@ def test_one_speaker_one_sentence_trains(tmp_path, setup, capsys):
 
     base, _ = setup
     glibc = mmapped_bytes() is not None
-    if glibc:  # undo any earlier training in this process: a high fixed threshold keeps 2 MiB on the heap
-        _libc().mallopt(-3, 32 << 20)
+    if glibc:  # undo any earlier training in this process: a high fixed threshold keeps 24 MiB on the heap
+        _libc().mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         assert not small_blocks_are_mmapped()
     make_speakers(tmp_path / "one", 1, 1)
     assert run_cli("pack", "-i", tmp_path / "one", "-o", tmp_path / "p1", "-j", "1").exit_code == 0

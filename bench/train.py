@@ -2,7 +2,8 @@
 
     python -m bench.train [--quick] [--presets tiny mid] [--steps 2] [--threads 2]   # repo root
 
-"ours": SDPA attention, gradient checkpointing off. "reference-like": gradient checkpointing on
+"ours": SDPA attention, gradient checkpointing off, glibc's mmap threshold fixed as training
+fixes it ("ours, glibc default", with --cases, leaves glibc's dynamic rule). "reference-like": gradient checkpointing on
 and a materialised (explicit) softmax attention, as Fish Speech 1.4 trains (our model applies
 the attention choice to slow and fast layers alike). Each case is a full LoRA step (r 8,
 alpha 16: forward, backward, clip 1.0, AdamW on the adapters) in a fresh process, so the peak
@@ -25,9 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/train.py` and its pool workers
 
 SHAPES = {"tiny": (4, 256), "mid": (2, 1024)}
-CASES = {"ours": ("sdpa", False), "reference-like": ("explicit", True)}
+# case: (attention, gradient checkpointing, fix glibc's mmap threshold as `fishtune train` does)
+CASES = {"ours": ("sdpa", False, True), "ours, glibc default": ("sdpa", False, False),
+         "reference-like": ("explicit", True, False)}
 # Not in this script's own sweep: bench/compare.py also times our default with checkpointing on.
-EXTRA_CASES = {"ours+checkpointing": ("sdpa", True)}
+EXTRA_CASES = {"ours+checkpointing": ("sdpa", True, True)}
 
 
 def build_lora_step(preset: str, checkpointing: bool, batch: int, seq_len: int, attention_impl: str = "sdpa",
@@ -62,27 +65,35 @@ def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
 
     from fish_speech_core.lm import lm_losses
 
-    impl, checkpointing = {**CASES, **EXTRA_CASES}[case]
+    from fish_speech_core.allocator import release_freed_memory
+
+    impl, checkpointing, allocator = {**CASES, **EXTRA_CASES}[case]
+    if allocator:
+        release_freed_memory()
     batch, seq_len = SHAPES[preset]
     model, params, optimizer, (inputs, labels, padding) = build_lora_step(
         preset, checkpointing, batch, seq_len, impl, threads)
 
-    def step() -> None:
+    def loss():  # the outputs go out of scope before backward, as in Lightning's training_step
         out = model(inputs, padding)
-        lm_losses(out.token_logits, out.codebook_logits, labels).loss.backward()
+        return lm_losses(out.token_logits, out.codebook_logits, labels).loss
+
+    def step() -> None:
+        loss().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "shape": f"{batch}x{seq_len}",
         "tokens_per_s": steps * batch * seq_len / elapsed,
         "s_per_step": elapsed / steps,
+        "cpu_s_per_step": cpu / steps,  # user+sys of all threads: steadier than wall time on a shared machine
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -93,21 +104,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per case")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="tiny only, 2 steps (seconds)")
+    parser.add_argument("--cases", nargs="+", default=["ours", "reference-like"], choices=list(CASES),
+                        help="'ours, glibc default' isolates the allocator setting (docs/performance.md)")
     parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     args = parser.parse_args()
     presets = ["tiny"] if args.quick else args.presets
 
     context = multiprocessing.get_context("spawn")
     figures: dict = {"stage": "train", "threads": args.threads, "steps": args.steps, "presets": {}}
-    print(f"{'preset':<6} {'case':<15} {'BxT':>7} {'tokens/s':>10} {'s/step':>8} {'peak RSS MiB':>13}")
+    print(f"{'preset':<6} {'case':<20} {'BxT':>7} {'tokens/s':>10} {'s/step':>8} {'cpu s/step':>10} {'peak RSS MiB':>13}")
     for preset in presets:
         results = {}
-        for case in CASES:
+        for case in args.cases:
             with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
                 r = pool.submit(run_case, preset, case, args.steps, args.threads).result()
             results[case] = r
-            print(f"{preset:<6} {case:<15} {r['shape']:>7} {r['tokens_per_s']:>10.0f} "
-                  f"{r['s_per_step']:>8.2f} {r['peak_rss_mib']:>13.0f}")
+            print(f"{preset:<6} {case:<20} {r['shape']:>7} {r['tokens_per_s']:>10.0f} "
+                  f"{r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {r['peak_rss_mib']:>13.0f}", flush=True)
+        if "ours" not in results or "reference-like" not in results:
+            figures["presets"][preset] = results
+            continue
         o, ref = results["ours"], results["reference-like"]
         print(f"{preset:<6} ours/reference-like: speed x{o['tokens_per_s'] / ref['tokens_per_s']:.2f}, "
               f"peak RSS x{o['peak_rss_mib'] / ref['peak_rss_mib']:.2f}")

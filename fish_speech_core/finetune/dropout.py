@@ -71,11 +71,41 @@ class DropoutContext:
         return torch.cat(blocks) if blocks else torch.ones(shape, dtype=torch.bool, device=device)
 
 
-class SampleDropout(nn.Module):
-    """Inverted dropout with the masks of :class:`DropoutContext`; plain dropout without one set."""
+class _DroppedProjection(torch.autograd.Function):
+    """``h = (x * keep / (1 - p)) Aᵀ`` that saves ``x`` and the bool mask for backward, not the
+    dropped fp32 copy of ``x``: with a separate dropout every adapted layer kept one more copy of
+    its input (the fast layers' inputs are 8 positions per frame, so these copies were ~1.5 GB of
+    a mid-size 2x1024 step). ``x`` is often saved anyway (wqkv/w1/w3 and w1/w3 share one input)."""
 
-    def __init__(self, p: float, layer: int, stack: str, context: DropoutContext) -> None:
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        return F.linear(torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device)), weight)
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        x, weight, keep = ctx.saved_tensors
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.where(keep, (grad_h @ weight) * ctx.scale, zero)
+        if ctx.needs_input_grad[1]:
+            dropped = torch.where(keep, x * ctx.scale, zero)  # (..., in), rebuilt only for this product
+            grad_w = grad_h.reshape(-1, grad_h.size(-1)).t() @ dropped.reshape(-1, x.size(-1))
+        return grad_x, grad_w, None, None
+
+
+class DroppedLoraA(nn.Module):
+    """peft's ``lora_A`` Linear with the adapter's input dropout folded in (peft's own dropout
+    is then an Identity). Masks come from :class:`DropoutContext` once the finetune loop sets one,
+    else fresh from the global generator. Holds the same ``weight`` parameter, so state-dict
+    names, merge and the optimizer see no difference."""
+
+    def __init__(self, weight: nn.Parameter, p: float, layer: int = 0, stack: str = SLOW,
+                 context: DropoutContext | None = None) -> None:
         super().__init__()
+        self.weight = weight
         self.p = p
         self.layer = layer
         self.stack = stack
@@ -83,31 +113,48 @@ class SampleDropout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
-            return x
-        if self.context.uids is None:  # outside the finetune loop (benchmarks, ad-hoc use)
-            return F.dropout(x, self.p, training=True)
-        keep = self.context.keep_mask(x.shape, x.device, self.p, self.layer, self.stack)
-        # where() keeps only the bool mask for backward
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), torch.zeros((), dtype=x.dtype, device=x.device))
+            return F.linear(x, self.weight)
+        if self.context is None or self.context.uids is None:  # outside the finetune loop (benchmarks)
+            keep = torch.rand(x.shape, device=x.device) >= self.p
+        else:
+            keep = self.context.keep_mask(x.shape, x.device, self.p, self.layer, self.stack)
+        return _DroppedProjection.apply(x, self.weight, keep, 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, layer={self.layer}, stack={self.stack}"
+        return f"in={self.weight.size(1)}, r={self.weight.size(0)}, p={self.p}, layer={self.layer}, stack={self.stack}"
+
+
+def fold_lora_dropout(model: nn.Module) -> None:
+    """Move the input dropout of every LoRA Linear of ``model`` into its ``lora_A``
+    (:class:`DroppedLoraA`); same masks and values, a bool mask instead of a dropped copy saved."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or ADAPTER not in module.lora_dropout:
+            continue
+        current = module.lora_dropout[ADAPTER]
+        if isinstance(current, nn.Dropout) and current.p > 0:
+            module.lora_A[ADAPTER] = DroppedLoraA(module.lora_A[ADAPTER].weight, current.p)
+            module.lora_dropout[ADAPTER] = nn.Identity()
 
 
 def use_sample_dropout(model: nn.Module, seed: int) -> DropoutContext:
-    """Replace the dropout of every LoRA Linear of ``model`` by :class:`SampleDropout`; return
-    the context the training step fills. Layers are numbered in module order; ``fast_*`` modules
-    belong to the fast transformer."""
+    """Key the dropout masks of every LoRA Linear of ``model`` (folded by :func:`fold_lora_dropout`,
+    which :func:`~fish_speech_core.finetune.lora.add_lora` calls) by sample; return the context the
+    training step fills. Layers are numbered in module order; ``fast_*`` modules belong to the
+    fast transformer."""
     from peft.tuners.lora import LoraLayer
 
+    fold_lora_dropout(model)  # a no-op for add_lora's models
     context = DropoutContext(seed)
     layer = 0
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_dropout:
             continue
-        current = module.lora_dropout[ADAPTER]
-        if isinstance(current, nn.Dropout) and current.p > 0:
-            stack = FAST if name.split(".", 1)[0].startswith("fast_") else SLOW
-            module.lora_dropout[ADAPTER] = SampleDropout(current.p, layer, stack, context)
+        lora_a = module.lora_A[ADAPTER] if ADAPTER in module.lora_A else None
+        if isinstance(lora_a, DroppedLoraA):
+            lora_a.layer = layer
+            lora_a.stack = FAST if name.split(".", 1)[0].startswith("fast_") else SLOW
+            lora_a.context = context
         layer += 1
     return context

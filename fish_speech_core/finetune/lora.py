@@ -168,7 +168,10 @@ def add_lora(model: nn.Module, settings: LoraSettings | str) -> nn.Module:
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=TARGET_REGEX,
     )
+    from fish_speech_core.finetune.dropout import fold_lora_dropout
+
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    fold_lora_dropout(model)  # the dropout inside lora_A: a bool mask saved, not a dropped copy
     mark_only_lora_trainable(model)
     return model
 

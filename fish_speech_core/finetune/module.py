@@ -35,6 +35,7 @@ from fish_speech_core.finetune.lora import (
     lora_state_dict,
 )
 from fish_speech_core import defaults
+from fish_speech_core.allocator import release_freed_memory
 from fish_speech_core.choices import Backend, TrainStrategy, values
 from fish_speech_core.finetune.dropout import use_sample_dropout
 from fish_speech_core.lm.loss import lm_loss_sums
@@ -273,6 +274,10 @@ class LoraFinetune(pl.LightningModule):
     def _losses(self, batch):
         out = self.model(batch["inputs"], batch["attention_masks"])
         return lm_losses(out.token_logits.float(), out.codebook_logits.float(), batch["labels"])
+
+    def setup(self, stage: str) -> None:
+        # Every training process passes here, however Lightning started it (DDP children too).
+        release_freed_memory()
 
     def on_train_start(self) -> None:
         self._micro_batch = self.trainer.global_step * self.config.accumulate_grad_batches

@@ -33,6 +33,7 @@ from fish_speech_core.finetune.checkpoints import (
     remove_partial_checkpoints,
 )
 from fish_speech_core import defaults
+from fish_speech_core.allocator import release_freed_memory
 from fish_speech_core.finetune.data import coverage
 from fish_speech_core.finetune.distributed import (
     Rendezvous,
@@ -249,6 +250,7 @@ def _fit(config: TrainConfig, world: World, resume_path: Path | None, notes: lis
     from lightning.pytorch.loggers import TensorBoardLogger
 
     lead = world.global_rank == 0
+    release_freed_memory()  # before the model loads; LoraFinetune.setup repeats it in DDP children
     # Seed before the adapters are created: their init draws from the global generator, so
     # --seed (not whatever ran earlier in the process) decides it (the same on every rank).
     pl.seed_everything(config.seed, workers=True, verbose=False)

@@ -80,6 +80,24 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(a) * b that saves only a and b: autograd's silu-then-mul also kept silu(a), a third
+    (N, hidden) tensor per layer (the fast layers run 8 positions per frame). silu is recomputed
+    in backward with the same kernels, so the gradients are autograd's."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
+        grad_b = grad * F.silu(a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -90,7 +108,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        a, b = self.w1(x), self.w3(x)
+        return self.w2(_SwiGLU.apply(a, b) if torch.is_grad_enabled() else F.silu(a) * b)
 
 
 class Attention(nn.Module):

@@ -151,3 +151,17 @@ def test_teacher_forced_forward_matches_the_generation_steps(reference):
     # Step i's fast transformer sees hidden(last + i) and the codes of continuation column i.
     torch.testing.assert_close(out.codebook_logits[0, last : last + 11], steps["step_fast_logits"][:11], atol=ATOL, rtol=0)
     assert torch.equal(out.codebook_logits[0, last + 11], torch.zeros(8, 1024))  # all codes 0: skipped
+
+
+def test_swiglu_gradients_equal_autograds():
+    from fish_speech_core.lm.model import _SwiGLU
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 7, 32, generator=gen, requires_grad=True)
+    b = torch.randn(4, 7, 32, generator=gen, requires_grad=True)
+    grad = torch.randn(4, 7, 32, generator=gen)
+    ours = _SwiGLU.apply(a, b)
+    plain = torch.nn.functional.silu(a) * b
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    for mine, theirs in zip(torch.autograd.grad(ours, (a, b), grad), torch.autograd.grad(plain, (a, b), grad)):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

@@ -26,12 +26,13 @@ DIST_TIMEOUT_S = 600
 # extract: padded audio seconds per batch on CPU, where big batches run slower per second of audio
 # (bench/extract.py: CPU encoding slows past ~1 min per batch); no cap on CUDA
 CPU_BATCH_SECONDS = 60.0
-# normalize on the cpu pool (cpu_pool set, normalize_shards empty): one shard per this many accepted
-# clips, at most NORMALIZE_MAX_SHARDS. A shard's child run costs ~10-15 s of start-up (a Python
-# process importing the stack) while normalizing 2000 clips of ~10 s takes minutes on one core,
-# so smaller data stays one run (1 shard up to 2000 clips, 2 up to 4000, ...)
-NORMALIZE_ITEMS_PER_SHARD = 2000
-NORMALIZE_MAX_SHARDS = 16
+# validate and normalize on the cpu pool (cpu_pool set, data_shards empty): one shard per this many
+# clips (found ones for validate, accepted ones for normalize), at most DATA_MAX_SHARDS. A shard's
+# child run costs ~10-15 s of start-up (a Python process importing the stack) while normalizing
+# (or validating) 2000 clips of ~10 s takes minutes on one core, so smaller data stays one run
+# (1 shard up to 2000 clips, 2 up to 4000, ...)
+DATA_ITEMS_PER_SHARD = 2000
+DATA_MAX_SHARDS = 16
 # extract: decode worker processes; 0 = one decode thread in the extracting process, overlapping
 # the encoder (it beat one worker process in every same-run pair on 2 shared cores, docs/codec.md)
 EXTRACT_DECODE_WORKERS = 0

@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -236,7 +237,9 @@ class ValidationReport:
             notes.append("no accepted audio: nothing to train on")
         return notes
 
-    def summary(self) -> dict:
+    def summary(self, with_root: bool = True) -> dict:
+        """Counts, hours and rejects by speaker; ``with_root=False`` leaves out the data folder (a
+        host's path: not what a content-keyed artifact may hold)."""
         per_speaker: dict[str, dict] = defaultdict(lambda: {"accepted": 0, "rejected": 0, "hours": 0.0})
         for record in self.records:
             row = per_speaker[record.speaker or "(none)"]
@@ -244,7 +247,7 @@ class ValidationReport:
             if record.accepted:
                 row["hours"] += (record.duration or 0.0) / 3600
         return {
-            "root": ds.printable(str(self.root)),
+            **({"root": ds.printable(str(self.root))} if with_root else {}),
             "accepted": len(self.accepted),
             "rejected": len(self.rejected),
             "total_hours": sum(self.speaker_hours().values()),
@@ -274,7 +277,8 @@ class ValidationReport:
         lines += [f"\n> {note}" for note in s["advice"]]
         return "\n".join(lines) + "\n"
 
-    def write_parquet(self, path: str | os.PathLike) -> Path:
+    def write_parquet(self, path: str | os.PathLike, with_root: bool = True) -> Path:
+        """The manifest, one row per record; ``with_root=False``: no data folder in its metadata."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -287,7 +291,8 @@ class ValidationReport:
                 ("transcript", pa.string()), ("peak", pa.float64()), ("loudness", pa.float64()),
                 ("language", pa.string()),
             ],
-            metadata={"root": ds.printable(str(self.root)), "max_seconds": str(self.settings.max_seconds)},
+            metadata={**({"root": ds.printable(str(self.root))} if with_root else {}),
+                      "max_seconds": str(self.settings.max_seconds)},
         )
         table = pa.table(columns, schema=schema)
         with atomic_path(path) as tmp:
@@ -311,22 +316,33 @@ def collect_items(
     return ds.discover(root, text_extension)
 
 
+def report_of(root: str | os.PathLike, records: Iterable[Record], settings: ValidationSettings) -> ValidationReport:
+    """The report of ``records`` in the manifest's order (by speaker, then path; stable): how one
+    run orders its rows, and how a merge of shards' rows gets the same table."""
+    return ValidationReport(Path(root).absolute(), sorted(records, key=lambda r: (r.speaker, r.path)), settings)
+
+
 def validate(
     root: str | os.PathLike,
     filelist: str | os.PathLike | None = None,
     settings: ValidationSettings = ValidationSettings(),
     num_workers: int = 1,
     show_progress: bool = True,
+    keep: Callable[[str], bool] | None = None,
 ) -> ValidationReport:
-    """Discover and check every item of a dataset; returns the full report (accepted + rejected)."""
+    """Discover and check every item of a dataset; returns the full report (accepted + rejected).
+
+    ``keep(rel_path)``: check only the files (and report only the rejections) it keeps, e.g. one
+    shard's; the others are left out of the report."""
     root = Path(root).absolute()
     items, rejections = collect_items(root, filelist, settings.text_extension)
+    if keep is not None:
+        items, rejections = [i for i in items if keep(i.rel_path)], [r for r in rejections if keep(r.rel_path)]
     checked = map_with_progress(
         partial(check_item, settings=settings), items, num_workers, "validate", show_progress
     )
-    records = checked + [Record(r.rel_path, r.speaker, REJECTED, r.reason, r.detail) for r in rejections]
-    records.sort(key=lambda r: (r.speaker, r.path))
-    return ValidationReport(root, records, settings)
+    return report_of(root, checked + [Record(r.rel_path, r.speaker, REJECTED, r.reason, r.detail) for r in rejections],
+                     settings)
 
 
 def accepted_items(report: ValidationReport, filelist: str | os.PathLike | None = None) -> list[ds.Item]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fish_speech_core import storage
-from fish_speech_core.defaults import NORMALIZE_ITEMS_PER_SHARD, NORMALIZE_MAX_SHARDS
+from fish_speech_core.defaults import DATA_ITEMS_PER_SHARD, DATA_MAX_SHARDS
 from fish_speech_core.evaluate.asr import SPEC_PATTERN as ASR_SPEC_PATTERN
 from fish_speech_core.files import refuse_overlap
 from fish_speech_core.sharding import shards_for
@@ -128,16 +128,18 @@ class FinetuneConfig(BaseModel):
     )
 
     cpu_pool: str | None = Field(
-        None, description="Run normalize as child runs of the normalize-shard deployment, which must be on this work "
-                          "pool (e.g. 'cpu'), when the data is large (see normalize_shards); its workers read the data folder "
-                          "the run fetched (one host or a shared filesystem). Empty: in this process.",
+        None, description="Run validate and normalize as child runs of the validate-shard and normalize-shard "
+                          "deployments, which must be on this work pool (e.g. 'cpu'), when the data is large (see "
+                          "data_shards); its workers read the data folder the run fetched (one host or a shared "
+                          "filesystem). Empty: in this process.",
     )
-    normalize_shards: int | None = Field(
+    data_shards: int | None = Field(
         None, ge=1, le=1024,
-        description="With cpu_pool: split normalize into this many child runs at once, merged into the same artifact "
-                    "one run makes; a rerun after a failed shard runs that shard alone. Empty: one per "
-                    f"{NORMALIZE_ITEMS_PER_SHARD} accepted clips (at most {NORMALIZE_MAX_SHARDS}), so data of up to "
-                    f"{NORMALIZE_ITEMS_PER_SHARD} clips stays one in-process run. Without cpu_pool only 1.",
+        description="With cpu_pool: split validate and normalize each into this many child runs at once, merged "
+                    "into the same artifact one run makes; a rerun after a failed shard runs that shard alone. "
+                    f"Empty: one per {DATA_ITEMS_PER_SHARD} clips (found ones for validate, accepted ones for "
+                    f"normalize; at most {DATA_MAX_SHARDS}), so data of up to {DATA_ITEMS_PER_SHARD} clips stays "
+                    "in-process. Without cpu_pool only 1.",
     )
 
     @field_validator("data", "storage", "work_dir", "base", "codec")
@@ -191,19 +193,20 @@ class FinetuneConfig(BaseModel):
     @model_validator(mode="after")
     def _shards_need_a_pool(self) -> FinetuneConfig:
         for shards, pool, kind, example in (("extract_shards", "gpu_pool", "GPU", "cuda"),
-                                            ("normalize_shards", "cpu_pool", "CPU", "cpu")):
+                                            ("data_shards", "cpu_pool", "CPU", "cpu")):
             k = getattr(self, shards)
             if k and k > 1 and not getattr(self, pool):
                 raise ValueError(f"{shards} {k} needs {pool}: shards are child runs on the {kind} pool's workers; "
                                  f"set {pool} (e.g. '{example}') or leave {shards} empty")
         return self
 
-    def normalize_shards_for(self, accepted: int) -> int:
-        """K, the normalize child runs for ``accepted`` clips: ``normalize_shards``, else one per
-        NORMALIZE_ITEMS_PER_SHARD clips (at most NORMALIZE_MAX_SHARDS) with a cpu pool; 1 without one."""
+    def data_shards_for(self, clips: int) -> int:
+        """K, the child runs of a CPU data stage (validate, normalize) for ``clips`` clips:
+        ``data_shards``, else one per DATA_ITEMS_PER_SHARD clips (at most DATA_MAX_SHARDS) with a
+        cpu pool; 1 without one."""
         if not self.cpu_pool:
             return 1
-        return self.normalize_shards or shards_for(accepted, NORMALIZE_ITEMS_PER_SHARD, NORMALIZE_MAX_SHARDS)
+        return self.data_shards or shards_for(clips, DATA_ITEMS_PER_SHARD, DATA_MAX_SHARDS)
 
     @model_validator(mode="after")
     def _nodes_run_on_the_pool(self) -> FinetuneConfig:

@@ -2,7 +2,7 @@
 
 It only wires: each stage is a task keyed by its input content (:mod:`fishtune.tasks.stage`), run
 in this process or, with ``gpu_pool``, as a child run on the GPU pool (:mod:`fishtune.flows.gpu`);
-extract and (with ``cpu_pool``, on large data) normalize can run as K shard children
+extract and (with ``cpu_pool``, on large data) validate and normalize can run as K shard children
 (:mod:`fishtune.flows.shards`).
 A rerun with nothing changed is all ``Cached``; a failed stage fails the flow. The run manifest
 and report (:mod:`fishtune.flows.report`) land in ``<storage>/runs/<run id>/``.
@@ -86,7 +86,7 @@ def run_tags(project: str, stage: str | None = None) -> list[str]:
     return ["fishtune", f"project:{project}"] + ([f"stage:{stage}"] if stage else [])
 
 
-SHARDED = {"extract": EXTRACT_SHARDS, "normalize": cpu.NORMALIZE_SHARDS}  # the stages that can run on K shards
+SHARDED = {"extract": EXTRACT_SHARDS, "validate": cpu.VALIDATE_SHARDS, "normalize": cpu.NORMALIZE_SHARDS}  # the stages that can run on K shards
 
 
 @dataclass
@@ -166,12 +166,13 @@ def pipeline(config: FinetuneConfig, run: Stages, out: Outputs) -> None:
     if config.base:  # lineage: the merged model will point back to these exact base weights
         manifest.inputs["base"] = storage.hash_any(config.base)
     validated = run("validate", {"data": storage.redact(config.data)}, data_tasks.validate_task,
-                    data_dir=data_dir, params=config.validate_params())
+                    shards=config.data_shards_for(data_tasks.data_items(data_dir)), data_dir=data_dir,
+                    params=config.validate_params())
     manifest.inputs["data"] = validated["data_sha256"]
     if not validated["summary"]["accepted"]:
         raise ValueError(f"no accepted audio in {storage.redact(config.data)}: see {validated['url']}/report.md")
     normalized = run("normalize", {"data": validated["data_sha256"]}, data_tasks.normalize_task,
-                     shards=config.normalize_shards_for(validated["summary"]["accepted"]), data_dir=data_dir,
+                     shards=config.data_shards_for(validated["summary"]["accepted"]), data_dir=data_dir,
                      params=config.normalize_params())
     out.normalized = normalized["url"]
     if not config.codec:

@@ -4,10 +4,12 @@ Each resolves its inputs, calls the core and returns a small dict (artifact URL,
 the bytes stay in the store. Keys and reuse: :mod:`fishtune.tasks.stage`. The lock and the
 result storage are set per run by :func:`fishtune.tasks.runtime.bind`.
 
-Sharded normalize (several CPU workers): :func:`normalize_shard_task` normalizes the items of one
-shard (:mod:`fish_speech_core.sharding`) as a ``normalize-shard`` artifact keyed by those files'
-content; :func:`merge_normalize_shards` publishes their union under the one ``normalize`` key, byte
-for byte what :func:`normalize_task` publishes (report and summary hold only what the content decides).
+Sharded validate and normalize (several CPU workers): :func:`validate_shard_task` /
+:func:`normalize_shard_task` do the items of one shard (:mod:`fish_speech_core.sharding`) as a
+``validate-shard`` / ``normalize-shard`` artifact keyed by those files' content;
+:func:`merge_validate_shards` / :func:`merge_normalize_shards` publish their union under the one
+``validate`` / ``normalize`` key, byte for byte what :func:`validate_task` / :func:`normalize_task`
+publish (reports and summaries hold only what the content and settings decide).
 """
 
 from __future__ import annotations
@@ -52,17 +54,29 @@ def _small_validation_summary(summary: dict) -> dict:
     return small
 
 
+def _validation_settings(params: ValidateParams):
+    from fish_speech_core.validate import ValidationSettings
+
+    return ValidationSettings(params.text_extension, params.max_seconds)
+
+
+def _publish_validation(report, tmp: Path) -> tuple[dict[str, Path], dict]:
+    """The files and summary of a validate artifact: what its rows and settings decide, no host
+    path (the data folder's path stays in the CLI's own report), so a merge of shards writes the
+    bytes one run writes."""
+    report.write_parquet(tmp / "manifest.parquet", with_root=False)
+    (tmp / "report.md").write_text(report.to_markdown())
+    return {"manifest.parquet": tmp / "manifest.parquet", "report.md": tmp / "report.md"}, report.summary(with_root=False)
+
+
 @task(name="validate", cache_policy=VALIDATE.cache_policy, persist_result=True)
 def validate_task(data_dir: str, store_root: str, params: ValidateParams = ValidateParams()) -> dict:
     """Validate the dataset; publish ``manifest.parquet`` + ``summary.json`` + ``report.md``."""
-    from fish_speech_core.validate import ValidationSettings, validate
+    from fish_speech_core.validate import validate
 
     def compute(tmp: Path):
-        report = validate(data_dir, None, ValidationSettings(params.text_extension, params.max_seconds),
-                          params.num_workers, show_progress=False)
-        report.write_parquet(tmp / "manifest.parquet")
-        (tmp / "report.md").write_text(report.to_markdown())
-        return {"manifest.parquet": tmp / "manifest.parquet", "report.md": tmp / "report.md"}, report.summary()
+        return _publish_validation(validate(data_dir, None, _validation_settings(params), params.num_workers,
+                                            show_progress=False), tmp)
 
     done = VALIDATE.run(store_root, {"data_dir": data_dir, "params": params}, compute)
     return done.result(_small_validation_summary(done.summary), data_sha256=done.inputs["data"],
@@ -139,12 +153,18 @@ def data_shard_files(data_dir: str, shard: int, shards: int) -> dict[str, str]:
     return shard_files(storage.file_hashes(data_dir), shard, shards)
 
 
-def _normalize_shard_hashes(args: Mapping[str, Any]) -> dict[str, str]:
+def data_items(data_dir: str) -> int:
+    """How many items (a clip with its transcript, :func:`fish_speech_core.sharding.item_name`)
+    the files of ``data_dir`` make: what sizes validate's shards, before any file is checked."""
+    return len({item_name(rel) for rel in storage.file_hashes(data_dir)})
+
+
+def _data_shard_hashes(args: Mapping[str, Any]) -> dict[str, str]:
     # the shard's own files, not the whole dataset: a new clip elsewhere keeps this key
     return {"items": storage.digest_listing(data_shard_files(str(args["data_dir"]), int(args["shard"]), int(args["shards"])))}
 
 
-NORMALIZE_SHARD = Stage("normalize-shard", {"data": "data_dir"}, hash_inputs=_normalize_shard_hashes)
+NORMALIZE_SHARD = Stage("normalize-shard", {"data": "data_dir"}, hash_inputs=_data_shard_hashes)
 
 
 @task(name="normalize-shard", cache_policy=NORMALIZE_SHARD.cache_policy, persist_result=True)
@@ -195,6 +215,63 @@ def merge_normalize_shards(data_dir: str, store_root: str, params: NormalizePara
     done = NORMALIZE.run(store_root, {"data_dir": data_dir, "params": params}, compute)
     run = {"written": 0, "skipped": 0, **(counts or {})} if not done.reused else {"written": 0, "skipped": 0}
     return done.result({**done.summary, **run, "shards": len(shard_keys)}, data_sha256=done.inputs["data"])
+
+
+VALIDATE_SHARD = Stage("validate-shard", {"data": "data_dir"}, hash_inputs=_data_shard_hashes)
+
+
+@task(name="validate-shard", cache_policy=VALIDATE_SHARD.cache_policy, persist_result=True)
+def validate_shard_task(data_dir: str, store_root: str, shard: int, shards: int,
+                        params: ValidateParams = ValidateParams()) -> dict:
+    """Validate the items of shard ``shard`` (0-based) of ``shards`` where they are (``data_dir``:
+    a folder this host reads, the one the parent fetched). Its summary holds every item of the
+    shard with its manifest rows, for the merge."""
+    from dataclasses import asdict
+
+    from fish_speech_core.sharding import shard_of
+    from fish_speech_core.validate import validate
+
+    args = {"data_dir": data_dir, "shard": shard, "shards": shards, "params": params}
+
+    def compute(tmp: Path):
+        wanted = data_shard_files(data_dir, shard, shards)
+        if not wanted:
+            raise ValueError(f"shard {shard + 1} of {shards} of {storage.redact(data_dir)} holds no file")
+        report = validate(data_dir, None, _validation_settings(params), params.num_workers, show_progress=False,
+                          keep=lambda rel: shard_of(item_name(rel), shards) == shard)
+        items: dict[str, list[dict]] = {item_name(rel): [] for rel in wanted}
+        for record in report.records:
+            items.setdefault(item_name(record.path), []).append(asdict(record))
+        return {}, {"files": len(report.records), "items": items}
+
+    done = VALIDATE_SHARD.run(store_root, args, compute)
+    checked = 0 if done.reused else done.summary["files"]
+    return done.result({"files": done.summary["files"], "checked": checked, "reused": done.summary["files"] - checked})
+
+
+@task(name="validate-merge", cache_policy=VALIDATE.launch_policy, persist_result=True)
+def merge_validate_shards(data_dir: str, store_root: str, params: ValidateParams = ValidateParams(),
+                          shard_keys: Sequence[str] = (), counts: Mapping[str, int] | None = None) -> dict:
+    """Publish the rows of the ``validate-shard`` artifacts ``shard_keys`` as the ``validate``
+    artifact of ``data_dir``: the rows in one run's order, its report rebuilt from them by the
+    function one run uses, so the same bytes under the same key (a K=1 run finds it).
+    ``counts``: the shards' files checked and reused in this run (result only).
+
+    Raises:
+        ValueError: a shard artifact is missing, an item is in two shards, or a data item is in none.
+    """
+    from fish_speech_core.validate import Record, report_of
+
+    def compute(tmp: Path):
+        expected = {item_name(rel) for rel in storage.file_hashes(data_dir)}
+        _, items = union_of_shards(store_root, VALIDATE_SHARD, shard_keys, tmp, "items", expected, data_dir)
+        records = [Record(**row) for rows in items.values() for row in rows]
+        return _publish_validation(report_of(data_dir, records, _validation_settings(params)), tmp)
+
+    done = VALIDATE.run(store_root, {"data_dir": data_dir, "params": params}, compute)
+    run = {"checked": 0, "reused": 0, **(counts or {})} if not done.reused else {"checked": 0, "reused": 0}
+    return done.result({**_small_validation_summary(done.summary), **run, "shards": len(shard_keys)},
+                       data_sha256=done.inputs["data"], manifest=done.artifact.file_url("manifest.parquet"))
 
 
 @task(name="pack", cache_policy=PACK.cache_policy, persist_result=True)

@@ -40,14 +40,14 @@ def test_finetune_reports_every_bad_value_by_flag(tmp_path):
 
 def test_deploy_finds_every_flow_and_skips_missing_ones(tmp_path):
     ready, missing = _deployable(PREFECT_FILE)
-    assert (set(ready), missing) == ({"finetune", "finetune-project", "normalize-shard", "extract", "extract-shard", "train", "evaluate", "merge", "watch"}, [])
+    assert (set(ready), missing) == ({"finetune", "finetune-project", "validate-shard", "normalize-shard", "extract", "extract-shard", "train", "evaluate", "merge", "watch"}, [])
     # entry points are module paths (a worker imports the installed fishtune), never repository files
     text = PREFECT_FILE.read_text()
     assert "entrypoint: fishtune.flows.gpu:train_flow" in text and ".py:" not in text
     edited = tmp_path / "prefect.yaml"  # a deployment whose module is not installed is skipped
     edited.write_text(text.replace("fishtune.flows.gpu:train_flow", "fishtune.flows.not_landed:train_flow"))
     ready, missing = _deployable(edited)
-    assert missing == ["train"] and set(ready) == {"finetune", "finetune-project", "normalize-shard", "extract", "extract-shard", "evaluate", "merge", "watch"}
+    assert missing == ["train"] and set(ready) == {"finetune", "finetune-project", "validate-shard", "normalize-shard", "extract", "extract-shard", "evaluate", "merge", "watch"}
 
 
 def test_deploy_needs_only_the_storage(tmp_path):

@@ -572,15 +572,16 @@ def _parent_pid(pid: int) -> int:
 
 @pytest.mark.slow
 def test_normalize_shards_run_on_the_cpu_pool_and_merge_to_one_runs_bytes(deployed, tmp_path):
-    """K=2 normalize shards run as child runs of the normalize-shard deployment on the cpu pool
-    (the fixture's cpu worker, which takes both at once); the merged artifact is byte for byte what
-    one in-process run publishes, under its key, so a K=1 run after it reuses it."""
+    """K=2 validate and K=2 normalize shards (data_shards 2) run as child runs of the
+    validate-shard and normalize-shard deployments on the cpu pool (the fixture's cpu worker, which
+    takes both of a stage at once); each merged artifact is byte for byte what one in-process run
+    publishes, under its key, so a K=1 run after it reuses it."""
     from prefect.client.orchestration import get_client
 
     from fish_speech_core.storage import Store
     from fishtune.flows.config import FinetuneConfig
     from fishtune.flows.finetune import finetune
-    from fishtune.tasks.data import normalize_task
+    from fishtune.tasks.data import normalize_task, validate_task
 
     data, store = tmp_path / "data", tmp_path / "store"
     for speaker in ("alice", "carmen"):  # alice's two clips are shard 1 of 2, carmen's shard 2
@@ -588,15 +589,25 @@ def test_normalize_shards_run_on_the_cpu_pool_and_merge_to_one_runs_bytes(deploy
         for clip in sorted((DEMO / speaker).iterdir())[:4]:
             shutil.copy(clip, data / speaker / clip.name)
     config = FinetuneConfig(data=str(data), storage=str(store), project="norm-shards", cpu_pool="cpu",
-                            normalize_shards=2)  # no codec: stops after normalize
+                            data_shards=2)  # no codec: stops after normalize
     first = finetune(config)
     with get_client(sync_client=True) as client:
-        children = [c for c in _children(client, "normalize-shard/normalize-shard")
-                    if c.name.startswith("normalize/norm-shards/")]
-        assert sorted((c.name, c.state.name, c.work_pool_name) for c in children) == [
-            ("normalize/norm-shards/shard-1-of-2", "Completed", "cpu"),
-            ("normalize/norm-shards/shard-2-of-2", "Completed", "cpu")]
-        assert all({"fishtune", "project:norm-shards", "stage:normalize"} <= set(c.tags) for c in children)
+        for name in ("validate", "normalize"):
+            children = [c for c in _children(client, f"{name}-shard/{name}-shard")
+                        if c.name.startswith(f"{name}/norm-shards/")]
+            assert sorted((c.name, c.state.name, c.work_pool_name) for c in children) == [
+                (f"{name}/norm-shards/shard-1-of-2", "Completed", "cpu"),
+                (f"{name}/norm-shards/shard-2-of-2", "Completed", "cpu")]
+            assert all({"fishtune", "project:norm-shards", f"stage:{name}"} <= set(c.tags) for c in children)
+    validated = {s["stage"]: s for s in first["stages"]}["validate"]
+    assert {k: validated["summary"][k] for k in ("accepted", "shards", "checked", "reused")} == {
+        "accepted": 4, "shards": 2, "checked": 4, "reused": 0}
+    one_validated = validate_task.fn(str(data), str(tmp_path / "one"))
+    assert one_validated["key"] == validated["key"]
+    merged, reference = (Store(root).lookup("validate", validated["key"]) for root in (str(store), str(tmp_path / "one")))
+    assert set(merged.files) == set(reference.files) == {"manifest.parquet", "report.md", "summary.json"}
+    for rel in merged.files:
+        assert Path(merged.file_url(rel)).read_bytes() == Path(reference.file_url(rel)).read_bytes(), rel
     stage = {s["stage"]: s for s in first["stages"]}["normalize"]
     assert {k: stage["summary"][k] for k in ("files", "shards", "written", "skipped")} == {
         "files": 4, "shards": 2, "written": 4, "skipped": 0}
@@ -610,6 +621,7 @@ def test_normalize_shards_run_on_the_cpu_pool_and_merge_to_one_runs_bytes(deploy
     # K=1 (in this process) after K=2: the same key, the published artifact is reused
     again = normalize_task.fn(str(data), str(store), work_dir=str(tmp_path / "k1-work"))
     assert again["key"] == stage["key"] and again["summary"]["reused_artifact"]
+    assert validate_task.fn(str(data), str(store))["summary"]["reused_artifact"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from fish_speech_core.storage import Store
 from fishtune.flows.config import FinetuneConfig
 from fishtune.tasks.codec import EXTRACT, EXTRACT_SHARD, extract_shard_task, extract_task, merge_shards, shard_items
 from fishtune.tasks.data import normalize_task
-from fishtune.tasks.params import ExtractParams
+from fishtune.tasks.params import ExtractParams, ValidateParams
 
 DEMO = Path(__file__).parents[2] / "examples" / "demo-data"
 PARAMS = ExtractParams(num_workers=0)
@@ -104,20 +104,20 @@ def test_a_new_clip_changes_only_its_shards_key(normalized):
     assert shard_items(url, 1, 3, ".lab") == shard_items(url, 0, 1, ".lab") and key(3, 1) == key(1, 0)
 
 
-def test_shards_need_a_pool_and_normalize_shards_only_on_large_data():
-    from fish_speech_core.defaults import NORMALIZE_ITEMS_PER_SHARD as PER, NORMALIZE_MAX_SHARDS as MOST
+def test_shards_need_a_pool_and_data_shards_only_on_large_data():
+    from fish_speech_core.defaults import DATA_ITEMS_PER_SHARD as PER, DATA_MAX_SHARDS as MOST
 
     with pytest.raises(ValueError, match="extract_shards 2 needs gpu_pool"):
         FinetuneConfig(data="/tmp/d", extract_shards=2)
-    with pytest.raises(ValueError, match="normalize_shards 2 needs cpu_pool"):
-        FinetuneConfig(data="/tmp/d", normalize_shards=2, gpu_pool="cuda")
+    with pytest.raises(ValueError, match="data_shards 2 needs cpu_pool"):
+        FinetuneConfig(data="/tmp/d", data_shards=2, gpu_pool="cuda")
     assert FinetuneConfig(data="/tmp/d", extract_shards=2, gpu_pool="cuda").extract_shards == 2
     assert FinetuneConfig(data="/tmp/d", extract_shards=1).extract_shards == 1
-    # K for normalize: the config's with a cpu pool, else one per PER accepted clips (at most MOST); 1 without a pool
+    # K for validate / normalize: the config's with a cpu pool, else one per PER clips (at most MOST); 1 without a pool
     pool = FinetuneConfig(data="/tmp/d", cpu_pool="cpu")
-    assert [pool.normalize_shards_for(n) for n in (0, 1, PER, PER + 1, 3 * PER, 10**9)] == [1, 1, 1, 2, 3, MOST]
-    assert FinetuneConfig(data="/tmp/d").normalize_shards_for(10**9) == 1
-    assert pool.model_copy(update={"normalize_shards": 2}).normalize_shards_for(1) == 2
+    assert [pool.data_shards_for(n) for n in (0, 1, PER, PER + 1, 3 * PER, 10**9)] == [1, 1, 1, 2, 3, MOST]
+    assert FinetuneConfig(data="/tmp/d").data_shards_for(10**9) == 1
+    assert pool.model_copy(update={"data_shards": 2}).data_shards_for(1) == 2
 
 
 def test_normalize_shards_merge_to_the_bytes_of_one_run(tmp_path):
@@ -157,3 +157,43 @@ def test_normalize_shards_merge_to_the_bytes_of_one_run(tmp_path):
     with pytest.raises(ValueError, match=r"item\(s\) of .+ are in no shard"):
         merge_normalize_shards.fn(str(data), store, shard_keys=keys)
     assert Store(store).lookup("normalize", NORMALIZE.key({"data_dir": str(data)})) is None
+
+
+def test_validate_shards_merge_to_the_bytes_of_one_run(tmp_path):
+    """Validate on K=2 shards (task bodies in-process; the child runs: test_flows_server.py::
+    test_normalize_shards_run_on_the_cpu_pool): the rows merged in one run's order, the report
+    rebuilt from them: one run's artifact, key and bytes, which a K=1 run then reuses."""
+    from fishtune.tasks.data import VALIDATE, data_items, merge_validate_shards, validate_shard_task, validate_task
+
+    data = tmp_path / "data"
+    for speaker in ("alice", "carmen"):
+        (data / speaker).mkdir(parents=True)
+        for clip in sorted((DEMO / speaker).iterdir())[:4]:  # 2 clips each: audio + transcript
+            shutil.copy(clip, data / speaker / clip.name)
+    shutil.copy(DEMO / "carmen" / "carmen_000.lab", data / "carmen" / "orphan.lab")  # rejected: no audio
+    (data / "alice" / "alice_000.lab").write_text("")  # rejected: empty transcript
+    assert data_items(str(data)) == 5
+
+    one = validate_task.fn(str(data), str(tmp_path / "k1"))
+    expected = _files(str(tmp_path / "k1"), "validate", one["key"])
+    assert set(expected) == {"manifest.parquet", "report.md", "summary.json"}
+    assert (one["summary"]["accepted"], one["summary"]["rejected"]) == (3, 2)
+    assert str(data) not in "".join(b.decode("utf-8", "replace") for b in expected.values())  # no host path
+
+    store = str(tmp_path / "k2")
+    shards = [validate_shard_task.fn(str(data), store, i, 2) for i in range(2)]
+    assert sorted(r["summary"]["files"] for r in shards) == [2, 3] and all(r["summary"]["reused"] == 0 for r in shards)
+    keys = [r["key"] for r in shards]
+    merged = merge_validate_shards.fn(str(data), store, shard_keys=keys, counts={"checked": 5, "reused": 0})
+    assert merged["key"] == one["key"]  # K is not in the key: a K=1 run after a K=2 run is a cache hit
+    assert _files(store, "validate", merged["key"]) == expected  # every file, byte for byte
+    assert merged["summary"] == {**{k: v for k, v in one["summary"].items() if k != "reused_artifact"},
+                                 "checked": 5, "reused": 0, "shards": 2, "reused_artifact": False}
+    assert validate_task.fn(str(data), store)["summary"]["reused_artifact"]
+    # a rerun of a shard reuses its artifact: all its files count as reused
+    assert validate_shard_task.fn(str(data), store, 0, 2)["summary"]["reused"] == shards[0]["summary"]["files"]
+    # one shard missing: refused naming an item, nothing published
+    (data / "alice" / "new.lab").write_text("x")
+    with pytest.raises(ValueError, match=r"item\(s\) of .+ are in no shard"):
+        merge_validate_shards.fn(str(data), store, shard_keys=keys)
+    assert Store(store).lookup("validate", VALIDATE.key({"data_dir": str(data), "params": ValidateParams()})) is None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fish_speech_core.finetune.lora import ADAPTER
+ADAPTER = "default"  # peft's adapter name (fish_speech_core.finetune.lora uses this one)
 
 SLOW, FAST = "slow", "fast"
 

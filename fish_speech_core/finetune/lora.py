@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fish_speech_core.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_PRESET, LORA_R
+from fish_speech_core.finetune.dropout import ADAPTER, fold_lora_dropout
 from fish_speech_core.formats.prompt import PROMPT_FORMAT_VERSION
 from fish_speech_core.lm.checkpoint import state_dict_problems
 from fish_speech_core.weights import read_weights
@@ -34,7 +35,6 @@ TARGET_REGEX = (
     r"^(embeddings|codebook_embeddings|fast_embeddings|output|fast_output"
     r"|(layers|fast_layers)\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3)))$"
 )
-ADAPTER = "default"  # peft's adapter name
 # peft parameter name fragments <-> the reference's suffixes.
 _PEFT_SUFFIX = {
     "lora_A": (f"lora_A.{ADAPTER}.weight", f"lora_embedding_A.{ADAPTER}"),
@@ -168,8 +168,6 @@ def add_lora(model: nn.Module, settings: LoraSettings | str) -> nn.Module:
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=TARGET_REGEX,
     )
-    from fish_speech_core.finetune.dropout import fold_lora_dropout
-
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     fold_lora_dropout(model)  # the dropout inside lora_A: a bool mask saved, not a dropped copy
     mark_only_lora_trainable(model)

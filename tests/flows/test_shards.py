@@ -120,17 +120,22 @@ def test_shards_need_a_pool_and_data_shards_only_on_large_data():
     assert pool.model_copy(update={"data_shards": 2}).data_shards_for(1) == 2
 
 
+
+def _two_speakers_and_an_orphan(data: Path) -> Path:
+    """alice's and carmen's first 2 clips (shards 1 and 2 of 2), and a transcript without audio."""
+    for speaker in ("alice", "carmen"):
+        (data / speaker).mkdir(parents=True)
+        for clip in sorted((DEMO / speaker).iterdir())[:4]:  # audio + transcript
+            shutil.copy(clip, data / speaker / clip.name)
+    shutil.copy(DEMO / "carmen" / "carmen_000.lab", data / "carmen" / "orphan.lab")  # rejected: no audio
+    return data
+
 def test_normalize_shards_merge_to_the_bytes_of_one_run(tmp_path):
     """Normalize on K=2 shards (task bodies in-process; the child runs: test_flows_server.py::
     test_normalize_shards_run_on_the_cpu_pool): the merged artifact is one run's, key and bytes."""
     from fishtune.tasks.data import NORMALIZE, NORMALIZE_SHARD, data_shard_files, merge_normalize_shards, normalize_shard_task
 
-    data = tmp_path / "data"
-    for speaker in ("alice", "carmen"):
-        (data / speaker).mkdir(parents=True)
-        for clip in sorted((DEMO / speaker).iterdir())[:4]:  # 2 clips each: audio + transcript
-            shutil.copy(clip, data / speaker / clip.name)
-    shutil.copy(DEMO / "carmen" / "carmen_000.lab", data / "carmen" / "orphan.lab")  # rejected: no audio
+    data = _two_speakers_and_an_orphan(tmp_path / "data")
     # each file once, with its item (audio + transcript in one shard)
     parts = [data_shard_files(str(data), i, 2) for i in range(2)]
     assert sorted(r for p in parts for r in p) == sorted(storage.file_hashes(str(data)))
@@ -165,12 +170,7 @@ def test_validate_shards_merge_to_the_bytes_of_one_run(tmp_path):
     rebuilt from them: one run's artifact, key and bytes, which a K=1 run then reuses."""
     from fishtune.tasks.data import VALIDATE, data_items, merge_validate_shards, validate_shard_task, validate_task
 
-    data = tmp_path / "data"
-    for speaker in ("alice", "carmen"):
-        (data / speaker).mkdir(parents=True)
-        for clip in sorted((DEMO / speaker).iterdir())[:4]:  # 2 clips each: audio + transcript
-            shutil.copy(clip, data / speaker / clip.name)
-    shutil.copy(DEMO / "carmen" / "carmen_000.lab", data / "carmen" / "orphan.lab")  # rejected: no audio
+    data = _two_speakers_and_an_orphan(tmp_path / "data")
     (data / "alice" / "alice_000.lab").write_text("")  # rejected: empty transcript
     assert data_items(str(data)) == 5
 

@@ -43,10 +43,15 @@ def normalize_shard_flow(data_dir: str, store_root: str, shard: int, shards: int
 
 # the CPU stages' deployments (flow name / deployment name in deployments/prefect.yaml) and launchers
 DEPLOYMENTS = {name: f"{name}/{name}" for name in ("validate-shard", "normalize-shard")}
-LAUNCHERS: dict[str, Task] = {  # no GPU: the pool's own sizing
-    "validate-shard": on_pool(validate_shard_task, VALIDATE_SHARD, DEPLOYMENTS["validate-shard"], sizing=lambda params: {}),
-    "normalize-shard": on_pool(normalize_shard_task, NORMALIZE_SHARD, DEPLOYMENTS["normalize-shard"],
-                               sizing=lambda params: {}),
+
+
+def _pool_sizing(params) -> dict:
+    return {}  # no GPU, no memory request: the pool's own job defaults
+
+
+LAUNCHERS: dict[str, Task] = {
+    "validate-shard": on_pool(validate_shard_task, VALIDATE_SHARD, DEPLOYMENTS["validate-shard"], sizing=_pool_sizing),
+    "normalize-shard": on_pool(normalize_shard_task, NORMALIZE_SHARD, DEPLOYMENTS["normalize-shard"], sizing=_pool_sizing),
 }
 
 

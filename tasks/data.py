@@ -54,7 +54,7 @@ def _small_validation_summary(summary: dict) -> dict:
     return small
 
 
-def _validation_settings(params: ValidateParams):
+def _validation_settings(params: ValidateParams | NormalizeParams):
     from fish_speech_core.validate import ValidationSettings
 
     return ValidationSettings(params.text_extension, params.max_seconds)
@@ -87,11 +87,10 @@ def _normalize(data_dir: str, out: Path, params: NormalizeParams) -> tuple[dict[
     """Normalize ``data_dir`` into ``out`` (per-file incremental); (files to publish, one entry per
     accepted item by output path, this run's counts)."""
     from fish_speech_core.normalize import NormalizeSettings, normalize_tree
-    from fish_speech_core.validate import ValidationSettings
 
     settings = NormalizeSettings(peak=params.peak, loudness=params.loudness, format=params.format.value)
-    report = normalize_tree(data_dir, out, settings, ValidationSettings(params.text_extension, params.max_seconds),
-                            None, params.num_workers, show_progress=False)
+    report = normalize_tree(data_dir, out, settings, _validation_settings(params), None, params.num_workers,
+                            show_progress=False)
     failed = [r for r in report.results if r.status == "failed"]
     if failed:
         listed = "; ".join(f"{r.rel_path}: {r.detail}" for r in failed[:5])

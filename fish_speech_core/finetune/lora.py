@@ -159,6 +159,8 @@ def add_lora(model: nn.Module, settings: LoraSettings | str) -> nn.Module:
     """
     from peft import LoraConfig, inject_adapter_in_model
 
+    from fish_speech_core.finetune.lora_linear import fuse_lora_linears  # imports peft
+
     if isinstance(settings, str):
         settings = LoraSettings.from_name(settings)
     if not isinstance(settings, LoraSettings):
@@ -169,7 +171,8 @@ def add_lora(model: nn.Module, settings: LoraSettings | str) -> nn.Module:
         target_modules=TARGET_REGEX,
     )
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    fold_lora_dropout(model)  # the dropout inside lora_A: a bool mask saved, not a dropped copy
+    fold_lora_dropout(model)  # the dropout inside lora_A, drawn as the dropped elements' indices
+    fuse_lora_linears(model)  # one autograd function per adapted Linear: no input-sized temporaries
     mark_only_lora_trainable(model)
     return model
 

@@ -11,6 +11,51 @@ from torch import Tensor
 from fish_speech_core.formats.prompt import CODEBOOK_PAD_ID, IGNORE_INDEX  # noqa: F401 - re-exported
 
 
+_CHUNK_ROWS = 256  # rows per pass over a (N, vocab) tensor: a few MB of temporaries, not another N x vocab
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """Sum over the rows of ``logsumexp(logits) - logits[label]``, rows labelled −100 left out.
+
+    ``F.cross_entropy`` keeps its log_softmax (another N x vocab tensor, 256 MiB for a 2x1024
+    batch of a 32k vocabulary) for backward and builds a dense gradient of it first. This keeps
+    the logits and one log-sum-exp per row, and backward writes softmax − one-hot into the one
+    gradient tensor it returns. Same values up to float rounding."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        valid = labels != IGNORE_INDEX
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+        for start in range(0, logits.shape[0], _CHUNK_ROWS):
+            lse[start:start + _CHUNK_ROWS] = torch.logsumexp(logits[start:start + _CHUNK_ROWS], dim=1)
+        picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(logits, lse, safe, valid)
+        return torch.where(valid, lse - picked, torch.zeros((), dtype=lse.dtype, device=lse.device)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, lse, safe, valid = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        weight = (grad * valid).to(logits.dtype)  # (N,): d loss / d row, 0 for ignored rows
+        for start in range(0, logits.shape[0], _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            chunk = out[rows]
+            torch.sub(logits[rows], lse[rows].unsqueeze(1), out=chunk)
+            chunk.exp_()
+            chunk.mul_(weight[rows].unsqueeze(1))
+        out.scatter_add_(1, safe.unsqueeze(1), -weight.unsqueeze(1))
+        return out, None
+
+
+def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """``F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")`` for (N, C) logits,
+    with less memory when it trains (:class:`_CrossEntropySum`)."""
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return _CrossEntropySum.apply(logits, labels)
+
+
 @dataclass(frozen=True)
 class LMLosses:
     """base_loss: token CE; semantic_loss: codebook CE; loss = their sum (what is trained);
@@ -34,35 +79,16 @@ def lm_losses(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor) -> 
     are exactly zero (the row is skipped), so each of its K labels adds ln(codebook_size):
     kept on purpose, it is what the reference trains on.
     """
-    num_codebooks = codebook_logits.size(2)
-    base_loss = F.cross_entropy(
-        token_logits.reshape(-1, token_logits.size(-1)),
-        labels[:, 0].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
-    codebook_labels = labels[:, 1 : 1 + num_codebooks].transpose(1, 2)  # (B, T, K)
-    semantic_loss = F.cross_entropy(
-        codebook_logits.reshape(-1, codebook_logits.size(-1)),
-        codebook_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
+    sums = lm_loss_sums(token_logits, codebook_logits, labels)
+    # the mean over the non-ignored labels, what F.cross_entropy's default reduction gives (0/0 = nan)
+    base_loss = sums.text_sum / sums.text_count
+    semantic_loss = sums.code_sum / sums.code_count
     return LMLosses(
         base_loss=base_loss,
         semantic_loss=semantic_loss,
         loss=base_loss + semantic_loss,
-        top_5_accuracy=top_k_accuracy(codebook_logits, codebook_labels, k=5),
+        top_5_accuracy=sums.hits.float() / sums.counted.clamp(min=1),  # 0.0 when no label counts
     )
-
-
-@torch.no_grad()
-def top_k_accuracy(logits: Tensor, labels: Tensor, k: int = 5) -> Tensor:
-    """Share of labels (not −100, not the pad id 0) found in the top-k logits; 0.0 if none."""
-    counted = (labels != IGNORE_INDEX) & (labels != CODEBOOK_PAD_ID)
-    if not counted.any():
-        return torch.zeros((), device=logits.device)
-    top = logits.topk(k, dim=-1).indices  # (..., k)
-    hits = (top == labels.unsqueeze(-1)).any(dim=-1) & counted
-    return hits.sum().float() / counted.sum()
 
 
 @dataclass(frozen=True)
@@ -89,11 +115,9 @@ def lm_loss_sums(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor) 
     """:func:`lm_losses` before the division by the label counts (same shapes, same labels)."""
     num_codebooks = codebook_logits.size(2)
     text_labels = labels[:, 0].reshape(-1)
-    text_sum = F.cross_entropy(token_logits.reshape(-1, token_logits.size(-1)), text_labels,
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+    text_sum = cross_entropy_sum(token_logits.reshape(-1, token_logits.size(-1)), text_labels)
     codebook_labels = labels[:, 1 : 1 + num_codebooks].transpose(1, 2)  # (B, T, K)
-    code_sum = F.cross_entropy(codebook_logits.reshape(-1, codebook_logits.size(-1)), codebook_labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+    code_sum = cross_entropy_sum(codebook_logits.reshape(-1, codebook_logits.size(-1)), codebook_labels.reshape(-1))
     with torch.no_grad():
         counted = (codebook_labels != IGNORE_INDEX) & (codebook_labels != CODEBOOK_PAD_ID)
         top = codebook_logits.topk(5, dim=-1).indices

@@ -165,3 +165,20 @@ def test_swiglu_gradients_equal_autograds():
     torch.testing.assert_close(ours, plain, rtol=0, atol=0)
     for mine, theirs in zip(torch.autograd.grad(ours, (a, b), grad), torch.autograd.grad(plain, (a, b), grad)):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_cross_entropy_sum_equals_torchs_with_ignored_rows_and_more_rows_than_a_chunk():
+    from fish_speech_core.lm.loss import _CHUNK_ROWS, cross_entropy_sum
+
+    gen = torch.Generator().manual_seed(0)
+    rows = 2 * _CHUNK_ROWS + 37  # a partial last chunk
+    logits = (torch.randn(rows, 300, generator=gen) * 4).requires_grad_()
+    labels = torch.randint(0, 300, (rows,), generator=gen)
+    labels[::5] = -100
+    ours = cross_entropy_sum(logits, labels)
+    plain = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-4)
+    mine, = torch.autograd.grad(ours * 0.3, logits)
+    theirs, = torch.autograd.grad(plain * 0.3, logits)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(mine[::5], torch.zeros_like(mine[::5]))  # ignored rows get no gradient

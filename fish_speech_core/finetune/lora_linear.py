@@ -48,7 +48,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         first, up, weight, lora_a, lora_b, h, drop = ctx.saved_tensors
-        x2 = (F.silu(first) * up).reshape(-1, first.shape[-1]) if ctx.rebuild else first
+        x2 = F.silu(first).mul_(up).reshape(-1, first.shape[-1]) if ctx.rebuild else first
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         g2 = grad.reshape(-1, grad.shape[-1])
         dropped = drop is not None and drop.numel() > 0

@@ -298,7 +298,9 @@ class LoraFinetune(pl.LightningModule):
         self.dropout.set(batch["uids"], (~padding).sum(1).cpu(),
                          torch.bincount(rows // inputs.shape[2], minlength=inputs.shape[0]).cpu())
         out = self.model(inputs, padding)
-        sums = lm_loss_sums(out.token_logits.float(), out.codebook_logits.float(), batch["labels"])
+        # `out` is dropped when this returns, before backward: its logits may take their gradients
+        sums = lm_loss_sums(out.token_logits.float(), out.codebook_logits.float(), batch["labels"],
+                            logits_are_scratch=True)
         # One all-reduce of the counts (and, for the logs, the sums) over the ranks. Each rank's
         # loss is its share of the global sums over the global counts, times the world size: DDP
         # averages the gradients over the ranks, so they come out as the gradient of the mean

@@ -20,10 +20,12 @@ class _CrossEntropySum(torch.autograd.Function):
     ``F.cross_entropy`` keeps its log_softmax (another N x vocab tensor, 256 MiB for a 2x1024
     batch of a 32k vocabulary) for backward and builds a dense gradient of it first. This keeps
     the logits and one log-sum-exp per row, and backward writes softmax − one-hot into the one
-    gradient tensor it returns. Same values up to float rounding."""
+    gradient tensor it returns: with ``overwrite``, into the saved logits themselves (the caller
+    reads them no more), so backward allocates nothing of that size. Same values up to float
+    rounding."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, labels: Tensor, overwrite: bool) -> Tensor:
         valid = labels != IGNORE_INDEX
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
@@ -31,12 +33,13 @@ class _CrossEntropySum(torch.autograd.Function):
             lse[start:start + _CHUNK_ROWS] = torch.logsumexp(logits[start:start + _CHUNK_ROWS], dim=1)
         picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
         ctx.save_for_backward(logits, lse, safe, valid)
+        ctx.overwrite = overwrite
         return torch.where(valid, lse - picked, torch.zeros((), dtype=lse.dtype, device=lse.device)).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         logits, lse, safe, valid = ctx.saved_tensors
-        out = torch.empty_like(logits)
+        out = logits if ctx.overwrite else torch.empty_like(logits)
         weight = (grad * valid).to(logits.dtype)  # (N,): d loss / d row, 0 for ignored rows
         for start in range(0, logits.shape[0], _CHUNK_ROWS):
             rows = slice(start, start + _CHUNK_ROWS)
@@ -45,15 +48,16 @@ class _CrossEntropySum(torch.autograd.Function):
             chunk.exp_()
             chunk.mul_(weight[rows].unsqueeze(1))
         out.scatter_add_(1, safe.unsqueeze(1), -weight.unsqueeze(1))
-        return out, None
+        return out, None, None
 
 
-def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+def cross_entropy_sum(logits: Tensor, labels: Tensor, overwrite: bool = False) -> Tensor:
     """``F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")`` for (N, C) logits,
-    with less memory when it trains (:class:`_CrossEntropySum`)."""
+    with less memory when it trains (:class:`_CrossEntropySum`). ``overwrite``: backward may
+    write the gradient into ``logits`` (only for a caller that never reads them after backward)."""
     if not torch.is_grad_enabled() or not logits.requires_grad:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return _CrossEntropySum.apply(logits, labels)
+    return _CrossEntropySum.apply(logits, labels, overwrite)
 
 
 @dataclass(frozen=True)
@@ -111,13 +115,18 @@ class LMLossSums:
                             (self.text_sum, self.text_count, self.code_sum, self.code_count, self.hits, self.counted)])
 
 
-def lm_loss_sums(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor) -> LMLossSums:
-    """:func:`lm_losses` before the division by the label counts (same shapes, same labels)."""
+def lm_loss_sums(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor,
+                 logits_are_scratch: bool = False) -> LMLossSums:
+    """:func:`lm_losses` before the division by the label counts (same shapes, same labels).
+
+    ``logits_are_scratch``: the caller drops both logits after this call (a training step), so
+    backward writes their gradients into them (:func:`cross_entropy_sum`'s ``overwrite``)."""
     num_codebooks = codebook_logits.size(2)
     text_labels = labels[:, 0].reshape(-1)
-    text_sum = cross_entropy_sum(token_logits.reshape(-1, token_logits.size(-1)), text_labels)
+    text_sum = cross_entropy_sum(token_logits.reshape(-1, token_logits.size(-1)), text_labels, logits_are_scratch)
     codebook_labels = labels[:, 1 : 1 + num_codebooks].transpose(1, 2)  # (B, T, K)
-    code_sum = cross_entropy_sum(codebook_logits.reshape(-1, codebook_logits.size(-1)), codebook_labels.reshape(-1))
+    code_sum = cross_entropy_sum(codebook_logits.reshape(-1, codebook_logits.size(-1)), codebook_labels.reshape(-1),
+                                 logits_are_scratch)
     with torch.no_grad():
         counted = (codebook_labels != IGNORE_INDEX) & (codebook_labels != CODEBOOK_PAD_ID)
         top = codebook_logits.topk(5, dim=-1).indices

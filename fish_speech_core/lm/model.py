@@ -94,7 +94,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         a, b = ctx.saved_tensors
         grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
-        grad_b = grad * F.silu(a) if ctx.needs_input_grad[1] else None
+        grad_b = F.silu(a).mul_(grad) if ctx.needs_input_grad[1] else None  # one (N, hidden) temporary less
         return grad_a, grad_b
 
 
@@ -151,7 +151,8 @@ class Attention(nn.Module):
         # halves the small ops of a decode step, where per-op overhead is the cost.
         qk = apply_rope(qk.view(b, t, self.n_head + self.n_local_heads, self.head_dim), rope)
         q, k = qk.split([self.n_head, self.n_local_heads], dim=2)
-        return q, k, v.view(b, t, self.n_local_heads, self.head_dim)
+        # v's own copy: as a view it kept the whole q/k/v projection alive for backward
+        return q, k, v.reshape(b, t, self.n_local_heads, self.head_dim).contiguous()
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
         """x (B, T, dim); mask (B, 1, T, T) bool, True = may attend, or None for plain causal."""
@@ -340,6 +341,13 @@ class DualARTransformer(nn.Module):
         if key_padding_mask is not None:
             # (B, 1, T, T): causal AND key not padding.
             mask = causal_mask(t, inputs.device)[None, None] & ~key_padding_mask[:, None, None, :]
+            if self.attention_impl == "sdpa":
+                # SDPA turns a bool mask into an additive float one in every layer and keeps each
+                # copy for backward (8 MiB per layer at 2x1024): made once here, shared by all.
+                device = inputs.device.type
+                dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                         else self.embeddings.weight.dtype)  # the dtype q has in the layers
+                mask = torch.zeros(mask.shape, dtype=dtype, device=inputs.device).masked_fill_(~mask, float("-inf"))
         return self._run_layers(self.layers, self.embed(inputs), self.rope[:t], mask)
 
     def token_logits(self, hidden: Tensor) -> Tensor:
@@ -400,8 +408,8 @@ class DualARTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(b * t, c.num_codebooks, c.fast_dim)
         rows = self.fast_rows(inputs)
         logits = self.fast_logits(x.index_select(0, rows))
-        codebook_logits = logits.new_zeros(b * t, c.num_codebooks, c.codebook_size)
-        codebook_logits = codebook_logits.index_copy(0, rows, logits)
+        # index_put_ (unlike index_copy) keeps only the row numbers for backward, not the logits
+        codebook_logits = logits.new_zeros(b * t, c.num_codebooks, c.codebook_size).index_put_((rows,), logits)
         return DualAROutput(
             token_logits=token_logits,
             codebook_logits=codebook_logits.view(b, t, c.num_codebooks, c.codebook_size),

@@ -182,3 +182,7 @@ def test_cross_entropy_sum_equals_torchs_with_ignored_rows_and_more_rows_than_a_
     theirs, = torch.autograd.grad(plain * 0.3, logits)
     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     assert torch.equal(mine[::5], torch.zeros_like(mine[::5]))  # ignored rows get no gradient
+    scratch = logits.detach().clone().requires_grad_()
+    view = scratch * 1.0  # a non-leaf the loss may overwrite, as a training step's logits
+    again, = torch.autograd.grad(cross_entropy_sum(view, labels, overwrite=True) * 0.3, scratch)
+    torch.testing.assert_close(again, theirs, rtol=1e-5, atol=1e-6)

@@ -334,7 +334,7 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
     import os
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
     from fishtune.tasks.remote import ChildRunFailed, check_pool, run_child
 
@@ -402,7 +402,8 @@ def test_gpu_stages_run_as_children_on_the_cuda_pool_one_card_at_a_time(deployed
                 assert {"fishtune", f"project:{project}", f"stage:{stage}"} <= set(child.tags), child.tags
                 runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])))
                 gpu_task_runs += [(r.start_time, r.end_time, child.name) for r in runs if r.name.startswith(stage)]
-        parents = [r for r in client.read_flow_runs() if r.name.startswith("finetune/gpu-")]
+        parents = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="finetune/gpu-")))
+                   if r.name.startswith("finetune/gpu-")]  # by name: the session's server holds other modules' runs
         assert {r.name.split("/")[1] for r in parents} == {"gpu-a", "gpu-b"}
         assert all(re.fullmatch(r"finetune/gpu-[ab]/\d{8}-\d{4}", r.name) for r in parents), [r.name for r in parents]
         assert all({"fishtune", f"project:{r.name.split('/')[1]}"} <= set(r.tags) for r in parents)
@@ -442,10 +443,10 @@ def test_api_rejects_invalid_parameters_naming_the_field(deployed, change, field
     else:
         deployment, parameters = deployed.finetune, {"config": {"data": str(deployed.data), "storage": str(deployed.store), **change}}
     with get_client(sync_client=True) as client:
-        before = len(client.read_flow_runs())
+        before = client.count_flow_runs()  # all of them: read_flow_runs stops at 200
         with pytest.raises(PrefectHTTPStatusError) as info:
             client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
-        after = len(client.read_flow_runs())
+        after = client.count_flow_runs()
     assert info.value.response.status_code == 409
     message = info.value.response.json()["detail"]
     assert "Validation failed" in message and field in message, message

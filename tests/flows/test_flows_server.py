@@ -32,7 +32,7 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(moto_s3, prefect_server, tmp_path_factory):
+def deployed(moto_s3, prefect_server, tmp_path_factory, request):
     """``fishtune deploy`` on the server, the watch schedule paused, cpu and cuda workers running.
 
     moto_s3 first: the server and its workers inherit the AWS environment that points at it."""
@@ -41,11 +41,16 @@ def deployed(moto_s3, prefect_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("deployed")
     data, store = root / "data", root / "store"
     shutil.copytree(DEMO, data)
-    result = subprocess.run(
+    deploy = subprocess.Popen(
         [sys.executable, "-m", "fishtune", "deploy", "--data", str(data), "--storage", str(store)],
-        env=prefect_server.env, capture_output=True, text=True, cwd=root,  # not the checkout
+        env=prefect_server.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=root,  # not the checkout
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    # the module's tiny models are made here, while the deploy (single-threaded imports, then two
+    # Python processes one after the other) keeps only one of the two cores busy
+    request.getfixturevalue("tiny_models")
+    output, _ = deploy.communicate(timeout=300)
+    assert deploy.returncode == 0, output
     with api_in_process(prefect_server.api, Path(prefect_server.env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])):
         with get_client(sync_client=True) as client:
             finetune = client.read_deployment_by_name("finetune/finetune")
@@ -109,9 +114,11 @@ def test_deploy_and_the_watch_trigger_on_a_real_server(deployed, tiny_models, tm
     from fishtune.cli.project import schedule_slug
 
     data, store, runner = deployed.data, deployed.store, CliRunner()
-    pools = deployed.server.prefect("work-pool", "ls").stdout
-    assert "cpu" in pools and "cuda" in pools
     with get_client(sync_client=True) as client:
+        # the pools `fishtune deploy` made, read from the server (a `prefect work-pool ls` process
+        # costs ~5 s of imports to say the same)
+        pools = {pool.name: pool.type for pool in client.read_work_pools()}
+        assert (pools["cpu"], pools["cuda"]) == ("process", "process")
         finetune, watch = deployed.finetune, deployed.watch
         assert finetune.work_pool_name == "cpu" and watch.work_pool_name == "cpu"
         assert watch.schedules and watch.schedules[0].schedule.cron == "*/15 * * * *"

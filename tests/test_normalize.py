@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -146,18 +147,28 @@ def test_killed_run_leaves_nothing_a_rerun_trusts(tmp_path):
         for speaker in sorted(p for p in DEMO.iterdir() if p.is_dir()):
             shutil.copytree(speaker, src / f"{speaker.name}-set{copy}")
     reference_out = tmp_path / "uninterrupted"
-    normalize_tree(src, reference_out, num_workers=1, show_progress=False)
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fishtune", "normalize", str(src), str(out), "--num-workers", "1"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / STATE_DIR / "normalize"
-    deadline = time.time() + 120
-    # count finished records only: a killed write's temporary ends in .json too
-    while time.time() < deadline and len([p for p in state.rglob("*.json") if ".tmp" not in p.name]) < 5:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def kill_after_five() -> None:
+        deadline = time.time() + 120
+        # count finished records only: a killed write's temporary ends in .json too
+        while time.time() < deadline and len([p for p in state.rglob("*.json") if ".tmp" not in p.name]) < 5:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    # the uninterrupted run is made here while the CLI starts (single-threaded imports) and is
+    # watched from a thread; the two write to folders of their own
+    killer = threading.Thread(target=kill_after_five)
+    killer.start()
+    try:
+        normalize_tree(src, reference_out, num_workers=1, show_progress=False)
+    finally:
+        killer.join()
     done_before_kill = len([p for p in state.rglob("*.json") if ".tmp" not in p.name])  # not a killed write
     assert 5 <= done_before_kill < 112, "the kill must land mid-run"
 

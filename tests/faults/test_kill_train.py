@@ -5,6 +5,7 @@ settings) its adapters, optimizer state and history equal an uninterrupted run's
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,17 +46,25 @@ def test_sigkill_between_and_during_checkpoint_writes_then_resume(tmp_path):
     base, protos = make_base_and_data(tmp_path)
     flags = ("--base", base, "--data", protos, "--max-steps", MAX_STEPS, "--val-check-interval", EVERY,
              "--results-dir", tmp_path / "results", *FAST)
-    # FAST = batch 2, max length 128, val fraction 0.2, lr 1e-3; the recipe's LoRA dropout is on.
-    whole = train(TrainConfig(project="whole", base=str(base), data=(str(protos),), max_steps=MAX_STEPS,
-                              val_check_interval=EVERY, batch_size=2, max_length=128, val_fraction=0.2,
-                              lr=1e-3, results_dir=str(tmp_path / "results")), show_progress=False)
-    assert whole.final_step == MAX_STEPS
     run = tmp_path / "results" / "kill"
 
     # 1. Between writes: killed once the first checkpoint is published, while training goes on.
+    #    The kill is watched from a thread while this thread trains the uninterrupted run: the two
+    #    runs overlap (the CLI's start-up is single-threaded imports), their folders are apart.
     ckpts = run / "checkpoints"
-    kill_when(fishtune("train", "--project", "kill", *flags),
-              lambda: steps(run) != [] and not temporaries(ckpts))
+    first = fishtune("train", "--project", "kill", *flags)
+    with ThreadPoolExecutor(1) as pool:
+        killing = pool.submit(kill_when, first, lambda: steps(run) != [] and not temporaries(ckpts))
+        try:
+            # FAST = batch 2, max length 128, val fraction 0.2, lr 1e-3; the recipe's LoRA dropout is on.
+            whole = train(TrainConfig(project="whole", base=str(base), data=(str(protos),), max_steps=MAX_STEPS,
+                                      val_check_interval=EVERY, batch_size=2, max_length=128, val_fraction=0.2,
+                                      lr=1e-3, results_dir=str(tmp_path / "results")), show_progress=False)
+        except BaseException:
+            first.kill()  # the watcher then ends too
+            raise
+        killing.result(timeout=300)  # kill_when's own failure, if any, is raised here
+    assert whole.final_step == MAX_STEPS
     assert steps(run) == [2]
     complete = (ckpts / "step_000000002.ckpt").stat().st_size
     read_checkpoint(ckpts / "step_000000002.ckpt")  # complete and loadable

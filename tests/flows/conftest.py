@@ -202,8 +202,7 @@ class PrefectServer:
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
-        self.env = {
-            **os.environ,
+        self.settings = {
             "PREFECT_HOME": str(root / "home"),
             "PREFECT_API_URL": self.api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -215,6 +214,12 @@ class PrefectServer:
             "PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS": "3",
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"),  # parent and children read the same results
         }
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of a process talking to this server: the test process's as it is now
+        (the server lives for the session, so a later module's moto endpoint is in it) plus ours."""
+        return {**os.environ, **self.settings}
 
     def spawn(self, *args: str, log: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.root / log, "ab") as out:
@@ -232,11 +237,13 @@ class PrefectServer:
     def prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "prefect", *args], env=self.env, capture_output=True, text=True, check=check)
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
+    def stop(self, since: int = 0) -> None:
+        """Stop the processes started from the ``since``-th on (0: the server too), newest first."""
+        procs, self.procs = self.procs[since:], self.procs[:since]
+        for proc in reversed(procs):
             if proc.poll() is None:
                 proc.terminate()
-        for proc in reversed(self.procs):
+        for proc in reversed(procs):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -244,18 +251,33 @@ class PrefectServer:
                 proc.wait()
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server on 127.0.0.1 (SQLite in a temp folder) and the workers its tests start.
-
-    Module-scoped: the polling workers must not load the machine during the rest of the suite.
-    """
+@pytest.fixture(scope="session")
+def _prefect_server_process(tmp_path_factory):
+    """The one ``prefect server start`` of the session (20-30 s to start on 2 cores: paid once, not
+    per module); idle, it costs little. Only ``prefect_server`` hands it out."""
     server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(_prefect_server_process):
+    """A real Prefect server on 127.0.0.1 (SQLite in a temp folder) and the workers its tests start.
+
+    The server is the session's; the workers (and any other process spawned through it) are the
+    module's: they stop when the module ends, so polling workers do not load the rest of the suite.
+    What a module leaves on the server (runs, deployments) stays: tests select their own runs by
+    deployment, project or name, never by counting everything there.
+    """
+    server = _prefect_server_process
+    started = len(server.procs)
+    try:
+        yield server
+    finally:
+        server.stop(since=started)
 
 
 @pytest.fixture(autouse=True)

@@ -94,7 +94,10 @@ def _check(config: FinetuneConfig, manifest: dict, path: Path) -> UpToDate | Non
     code = storage.code_version()
     for raw in manifest.get("stages", []):
         started = time.perf_counter()
-        record = StageRecord(**raw)
+        try:
+            record = StageRecord(**raw)
+        except TypeError:  # a manifest of another format: let the flow decide
+            return None
         metadata = _published_metadata(record)
         if metadata is None:
             return None

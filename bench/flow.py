@@ -109,13 +109,21 @@ def demo(json_out: Path | None) -> None:
     import re
     import subprocess
 
-    walls, tails = [], []
+    import resource
+
+    def children_cpu() -> float:  # user + sys of reaped children (the demo, and the server it reaped)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    walls, cpus, tails = [], [], []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for _ in ("first", "rerun"):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), children_cpu()
             done = subprocess.run([sys.executable, "-m", "fishtune", "demo", "--output", str(Path(tmp) / "demo")],
                                   capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
             walls.append(time.perf_counter() - started)
+            cpus.append(children_cpu() - cpu)
             if done.returncode != 0:
                 raise SystemExit(f"fishtune demo failed ({done.returncode}): {done.stderr[-2000:]}")
             tails.append(done.stdout + done.stderr)
@@ -132,9 +140,12 @@ def demo(json_out: Path | None) -> None:
         "first_s": round(walls[0], 1),
         "rerun_s": round(walls[1], 1),
         "rerun_over_first": round(walls[1] / walls[0], 3),
+        "first_cpu_s": round(cpus[0], 1),  # CPU seconds (user + sys): less sensitive to other load than wall
+        "rerun_cpu_s": round(cpus[1], 1),
         "stage_seconds_first": stage_seconds(tails[0]),
         "stage_seconds_rerun": stage_seconds(tails[1]),
         "cpus": os.cpu_count(),
+        "load_average_1min_before": round(load_before, 2),
         "load_average_1min_after": round(os.getloadavg()[0], 2),
     }
     for key, value in figures.items():

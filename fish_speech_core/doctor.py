@@ -199,9 +199,9 @@ def read_codec_config(codec: str | os.PathLike):
     Returns:
         (config, note): ``note`` says where the config came from.
     """
-    from fish_speech_core.codec.checkpoint import CONFIG_KEY
     from fish_speech_core.codec.config import PRESETS, FireflyConfig, resolve_config
-    from fish_speech_core.weights import read_weights
+    from fish_speech_core.files import sha256_file
+    from fish_speech_core.hashcache import remembered_json
 
     text = str(codec)
     if text in PRESETS or text.endswith(".json"):
@@ -209,11 +209,21 @@ def read_codec_config(codec: str | os.PathLike):
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"codec checkpoint {path} not found")
-    data = read_weights(path)  # WeightsError names the file and the reason
-    stored = data.get(CONFIG_KEY)
+    # Opening the checkpoint imports torch (3-7 s); its sha256 is memoized by the file's stamp, so
+    # an unchanged codec's config comes from the memo without either.
+    stored = remembered_json("codec-config", sha256_file(path), lambda: _stored_codec_config(path))
     if isinstance(stored, Mapping):
         return FireflyConfig.from_dict(dict(stored)), f"config stored in {path.name}"
     return PRESETS["fish-speech-1.4"], f"{path.name} has no stored config: assumed fish-speech-1.4"
+
+
+def _stored_codec_config(path: Path) -> dict | None:
+    """The constructor arguments :func:`save_codec` embedded in a codec checkpoint (None: none)."""
+    from fish_speech_core.codec.checkpoint import CONFIG_KEY
+    from fish_speech_core.weights import read_weights
+
+    stored = read_weights(path).get(CONFIG_KEY)  # WeightsError names the file and the reason
+    return dict(stored) if isinstance(stored, Mapping) else None
 
 
 def expected_codebook_size(levels: tuple[int, ...]) -> int:

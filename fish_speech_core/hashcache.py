@@ -28,6 +28,7 @@ SQLite cannot open is deleted and rebuilt.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sqlite3
@@ -221,3 +222,38 @@ def local_file_hash(path: str | os.PathLike, read: Callable[[Path], str]) -> str
     if local_stamp(os.stat(path)) == stamp:
         store.put(key, stamp, sha)
     return sha
+
+
+_DERIVED: dict[tuple[str, str], object] = {}
+
+
+def remembered_json(kind: str, sha: str, compute: Callable[[], object]) -> object:
+    """A JSON value derived from bytes whose sha256 is ``sha`` (e.g. the config embedded in a
+    checkpoint), remembered in this process and in ``<memo folder>/derived/<kind>/<sha>.json``.
+
+    Keyed by content, so it cannot go stale; a file that does not parse is computed again and
+    rewritten. Memory only when the memo is off or its folder is not writable.
+    """
+    if not _SHA256.match(sha):
+        raise ValueError(f"not a sha256: {sha!r}")
+    if (kind, sha) in _DERIVED:
+        return _DERIVED[(kind, sha)]
+    where = default_path()
+    file = where.parent / "derived" / kind / f"{sha}.json" if where is not None else None
+    try:
+        if file is None:
+            raise FileNotFoundError("the memo is off")
+        value = json.loads(file.read_text())["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        text = json.dumps({"value": compute()})  # TypeError: not JSON, the caller's bug
+        value = json.loads(text)["value"]  # what a later process reads back (tuples become lists)
+        if file is not None:
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, file)  # atomic: a reader sees no file or the whole one
+            except OSError:
+                pass
+    _DERIVED[(kind, sha)] = value
+    return value

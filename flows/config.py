@@ -153,6 +153,14 @@ class FinetuneConfig(BaseModel):
         value = refuse_credentials(value)
         return str(local_path(value).expanduser().absolute()) if is_local(value) else value
 
+    def manifest_parameters(self) -> dict:
+        """The parameters as a run manifest records them: JSON, every URL without user info."""
+        parameters = self.model_dump(mode="json")
+        for name in ("data", "storage", "base", "codec", "work_dir"):
+            if parameters.get(name):
+                parameters[name] = storage.redact(parameters[name])
+        return parameters
+
     def validate_params(self) -> ValidateParams:
         return ValidateParams(max_seconds=self.max_seconds, text_extension=self.text_extension, num_workers=self.num_workers)
 

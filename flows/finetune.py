@@ -254,10 +254,7 @@ def finetune(config: FinetuneConfig, overrides: dict[str, Any] | None = None) ->
     store = Store(config.storage)
     work_dir = Path(config.work_dir) if config.work_dir else default_work_dir(store)
     run_id = flow_run.get_id() or uuid.uuid4().hex
-    parameters = config.model_dump(mode="json")
-    for name in ("data", "storage", "base", "codec", "work_dir"):  # URLs are recorded without any user info
-        if parameters.get(name):
-            parameters[name] = storage.redact(parameters[name])
+    parameters = config.manifest_parameters()
     if overrides:
         parameters["overrides"] = dict(overrides)
     manifest = RunManifest(str(run_id), "finetune", parameters, versions=storage.versions())

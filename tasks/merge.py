@@ -48,7 +48,8 @@ def merge_task(checkpoint: str, base: str, store_root: str, params: MergeParams 
                    "base_sha256": adapter.metadata.base_sha256, "inputs": inputs,
                    "created": datetime.now(timezone.utc).isoformat(), "max_logit_diff": report.max_logit_diff}
         (out / "lineage.json").write_text(json.dumps(lineage, indent=2))
-        artifact = store.publish(f"{MODELS}/{project}", version, out, metadata=lineage)
+        # the marker also holds the key's parameters: with the inputs they give the key back (flows.uptodate)
+        artifact = store.publish(f"{MODELS}/{project}", version, out, metadata={**lineage, "params": params.key_fields()})
     # A browser opens neither file:// nor s3:// links: the store URL as text, plus a pre-signed
     # https link to the weights for an s3 store.
     where = storage.redact(artifact.url)

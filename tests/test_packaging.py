@@ -175,6 +175,16 @@ def test_wheel_installs_from_the_lock_and_runs_the_demo_outside_the_repository(t
     assert (out / "prefect-home").is_dir()  # Prefect's state stayed under the demo's output
     assert re.search(r"^train .* 20/20 steps", demo, re.M)  # training progress was shown (its final bar)
 
+    # The unchanged rerun is answered from the store (~2 s): the same table, every stage up to
+    # date, the same merged model, and no Prefect server started, no new run recorded.
+    runs = sorted(p.name for p in (store / "runs").iterdir())
+    again = run(str(venv / "bin" / "fishtune"), "demo", "--max-steps", "20", cwd=work, timeout=300).stderr
+    assert "every stage up to date" in again and "Starting temporary server" not in again, again[-2000:]
+    stages = re.findall(r"^│ (\w+) +│ up to date │", again, re.M)
+    assert stages == ["validate", "normalize", "extract", "pack", "train", "evaluate", "merge"], again[-2000:]
+    assert Path(re.search(r"Merged model: (\S+)", again).group(1)) == merged
+    assert sorted(p.name for p in (store / "runs").iterdir()) == runs
+
 
 def test_doctor_reports_a_package_that_does_not_import(monkeypatch):
     import json

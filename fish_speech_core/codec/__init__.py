@@ -5,16 +5,15 @@ functions :func:`load_codec`, :func:`init_codec`, :func:`save_codec`, :func:`cod
 The extraction engine lives in :mod:`fish_speech_core.codec.extract`.
 """
 
-from fish_speech_core.codec.checkpoint import (
-    CodecCheckpointError,
-    CodecCheckpointWarning,
-    codec_hash,
-    init_codec,
-    load_codec,
-    save_codec,
-)
-from fish_speech_core.codec.config import PRESETS, FireflyConfig, resolve_config
-from fish_speech_core.codec.model import FireflyCodec
+from fish_speech_core.lazy import exports
+
+# Resolved on first use (fish_speech_core.lazy): reading a config must not import torch.
+_WHERE = {
+    "CodecCheckpointError": "checkpoint", "CodecCheckpointWarning": "checkpoint", "codec_hash": "checkpoint",
+    "init_codec": "checkpoint", "load_codec": "checkpoint", "save_codec": "checkpoint",
+    "PRESETS": "config", "FireflyConfig": "config", "resolve_config": "config", "FireflyCodec": "model",
+}
+__getattr__ = exports(__name__, _WHERE)
 
 __all__ = [
     "PRESETS",

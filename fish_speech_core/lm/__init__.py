@@ -1,15 +1,16 @@
 """The Fish Speech 1.4 dual-AR text2semantic model: config, architecture, losses, checkpoint I/O."""
 
-from fish_speech_core.lm.checkpoint import (
-    CheckpointError,
-    Pretrained,
-    load_pretrained,
-    load_state_dict,
-    save_pretrained,
-)
-from fish_speech_core.lm.config import PRESETS, ConfigError, DualARConfig
-from fish_speech_core.lm.loss import LMLosses, lm_losses
-from fish_speech_core.lm.model import DualAROutput, DualARTransformer, init_weights
+from fish_speech_core.lazy import exports
+
+# Resolved on first use (fish_speech_core.lazy): reading a config must not import torch.
+_WHERE = {
+    "CheckpointError": "checkpoint", "Pretrained": "checkpoint", "load_pretrained": "checkpoint",
+    "load_state_dict": "checkpoint", "save_pretrained": "checkpoint",
+    "PRESETS": "config", "ConfigError": "config", "DualARConfig": "config",
+    "LMLosses": "loss", "lm_losses": "loss",
+    "DualAROutput": "model", "DualARTransformer": "model", "init_weights": "model",
+}
+__getattr__ = exports(__name__, _WHERE)
 
 __all__ = [
     "PRESETS",

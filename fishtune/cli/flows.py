@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,6 @@ def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any] | Non
     """Run the flow (``run``, returning its state; default: finetune on ``config``), print the stage
     table and where the report / merged model are; exit 1 on failure."""
     from rich.markup import escape
-    from rich.table import Table
     from rich.text import Text
 
     from fish_speech_core.storage import redact, redact_text
@@ -109,20 +109,43 @@ def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any] | Non
                       "(finished stages come from cache, training continues from its last checkpoint).", markup=False)
         raise typer.Exit(1)
     result = state.result()
-    table = Table(title=f"finetune {config.project}: run {escape(str(result['run_id']))}")
+    rows = [(s["stage"], cache_label(s["stage"], s["cached"], s.get("summary") or {}), s["seconds"], s["url"])
+            for s in result["stages"]]
+    _print_outcome(console, f"finetune {config.project}: run {result['run_id']}", rows,
+                   result.get("recommended_checkpoint"), result.get("merged_model"), result["report"], result["manifest"])
+    return result
+
+
+def _print_outcome(console, title: str, rows: list[tuple[str, str, float, str]], recommended: str | None,
+                   merged: str | None, report: str, manifest: str) -> None:
+    """The end of a run: the stage table (stage, cache, seconds, artifact) and where its outputs are."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from fish_speech_core.storage import redact
+
+    table = Table(title=Text(title))
     for column in ("stage", "cache", "seconds", "artifact"):
         table.add_column(column)
-    for stage in result["stages"]:
-        table.add_row(Text(stage["stage"]), cache_label(stage["stage"], stage["cached"], stage.get("summary") or {}),
-                      f"{stage['seconds']:.2f}", Text(redact(stage["url"])))
+    for stage, cache, seconds, url in rows:
+        table.add_row(Text(stage), cache, f"{seconds:.2f}", Text(redact(url)))
     console.print(table)
-    if result.get("recommended_checkpoint"):
-        console.print(f"Recommended checkpoint: {redact(result['recommended_checkpoint'])}", soft_wrap=True, markup=False)
-    if result.get("merged_model"):
-        console.print(f"Merged model: {redact(result['merged_model'])}", soft_wrap=True, markup=False)
-    console.print(f"Report:   {redact(result['report'])}", soft_wrap=True, markup=False)
-    console.print(f"Manifest: {redact(result['manifest'])}", soft_wrap=True, markup=False)
-    return result
+    if recommended:
+        console.print(f"Recommended checkpoint: {redact(recommended)}", soft_wrap=True, markup=False)
+    if merged:
+        console.print(f"Merged model: {redact(merged)}", soft_wrap=True, markup=False)
+    console.print(f"Report:   {redact(report)}", soft_wrap=True, markup=False)
+    console.print(f"Manifest: {redact(manifest)}", soft_wrap=True, markup=False)
+
+
+def _print_up_to_date(config: FinetuneConfig, done, console) -> None:
+    """An unchanged rerun answered from the store: the same table, every stage ``up to date``."""
+    rows = [(s.stage, "up to date", seconds, s.url) for s, seconds in zip(done.stages, done.seconds)]
+    _print_outcome(console, f"finetune {config.project}: every stage up to date (the artifacts of run {done.run_id})",
+                   rows, done.chosen_checkpoint, done.merged_model, done.report, done.manifest)
+    console.print(f"Nothing changed since run {done.run_id} (data, models, parameters, versions): every stage's "
+                  "artifact is in the store, so no stage ran and no Prefect run was started. --always-run runs "
+                  "the flow anyway (all Cached).", soft_wrap=True, markup=False)
 
 
 def _state_exception(state) -> BaseException | None:
@@ -135,15 +158,17 @@ def _state_exception(state) -> BaseException | None:
 
 def demo_command(
     output: Path = typer.Option(Path("demo-output"), "--output", help="Folder for everything the demo makes: tiny models, the store (artifacts, merged model, run report) and Prefect's home."),
-    max_steps: int = typer.Option(30, "--max-steps", min=1, max=10_000, help="Training steps (the tiny preset validates and checkpoints every 10)."),
+    max_steps: int = typer.Option(20, "--max-steps", min=1, max=10_000, help="Training steps (the tiny preset validates and checkpoints every 10)."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Render and score previews of the base and each checkpoint (random models: the clips are noise or empty)."),
     preview_sentences: int = typer.Option(1, "--preview-sentences", min=1, max=20, help="Held-out sentences rendered per speaker and checkpoint with --evaluate (the finetune default is 3; 1 keeps the demo short)."),
     data: Path = typer.Option(DEMO_DATA, "--data", exists=True, file_okay=False, help="Dataset folder (one folder per speaker of audio + .lab transcripts)."),
+    always_run: bool = typer.Option(False, "--always-run", help="Run the flow even when nothing changed since an earlier run (then every stage is Cached, and the run is recorded in Prefect). Without it such a rerun is answered from the store, without starting Prefect."),
 ) -> None:
     """Run the whole finetune flow on the demo data with a tiny random base model and codec (no download).
 
     Ephemeral Prefect (a temporary local server; the one PREFECT_API_URL names, if set), a local store under
-    --output; a few minutes on 2 CPU cores.
+    --output; about a minute on 2 CPU cores. A rerun with nothing changed is answered from the store
+    (every stage up to date, no Prefect run) unless --always-run.
     The models are random, so the merged model speaks nonsense: the demo shows the pipeline, not a voice.
     """
     from rich.console import Console
@@ -165,25 +190,80 @@ def demo_command(
     _prefect_defaults()
 
     base, codec = output / "models" / "base-tiny", output / "models" / "codec-tiny.pth"
-    with console.status("making a tiny random base model and codec (seeded: the same bytes every time)"):
-        if not (base / "model.pth").is_file():
-            from fish_speech_core.lm.config import PRESETS
-            from fish_speech_core.lm.init_base import init_base
-
-            init_base(base, PRESETS["tiny"], seed=0)
-        if not codec.is_file():
-            from fish_speech_core.codec import init_codec, save_codec
-            from fish_speech_core.codec.config import FireflyConfig
-
-            save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
     config = validated(FinetuneConfig, dict(
         data=str(data), project="demo", storage=str(output / "store"), base=str(base), codec=str(codec),
         preset=Preset.tiny, max_steps=max_steps, progress_every=5, evaluate=evaluate,
         preview_sentences_per_speaker=preview_sentences,
-        preview_max_new_tokens=64,  # random models rarely stop on their own: keep their previews short
+        # random models rarely stop on their own: every preview is this long (1.5 s of audio), and
+        # rendering them was the largest part of the demo's evaluate stage
+        preview_max_new_tokens=DEMO_PREVIEW_TOKENS,
     ), FLAGS)
     console.print(f"demo: finetune flow on {data} -> {output / 'store'} ({max_steps} training steps)", markup=False)
-    _run_and_print(config, console)
+    missing = not (base / "model.pth").is_file() or not codec.is_file()
+    if not always_run and not missing:
+        from fishtune.flows.uptodate import up_to_date
+
+        done = up_to_date(config)
+        if done is not None:
+            return _print_up_to_date(config, done, console)
+    server = _start_ephemeral_server()  # its start overlaps the models being made and the flow's imports
+    if missing:
+        with console.status("making a tiny random base model and codec (seeded: the same bytes every time)"):
+            _make_tiny_models(base, codec)
+
+    def run():
+        from fishtune.flows.finetune import finetune
+
+        server.result()  # a start that timed out raises here: _run_and_print says what to do
+        return finetune(config, return_state=True)
+
+    _run_and_print(config, console, run)
+
+
+DEMO_PREVIEW_TOKENS = 32
+
+
+def _make_tiny_models(base: Path, codec: Path) -> None:
+    if not (base / "model.pth").is_file():
+        from fish_speech_core.lm.config import PRESETS
+        from fish_speech_core.lm.init_base import init_base
+
+        init_base(base, PRESETS["tiny"], seed=0)
+    if not codec.is_file():
+        from fish_speech_core.codec import init_codec, save_codec
+        from fish_speech_core.codec.config import FireflyConfig
+
+        save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
+
+
+def _start_ephemeral_server() -> Future:
+    """Start Prefect's temporary server now, in a thread, and return when that is done.
+
+    Its start (a process importing Prefect's server stack and migrating a new database: 7-12 s)
+    otherwise begins only when the flow is called, after the models are made and the flow's
+    modules imported; started first it runs beside them on the other core. It is the instance
+    Prefect's client starts in ephemeral mode (one per process), so the flow finds it running.
+    Nothing is started when a server is configured (PREFECT_API_URL) or ephemeral mode is off.
+    A daemon thread: an interrupted demo does not wait for the start to finish.
+    """
+    import threading
+
+    done: Future = Future()
+
+    def start() -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+            if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+                from prefect.server.api.server import SubprocessASGIServer
+
+                SubprocessASGIServer().start()
+            done.set_result(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller by done.result()
+            done.set_exception(err)
+
+    threading.Thread(target=start, name="prefect-server-start", daemon=True).start()
+    return done
 
 
 def _deployable(prefect_file: Path) -> tuple[list[str], list[str]]:

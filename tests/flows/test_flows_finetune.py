@@ -94,10 +94,17 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
     # flow (minutes) the ratio is far larger.
     assert compute(s1) >= 3 * compute(s2), (compute(s1), compute(s2))
 
+    # without a Prefect server the CLI asks the store first: the second run is up to date, stage by stage
+    found = _up_to_date(config)
+    assert found is not None and found.run_id == second["run_id"]
+    assert [(s.stage, s.key, s.url) for s in found.stages] == [(n, s1[n]["key"], s1[n]["url"]) for n in s1]
+    assert _up_to_date(config.model_copy(update={"seed": 1})) is None  # another parameter: the flow decides
+
     # change the samples of one audio file: only that file is normalized again
     clip = data / "alice" / "alice_001.wav"
     audio, rate = soundfile.read(clip)
     soundfile.write(clip, audio * 0.5, rate)
+    assert _up_to_date(config) is None  # a changed clip is seen before any Prefect run
     third = finetune(config)
     s3 = _stages(third)
     assert not any(s["cached"] for s in third["stages"])  # everything downstream of the change reruns...
@@ -123,6 +130,9 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
     # only what the content decides (files, audio seconds: unchanged by a gain), never per-run counts
     assert {rel for rel in new_codes if old_codes.get(rel) != new_codes[rel]} == {
         "alice/alice_001.npy", "alice/alice_001.npy.json"}
+    assert _up_to_date(config).run_id == third["run_id"]  # the newest run is up to date again
+    shutil.rmtree(Path(config.storage) / "pack" / s3["pack"]["key"])
+    assert _up_to_date(config) is None  # a deleted artifact: the flow runs (and publishes it again)
     report = Path(third["report"]).read_text()
     assert "| alice | 10 | 0 |" in report and "| normalize | miss (1 of 28 files redone) |" in report
     assert "| extract | miss (1 of 28 files redone) |" in report
@@ -131,6 +141,15 @@ def test_rerun_is_cached_and_one_changed_file_is_redone_alone(prefect_env, tmp_p
         artifact = client.read_latest_artifacts(limit=50)
     ours = [a for a in artifact if a.key == "fishtune-cache-test-report"]
     assert ours and ours[0].data == report
+
+
+def _up_to_date(config):
+    """flows.uptodate as the CLI calls it: in ephemeral mode (this session's server unset)."""
+    from fishtune.flows.uptodate import up_to_date
+
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("PREFECT_API_URL", raising=False)
+        return up_to_date(config)
 
 
 @pytest.mark.slow

@@ -149,3 +149,29 @@ def test_doctor_help():
     assert result.exit_code == 0
     for option in ("--base", "--codec", "--storage", "--json"):
         assert option in result.output
+
+
+def test_a_codec_config_is_read_once_per_content(pair, tmp_path, monkeypatch):
+    """The flow's base/codec check on an unchanged codec never opens it again (that imports torch)."""
+    import torch
+
+    from fish_speech_core import doctor, hashcache
+
+    base, codec = pair
+    monkeypatch.setenv(hashcache.CACHE_ENV, str(tmp_path / "memo" / "hashes.sqlite"))
+    opened = []
+    real = doctor._stored_codec_config
+    monkeypatch.setattr(doctor, "_stored_codec_config", lambda path: opened.append(path.name) or real(path))
+    monkeypatch.setattr(hashcache, "_DERIVED", {})
+    first = doctor.read_codec_config(codec)
+    monkeypatch.setattr(hashcache, "_DERIVED", {})  # the next process: only the memo folder remains
+    assert doctor.read_codec_config(codec) == first and opened == ["codec.pth"]
+    bare = tmp_path / "generator.pth"  # other bytes (no stored config): read, and remembered as such
+    torch.save(torch.load(codec, weights_only=True)["state_dict"], bare)
+    assert "assumed fish-speech-1.4" in doctor.read_codec_config(bare)[1]
+    monkeypatch.setattr(hashcache, "_DERIVED", {})
+    assert "assumed fish-speech-1.4" in doctor.read_codec_config(bare)[1] and opened == ["codec.pth", "generator.pth"]
+    for stored in (tmp_path / "memo" / "derived" / "codec-config").iterdir():  # a damaged memo is a miss
+        stored.write_text("{not json")
+    monkeypatch.setattr(hashcache, "_DERIVED", {})
+    assert doctor.read_codec_config(codec) == first and opened[-1] == "codec.pth"

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/train.py` and its pool workers
+import fishtune  # noqa: E402,F401 - the environment every fishtune process trains with (huge pages), before torch
 
 SHAPES = {"tiny": (4, 256), "mid": (2, 1024)}
 # case: (attention, gradient checkpointing, fix glibc's mmap threshold as `fishtune train` does)

@@ -333,10 +333,15 @@ def hash_tree(url: str) -> str:
     not data (outside the folder, dangling) counts by its link text, so changing it changes the key too.
     Memoized twice: the whole folder by the listing of its files' stamps (one lookup for an
     unchanged tree), and each file by its own stamp (only changed files are read).
+
+    A completion marker (``MARKER``) at the top is left out: it is the store's record of the
+    publish (it holds the publish time), so with it the same artifact published in two stores,
+    or twice, hashed differently and every later stage's key with it.
     """
     if is_local(url):
         root = local_path(url)
         listed, links = _walk_local(root)
+        listed.pop(MARKER, None)  # a published artifact's completion marker is not its content
         stamps = {rel: [info.get("destination", info["name"]), info["stamp"]] for rel, info in listed.items()}
 
         def compute() -> str:
@@ -347,6 +352,7 @@ def hash_tree(url: str) -> str:
         racy = any(stamp is None for _, stamp in stamps.values())
         return hashcache.remembered(f"tree:{root}", None if racy else _tree_stamp(stamps, links), compute)
     listed = list_files(url)
+    listed.pop(MARKER, None)  # a published artifact's completion marker is not its content
     stamps = {rel: _remote_stamp(info) for rel, info in listed.items()}
     key, tree_stamp = f"tree:{_remote_key(url)}", None
     if all(stamp is not None for stamp in stamps.values()):

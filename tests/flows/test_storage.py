@@ -91,6 +91,9 @@ def _publish_roundtrip(store: Store, source: Path) -> None:
     assert set(listed) == set(files) | {MARKER}
     marker = json.loads(store.read_bytes(f"stage/{key}/{MARKER}"))
     assert marker["files"] == art.files and marker["metadata"] == {"n": 3}
+    # the artifact hashes as its content: its marker (publish time) is left out, so the same
+    # content published anywhere, at any time, gives the next stage the same input hash
+    assert storage.hash_any(art.url) == storage.hash_tree(str(source)) == storage.digest_listing(art.files)
     # publishing the same key again keeps one complete artifact
     assert store.publish("stage", key, source) .files == art.files
     # a corrupted object is caught by verify

@@ -64,7 +64,7 @@ def build_lora_step(preset: str, checkpointing: bool, batch: int, seq_len: int, 
 def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
     import torch
 
-    from fish_speech_core.lm.loss import lm_loss_sums
+    from fish_speech_core.lm import lm_losses
 
     from fish_speech_core.allocator import release_freed_memory
 
@@ -77,8 +77,7 @@ def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
 
     def loss():  # the outputs go out of scope before backward, as in Lightning's training_step
         out = model(inputs, padding)
-        sums = lm_loss_sums(out.token_logits, out.codebook_logits, labels, logits_are_scratch=True)
-        return sums.text_sum / sums.text_count + sums.code_sum / sums.code_count  # as a training step
+        return lm_losses(out.token_logits, out.codebook_logits, labels, logits_are_scratch=True).loss
 
     def step() -> None:
         loss().backward()

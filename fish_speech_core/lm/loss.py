@@ -71,7 +71,8 @@ class LMLosses:
     top_5_accuracy: Tensor
 
 
-def lm_losses(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor) -> LMLosses:
+def lm_losses(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor,
+              logits_are_scratch: bool = False) -> LMLosses:
     """Cross-entropies with ignore index −100, both averaged over their non-ignored labels.
 
     Args:
@@ -83,7 +84,7 @@ def lm_losses(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor) -> 
     are exactly zero (the row is skipped), so each of its K labels adds ln(codebook_size):
     kept on purpose, it is what the reference trains on.
     """
-    sums = lm_loss_sums(token_logits, codebook_logits, labels)
+    sums = lm_loss_sums(token_logits, codebook_logits, labels, logits_are_scratch)  # see lm_loss_sums
     # the mean over the non-ignored labels, what F.cross_entropy's default reduction gives (0/0 = nan)
     base_loss = sums.text_sum / sums.text_count
     semantic_loss = sums.code_sum / sums.code_count

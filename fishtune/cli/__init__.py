@@ -69,4 +69,3 @@ def main() -> None:
             raise
         print(unexpected_error_line(exc), file=sys.stderr)
         raise SystemExit(1) from None
-

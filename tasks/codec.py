@@ -73,7 +73,7 @@ def _encode(local: Path, codec: str, params: ExtractParams, label: str) -> tuple
     device = params.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_codec(local_file(codec, local.parent / "checkpoints"), device=device)
+    model = load_codec(local_file(codec, local.parent / "checkpoints"), device=device, decoder=False)
     audio = sorted(p for p in local.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(local).parts))
     batch_size, max_batch_seconds = batching_for(device, params.batch_size)

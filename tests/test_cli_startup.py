@@ -31,3 +31,41 @@ def test_help_screens_import_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+# A no-op `fishtune extract` (every file up to date) in a fresh interpreter: what it loads beyond
+# torch. Building the codec's decoder, random-initialising weights the checkpoint then replaces,
+# or a meta-device op's Python decomposition (which imports torch._dynamo) cost ~3 s here.
+NOOP_EXTRACT = """
+import sys
+from fishtune.cli import app
+from typer.main import get_command
+args = ["extract", sys.argv[1], "--checkpoint-path", sys.argv[2], "--device", "cpu"]
+try:
+    get_command(app).main(args, prog_name="fishtune", standalone_mode=False)
+except SystemExit as stop:
+    assert not stop.code, stop.code
+print(sorted(m for m in ("torch._dynamo", "prefect", "lightning", "peft") if m in sys.modules))
+"""
+
+
+def test_noop_extract_loads_no_decoder_and_no_compiler(tmp_path, reference):
+    import shutil
+
+    from fish_speech_core.codec import FireflyConfig, init_codec, save_codec
+
+    codec = tmp_path / "codec.pth"
+    save_codec(init_codec(FireflyConfig.from_name("tiny")), codec)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(reference / "firefly" / "c.wav", data / "c.wav")
+    (data / "c.lab").write_text("hello")
+    first = subprocess.run([sys.executable, "-c", NOOP_EXTRACT, str(data), str(codec)],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "Extracted 1 files" in first.stdout + first.stderr
+    again = subprocess.run([sys.executable, "-c", NOOP_EXTRACT, str(data), str(codec)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "skipped 1 up to date" in again.stdout + again.stderr
+    assert again.stdout.strip().splitlines()[-1] == "[]"

@@ -92,6 +92,23 @@ def test_unexpected_and_missing_head_keys_warn(tmp_path, small_state):
     assert torch.equal(model.state_dict()["backbone.norm.bias"], small_state["backbone.norm.bias"])
 
 
+def test_encoder_only_load_has_the_same_weights_and_hash_and_no_decoder(tmp_path, reference, small_state):
+    path = reference / "firefly" / "small-model.pth"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the decoder keys it skips are not "unexpected"
+        model = load_codec(path, "tiny", decoder=False)
+    assert model.head is None
+    _assert_same_weights(model, {k: v for k, v in small_state.items() if not k.startswith("head.")})
+    assert codec_hash(model) == codec_hash(load_codec(path, "tiny"))
+    audio = torch.randn(model.config.samples_per_code * 5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.encode([audio])[0], load_codec(path, "tiny").encode([audio])[0])
+    with pytest.raises(RuntimeError, match="without its decoder"):
+        model.decode(torch.zeros(1, model.config.num_codebooks, 2, dtype=torch.long))
+    state = dict(small_state, **{"discriminator.conv.weight": torch.zeros(3)})
+    with pytest.warns(CodecCheckpointWarning, match="discriminator.conv.weight"):
+        load_codec(_save(tmp_path, state), "tiny", decoder=False)
+
+
 def test_wrong_preset_is_an_error_naming_shapes(reference):
     with pytest.raises(CodecCheckpointError, match="shape mismatches"):
         load_codec(reference / "firefly" / "small-model.pth", "fish-speech-1.4")

@@ -86,6 +86,7 @@ def load_codec(
     path: str | os.PathLike,
     preset_or_config: str | os.PathLike | FireflyConfig | None = None,
     device: str | torch.device = "cpu",
+    decoder: bool = True,
 ) -> FireflyCodec:
     """Load a Firefly codec checkpoint into an ``eval()`` model.
 
@@ -94,6 +95,8 @@ def load_codec(
         preset_or_config: preset name, JSON config path or config. ``None`` takes the config
             stored by :func:`save_codec`, else the ``fish-speech-1.4`` preset.
         device: where to put the model.
+        decoder: False builds and loads the audio -> codes half only (what extraction needs, in
+            a fraction of the time); the checkpoint's decoder keys are then ignored silently.
 
     Raises:
         WeightsError: the file is missing, not a torch file, or holds objects other than tensors.
@@ -111,9 +114,11 @@ def load_codec(
     else:
         config = resolve_config("fish-speech-1.4")
     with torch.device("meta"):
-        model = FireflyCodec(config)
+        model = FireflyCodec(config, decoder=decoder)
     expected = model.state_dict()
     state = _normalize_keys(state, expected)
+    if not decoder:  # not built, so not unexpected; _normalize_keys left their names as they were
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -155,8 +160,15 @@ def load_codec(
             stacklevel=2,
         )
 
-    model = FireflyCodec(config)  # real buffers (window, filterbank, FSQ levels) on CPU
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    if missing:  # the missing (decoder) tensors keep torch's default init
+        model = FireflyCodec(config, decoder=decoder)
+        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    else:
+        # Every tensor comes from the checkpoint: take them as they are instead of initialising
+        # a real model first (~1 s of random init at real size on CPU). The meta model's
+        # non-persistent buffers (window, filterbank, FSQ levels) are already real CPU tensors.
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected},
+                              strict=True, assign=True)
     return model.to(device).eval()
 
 

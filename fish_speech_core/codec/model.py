@@ -214,8 +214,11 @@ class ResidualFSQ(nn.Module):
         self.project_in = nn.Linear(dim, codebook_dim)
         self.project_out = nn.Linear(codebook_dim, dim)
         self.num_quantizers = num_quantizers
-        levels_t = torch.tensor(list(levels), dtype=torch.int32)
-        basis = torch.cumprod(torch.tensor([1, *list(levels)[:-1]]), dim=0).to(torch.int32)
+        # Real values even under a meta-device context (load_codec builds on meta and assigns the
+        # checkpoint's tensors; these buffers are not in it). Place values in Python: torch.cumprod
+        # on meta runs a Python decomposition that imports torch._dynamo (~2 s).
+        levels_t = torch.tensor(list(levels), dtype=torch.int32, device="cpu")
+        basis = torch.tensor([math.prod(levels[:i]) for i in range(codebook_dim)], dtype=torch.int32, device="cpu")
         self.register_buffer("levels", levels_t, persistent=False)
         self.register_buffer("basis", basis, persistent=False)  # [1, 8, 40, 200]
 
@@ -383,9 +386,14 @@ class NonFiniteEncodingError(ValueError):
 
 
 class FireflyCodec(nn.Module):
-    """Audio <-> semantic codes. Submodule names match the reference state dict."""
+    """Audio <-> semantic codes. Submodule names match the reference state dict.
 
-    def __init__(self, config: FireflyConfig) -> None:
+    ``decoder=False`` builds the audio -> codes half only (``head`` is None): extraction never
+    runs the HiFiGAN decoder, and building it (its weight-norm parametrizations, whose first use
+    imports ``torch._dynamo``) is most of a codec load's time on CPU.
+    """
+
+    def __init__(self, config: FireflyConfig, decoder: bool = True) -> None:
         super().__init__()
         if config.backbone.dims[-1] != config.quantizer.input_dim:
             raise ValueError("backbone.dims[-1] must equal quantizer.input_dim")
@@ -394,7 +402,7 @@ class FireflyCodec(nn.Module):
         self.config = config
         self.spec_transform = LogMelSpectrogram(config.spec_transform)
         self.backbone = ConvNeXtEncoder(config.backbone)
-        self.head = HiFiGANGenerator(config.head)
+        self.head = HiFiGANGenerator(config.head) if decoder else None
         self.quantizer = DownsampleFSQ(config.quantizer, config.backbone.kernel_size)
 
     @property
@@ -452,4 +460,7 @@ class FireflyCodec(nn.Module):
 
     def decode(self, codes: Tensor) -> Tensor:
         """int codes (B, G * R, T) -> audio (B, 1, T * samples_per_code)."""
+        if self.head is None:
+            raise RuntimeError("this codec was loaded without its decoder (decoder=False); load it "
+                               "with decoder=True to turn codes into audio")
         return self.head(self.quantizer.decode(codes))

@@ -113,7 +113,7 @@ def extract_command(
         raise typer.Exit(1)
     try:
         shape = config if config is not None else preset.value if preset is not None else None
-        model = load_codec(checkpoint_path, shape, device=device)
+        model = load_codec(checkpoint_path, shape, device=device, decoder=False)
         check_finite_weights(model)
     except (CodecCheckpointError, ValueError, RuntimeError) as error:
         typer.echo(f"Cannot load codec {checkpoint_path}: {error}", err=True)

@@ -69,3 +69,12 @@ def test_noop_extract_loads_no_decoder_and_no_compiler(tmp_path, reference):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "skipped 1 up to date" in again.stdout + again.stderr
     assert again.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_modules_warmed_while_the_server_starts_exist():
+    """The demo imports these while Prefect's server starts; a renamed one would stop the demo."""
+    import importlib.util
+
+    from fishtune.cli.flows import STAGE_IMPORTS
+
+    assert [name for name in STAGE_IMPORTS if importlib.util.find_spec(name) is None] == []

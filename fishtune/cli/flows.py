@@ -214,6 +214,7 @@ def demo_command(
     def run():
         from fishtune.flows.finetune import finetune
 
+        _warm_imports(server)
         server.result()  # a start that timed out raises here: _run_and_print says what to do
         return finetune(config, return_state=True)
 
@@ -234,6 +235,27 @@ def _make_tiny_models(base: Path, codec: Path) -> None:
         from fish_speech_core.codec.config import FireflyConfig
 
         save_codec(init_codec(FireflyConfig.from_name("tiny"), seed=0), codec)
+
+
+# What the stages import when they first run (each lazily, so a command that does not need them
+# does not pay for them): ~7 s on 2 cores, most of it Lightning with torchmetrics and transformers.
+STAGE_IMPORTS = ("pyloudnorm", "pyarrow.parquet", "lightning.pytorch", "lightning.pytorch.loggers", "peft",
+                 "matplotlib.figure", "matplotlib.backends.backend_agg", "resemblyzer")
+
+
+def _warm_imports(server: Future) -> None:
+    """Import :data:`STAGE_IMPORTS` while Prefect's temporary server is still starting.
+
+    That start is a separate process (7-12 s) the flow must wait for; the main thread, idle
+    meanwhile, imports what the stages would import later, on the critical path. Stops as soon
+    as the server is up (a configured server is up at once, so nothing is imported early).
+    """
+    import importlib
+
+    for name in STAGE_IMPORTS:
+        if server.done():
+            return
+        importlib.import_module(name)
 
 
 def _start_ephemeral_server() -> Future:

@@ -67,7 +67,8 @@ def finetune_command(config: FinetuneConfig) -> None:
     _prefect_defaults()
     console = Console(stderr=True)
     _check_locks(config, console)
-    _run_and_print(config, console)
+    server = _start_ephemeral_server()
+    _run_and_print(config, console, lambda: _finetune_when_up(config, server))
 
 
 def _check_locks(config: FinetuneConfig, console) -> None:
@@ -211,14 +212,7 @@ def demo_command(
         with console.status("making a tiny random base model and codec (seeded: the same bytes every time)"):
             _make_tiny_models(base, codec)
 
-    def run():
-        from fishtune.flows.finetune import finetune
-
-        _warm_imports(server)
-        server.result()  # a start that timed out raises here: _run_and_print says what to do
-        return finetune(config, return_state=True)
-
-    _run_and_print(config, console, run)
+    _run_and_print(config, console, lambda: _finetune_when_up(config, server))
 
 
 DEMO_PREVIEW_TOKENS = 32
@@ -256,6 +250,15 @@ def _warm_imports(server: Future) -> None:
         if server.done():
             return
         importlib.import_module(name)
+
+
+def _finetune_when_up(config: FinetuneConfig, server: Future):
+    """The finetune flow's final state, called once ``server`` (:func:`_start_ephemeral_server`) is up."""
+    from fishtune.flows.finetune import finetune
+
+    _warm_imports(server)
+    server.result()  # a start that timed out raises here: _run_and_print says what to do
+    return finetune(config, return_state=True)
 
 
 def _start_ephemeral_server() -> Future:

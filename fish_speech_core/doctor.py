@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fish_speech_core.meta import on_meta
 from fish_speech_core.codes import CodeSpec, fit_problems
 
 Level = Literal["ok", "info", "warning", "error"]
@@ -128,7 +129,7 @@ def _check_weights(weights: Path, config) -> list[Finding]:
         return [Finding("error", f"{weights} holds no tensors", fix)]
     if config is None:
         return [Finding("info", f"{weights}: {len(state)} tensors (config.json unreadable: keys not checked)")]
-    with torch.device("meta"):  # shapes only: nothing allocated
+    with on_meta():  # shapes only: nothing allocated
         expected = DualARTransformer(config, 0).state_dict()
     problems = state_dict_problems(state, expected)
     if problems:

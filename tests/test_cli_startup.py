@@ -78,3 +78,27 @@ def test_the_modules_warmed_while_the_server_starts_exist():
     from fishtune.cli.flows import STAGE_IMPORTS
 
     assert [name for name in STAGE_IMPORTS if importlib.util.find_spec(name) is None] == []
+
+
+# Making and loading the models on the meta device (init-base, every load_pretrained, the doctor's
+# shape check) in a fresh interpreter: a default init or a rope table computed on meta runs a
+# Python decomposition that imports torch._dynamo and sympy (1-4 s).
+MODELS_ON_META = """
+import sys
+from pathlib import Path
+from fish_speech_core.lm.config import PRESETS
+from fish_speech_core.lm.init_base import init_base
+from fish_speech_core.lm.checkpoint import load_pretrained
+made = init_base(Path(sys.argv[1]), PRESETS["tiny"], seed=0)
+loaded = load_pretrained(Path(sys.argv[1])).model
+assert all((a == b).all() for a, b in zip(made.state_dict().values(), loaded.state_dict().values()))
+assert (loaded.rope == made.rope).all() and loaded.rope.device.type == "cpu"
+print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
+"""
+
+
+def test_models_built_on_meta_import_no_compiler(tmp_path):
+    done = subprocess.run([sys.executable, "-c", MODELS_ON_META, str(tmp_path / "base")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

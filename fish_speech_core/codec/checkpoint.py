@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fish_speech_core.codec.config import FireflyConfig, resolve_config
 from fish_speech_core.codec.model import FireflyCodec
+from fish_speech_core.meta import on_meta
 from fish_speech_core.files import atomic_torch_save
 from fish_speech_core.weights import WeightsError, read_weights
 
@@ -113,7 +114,7 @@ def load_codec(
         config = FireflyConfig.from_dict(stored)
     else:
         config = resolve_config("fish-speech-1.4")
-    with torch.device("meta"):
+    with on_meta():
         model = FireflyCodec(config, decoder=decoder)
     expected = model.state_dict()
     state = _normalize_keys(state, expected)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fish_speech_core.meta import on_meta
 from fish_speech_core.files import atomic_torch_save, atomic_write
 from fish_speech_core.lm.config import DualARConfig
 from fish_speech_core.lm.model import AttentionImpl, DualARTransformer
@@ -160,7 +161,7 @@ def load_pretrained(
         )
     state = normalize_state_dict(read_weights(folder / MODEL_FILE))
     # Build without allocating or initialising weights: they are assigned from the file.
-    with torch.device("meta"):
+    with on_meta():
         model = DualARTransformer(config, tokenizer.semantic_id, attention_impl)
     try:
         load_state_dict(model, state, dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from fish_speech_core.meta import on_meta, to_empty
 from fish_speech_core.lm.checkpoint import save_pretrained
 from fish_speech_core.lm.config import DualARConfig, find_multiple
 from fish_speech_core.lm.model import DualARTransformer, init_weights
@@ -133,9 +134,9 @@ def init_base(
     config = base_config(preset, tokenizer)
     generator = torch.Generator().manual_seed(seed)
     # Meta first: the default nn init would draw from the global RNG and waste time.
-    with torch.device("meta"):
+    with on_meta():
         model = DualARTransformer(config, tokenizer.semantic_id)
-    model.to_empty(device="cpu")
+    to_empty(model, "cpu")
     model.reset_buffers("cpu")
     init_weights(model, generator)
     save_pretrained(model, Path(out), tokenizer)

@@ -305,6 +305,10 @@ class DualARTransformer(nn.Module):
         """(Re)build the rotary tables, e.g. after building the model on the meta device."""
         c = self.config
         device = self.embeddings.weight.device if device is None else device
+        if torch.device(device).type == "meta":  # shapes only; the math on meta would import torch._dynamo
+            self.rope = torch.empty(c.max_seq_len, c.head_dim // 2, 2, device="meta")
+            self.fast_rope = torch.empty(c.num_codebooks, c.fast_head_dim // 2, 2, device="meta")
+            return
         with torch.device(device):
             self.rope = precompute_rope(c.max_seq_len, c.head_dim, c.rope_base)
             self.fast_rope = precompute_rope(c.num_codebooks, c.fast_head_dim, c.rope_base)

@@ -27,6 +27,7 @@ the same CPU clock).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -218,8 +219,9 @@ def main() -> int:
     e.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     e.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if "fishtune" in sys.modules or "fish_speech_core" in sys.modules:
-        raise SystemExit("bench/reference.py must run in the reference's venv, without fishtune")
+    if importlib.util.find_spec("fish_speech") is None:
+        raise SystemExit("bench/reference.py: no fish_speech (Fish Speech 1.4.3) in this interpreter; run it with "
+                         "the reference venv's python (docs/performance.md, 'Measuring against the reference')")
     if args.stage == "train":
         r = train(args.preset, args.steps, args.threads)
         print(f"reference train {r['preset']} {r['shape']}: {r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.2f} s/step, "

@@ -23,6 +23,14 @@ or a quiet machine:
 * demo: ``fishtune demo`` first run and unchanged rerun (``bench/flow.py --demo``); baseline: the
   first run.
 
+With ``--reference-python PATH`` (the interpreter of a venv that holds Fish Speech 1.4.3; setup in
+docs/performance.md, "Measuring against the reference"), the train and extract rows also run the
+reference's own code through ``bench/reference.py`` in that interpreter, alternated with ours in
+the same sitting, and print ours / reference beside the baselines above: the LoRA step (its
+DualARTransformer, LoRA and training_step at the same shape and settings, in a fresh process) and
+extraction in the loop (its Firefly with ``extract_vq.py``'s batching, batch 16 and batch 1; the
+better of the two is the reference's best setting).
+
 Benchmarks, not tests: nothing here asserts a speed. The machine's load average is printed
 beside the figures.
 """
@@ -33,6 +41,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,15 +60,40 @@ def _in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def train_row(quick: bool, steps: int) -> dict:
+def run_reference(python: str, *args: str) -> dict:
+    """``bench/reference.py ARGS`` in the reference's interpreter (its own venv); its figures."""
+    # Our PYTHONPATH / venv must not leak into the reference's interpreter.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "reference.json"
+        command = [python, str(ROOT / "bench" / "reference.py"), *args, "--json", str(out)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"reference driver failed (exit {done.returncode}): {' '.join(command)}: {last}")
+        print(done.stdout.strip(), flush=True)
+        return json.loads(out.read_text())
+
+
+def train_row(quick: bool, steps: int, reference_python: str | None = None) -> dict:
     from bench.train import run_case
 
     preset = "tiny" if quick else "mid"
-    cases = {case: _in_fresh_process(run_case, preset, case, steps, 2)
-             for case in ("ours", "ours+checkpointing", "reference-like")}
+    cases, reference = {}, None
+    for case in ("ours", "ours+checkpointing", "reference-like"):
+        cases[case] = _in_fresh_process(run_case, preset, case, steps, 2)
+        if case == "ours" and reference_python:  # alternated: ours, the reference, then the rest of ours
+            reference = run_reference(reference_python, "train", "--preset", preset, "--steps", str(steps),
+                                      "--threads", "2")
     base = cases["reference-like"]["tokens_per_s"]
-    return {"preset": preset, "steps": steps, "cases": cases,
-            "over_reference_like": {k: round(c["tokens_per_s"] / base, 3) for k, c in cases.items()}}
+    row = {"preset": preset, "steps": steps, "cases": cases,
+           "over_reference_like": {k: round(c["tokens_per_s"] / base, 3) for k, c in cases.items()}}
+    if reference:
+        row["reference"] = reference
+        row["over_reference"] = {k: {"speed": round(c["tokens_per_s"] / reference["tokens_per_s"], 3),
+                                     "peak_rss": round(c["peak_rss_mib"] / reference["peak_rss_mib"], 3)}
+                                 for k, c in cases.items()}
+    return row
 
 
 def make_data(tmp: Path, quick: bool) -> tuple[Path, Path]:
@@ -76,15 +110,46 @@ def make_data(tmp: Path, quick: bool) -> tuple[Path, Path]:
     return data, codec
 
 
-def extract_rows(data: Path, codec: Path, repeats: int) -> dict:
+REFERENCE_BATCH_SIZES = (16, 1)  # extract_vq.py's batching: 16 padded to the longest, and one file at a time
+
+
+def _best_of(loops: list[dict]) -> dict:
+    """``loop_vs_encoder`` results of several rounds as one: the best figure of each configuration."""
+    best = dict(loops[0], repeats=len(loops), peak_rss_mb=max(r["peak_rss_mb"] for r in loops),
+                codes_identical=all(r["codes_identical"] for r in loops))
+    best["configs"] = {name: {m: max(r["configs"][name][m] for r in loops) for m in figure}
+                       for name, figure in loops[0]["configs"].items()}
+    return best
+
+
+def extract_rows(data: Path, codec: Path, repeats: int, reference_python: str | None = None) -> dict:
     from bench.extract import loop_vs_encoder
     from bench.memory import fishtune, run_measured
 
-    loop = _in_fresh_process(loop_vs_encoder, str(data), repeats)
+    reference: dict[int, dict] = {}
+    if reference_python:  # rounds of: ours (one sweep), the reference at each batch size
+        rounds = []
+        for _ in range(repeats):
+            rounds.append(_in_fresh_process(loop_vs_encoder, str(data), 1))
+            for size in REFERENCE_BATCH_SIZES:
+                r = run_reference(reference_python, "extract", str(data), "--batch-size", str(size))
+                if size not in reference or r["audio_s_per_s"] > reference[size]["audio_s_per_s"]:
+                    reference[size] = r
+        loop = _best_of(rounds)
+    else:
+        loop = _in_fresh_process(loop_vs_encoder, str(data), repeats)
     cli = run_measured(fishtune("extract", str(data), "--checkpoint-path", str(codec), "--device", "cpu", "--overwrite"))
     in_loop = loop["configs"]["loop"]["audio_s_per_s"]
     audio = loop["audio_seconds"]
-    return {"loop": loop,
+    compared = {}
+    if reference:
+        best = max(reference.values(), key=lambda r: r["audio_s_per_s"])
+        compared = {"reference": {f"batch{size}": r for size, r in reference.items()},
+                    "reference_best_batch_size": best["batch_size"],
+                    "loop_over_reference_best": round(in_loop / best["audio_s_per_s"], 3),
+                    "loop_over_reference_best_per_cpu_s": round(
+                        loop["configs"]["loop"]["audio_s_per_cpu_s"] / max(r["audio_s_per_cpu_s"] for r in reference.values()), 3)}
+    return {"loop": loop, **compared,
             "loop_over_1_decode_process": round(in_loop / loop["configs"]["loop, 1 decode process"]["audio_s_per_s"], 3),
             "loop_over_encoder_alone": round(in_loop / loop["configs"]["encoder alone"]["audio_s_per_s"], 3),
             "cli": {"wall_s": round(cli["wall_s"], 2), "audio_s_per_s": round(audio / cli["wall_s"], 2),
@@ -127,6 +192,15 @@ def table(figures: dict) -> str:
             lines.append(f"| LoRA step {t['preset']} {c['shape']}, {label} | {c['tokens_per_s']:.0f} tok/s, "
                          f"{c['peak_rss_mib']:.0f} MiB peak | reference-like {ref['tokens_per_s']:.0f} tok/s, "
                          f"{ref['peak_rss_mib']:.0f} MiB | {t['over_reference_like'][case]:.2f}x |")
+        if "reference" in t:
+            r = t["reference"]
+            for case, label in (("ours", "default config"), ("ours+checkpointing", "checkpointing on"),
+                                ("reference-like", "reference-like")):
+                c, ratio = t["cases"][case], t["over_reference"][case]
+                lines.append(f"| LoRA step {t['preset']} {c['shape']}, {label}, vs the reference | "
+                             f"{c['tokens_per_s']:.0f} tok/s, {c['peak_rss_mib']:.0f} MiB peak | Fish Speech 1.4.3 "
+                             f"{r['tokens_per_s']:.0f} tok/s, {r['peak_rss_mib']:.0f} MiB | speed {ratio['speed']:.2f}x, "
+                             f"peak RSS {ratio['peak_rss']:.2f}x |")
     if "extract" in figures:
         e = figures["extract"]
         c = e["loop"]["configs"]
@@ -135,6 +209,12 @@ def table(figures: dict) -> str:
                      f"{c['loop']['audio_s_per_s']:.1f} audio-s/s ({c['loop']['audio_s_per_cpu_s']:.1f} per CPU-s) | "
                      f"1 decode process {c['loop, 1 decode process']['audio_s_per_s']:.1f} | "
                      f"{e['loop_over_1_decode_process']:.2f}x |")
+        if "reference" in e:
+            refs = ", ".join(f"batch {r['batch_size']} {r['audio_s_per_s']:.1f} ({r['audio_s_per_cpu_s']:.1f} per CPU-s)"
+                             for r in e["reference"].values())
+            lines.append(f"| extract in the loop vs the reference (its batching, best of batch 16 / 1) | "
+                         f"{c['loop']['audio_s_per_s']:.1f} audio-s/s | Fish Speech 1.4.3 {refs} | "
+                         f"{e['loop_over_reference_best']:.2f}x ({e['loop_over_reference_best_per_cpu_s']:.2f}x per CPU-s) |")
         lines.append(f"| extract in the loop vs its ceiling | {c['loop']['audio_s_per_s']:.1f} audio-s/s | encoder alone "
                      f"{c['encoder alone']['audio_s_per_s']:.1f} | {e['loop_over_encoder_alone']:.2f}x |")
         lines.append(f"| `fishtune extract` as a whole | {e['cli']['wall_s']:.1f} s, {e['cli']['audio_s_per_s']:.1f} "
@@ -161,20 +241,25 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per case")
     parser.add_argument("--repeats", type=int, default=None, help="extraction sweeps (default 2, quick 1)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--reference-python", metavar="PATH",
+                        help="interpreter of a venv with Fish Speech 1.4.3: train and extract also run the reference")
     args = parser.parse_args()
+    if args.reference_python and not os.access(args.reference_python, os.X_OK):
+        parser.error(f"--reference-python {args.reference_python}: not an executable file")
     rows = args.only or [r for r in ROWS if not (args.quick and r == "demo")]
     repeats = args.repeats or (1 if args.quick else 2)
     started = time.perf_counter()
-    figures: dict = {"cpus": os.cpu_count(), "quick": args.quick, "load_average_1min_before": round(os.getloadavg()[0], 2)}
+    figures: dict = {"cpus": os.cpu_count(), "quick": args.quick, "load_average_1min_before": round(os.getloadavg()[0], 2),
+                     "reference_python": args.reference_python}
     with tempfile.TemporaryDirectory() as tmp:
         if "extract" in rows or "startup" in rows:
             data, codec = make_data(Path(tmp), args.quick)
         for row in rows:
             print(f"== {row}", flush=True)
             if row == "train":
-                figures["train"] = train_row(args.quick, args.steps)
+                figures["train"] = train_row(args.quick, args.steps, args.reference_python)
             elif row == "extract":
-                figures["extract"] = extract_rows(data, codec, repeats)
+                figures["extract"] = extract_rows(data, codec, repeats, args.reference_python)
             elif row == "startup":
                 figures["startup"] = startup_row(data, codec)
             elif row == "demo":

@@ -33,6 +33,6 @@ CPU_BATCH_SECONDS = 60.0
 # (1 shard up to 2000 clips, 2 up to 4000, ...)
 DATA_ITEMS_PER_SHARD = 2000
 DATA_MAX_SHARDS = 16
-# extract: decode worker processes; 0 = one decode thread in the extracting process, overlapping
-# the encoder (it beat one worker process in every same-run pair on 2 shared cores, docs/codec.md)
+# extract: decode worker processes; 0 = the extracting process decodes (in line on CPU, a thread
+# ahead of a GPU encoder). On 2 quiet cores it beat one worker process in every same-run pair.
 EXTRACT_DECODE_WORKERS = 0

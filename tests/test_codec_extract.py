@@ -210,17 +210,37 @@ def test_bucketed_and_file_order_batching_give_identical_codes(model, tmp_path, 
                 assert np.array_equal(codes[path], baseline[path]), (batch_size, bucket, path.name)
 
 
-def test_decode_thread_loads_ahead_and_ends_with_its_consumer(model, data):
-    def decode_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name.startswith("fishtune-decode")]
+def _decode_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("fishtune-decode")]
 
+
+def test_decode_thread_loads_ahead_and_ends_with_its_consumer():
+    """The GPU path's decode thread (no GPU here: its loader alone, with a stand-in load)."""
+    from fish_speech_core.codec.extract import _prefetched
+
+    loaded, ahead = [], threading.Event()
+
+    def load(index: int) -> int:
+        loaded.append(index)
+        if index == 2:
+            ahead.set()
+        return index
+
+    batches = _prefetched([[0], [1], [2], [3], [4]], load, depth=2)
+    assert next(batches) == [0]
+    assert ahead.wait(10)  # batches 1 and 2 load while 0 is consumed
+    assert len(_decode_threads()) == 1
+    batches.close()  # e.g. the run stops on an error: the thread is joined, nothing keeps running
+    assert _decode_threads() == [] and 4 not in loaded
+
+
+def test_cpu_extraction_decodes_in_line(model, data):
     plan = plan_extraction(list(audio_paths(data).values()), model, FAST)
     results = encode_batches(model, plan.todo, ExtractSettings(num_workers=0, batch_size=1))
     job, codes, digest, error = next(results)
     assert codes is not None and codes.dtype == np.int32 and error == "" and len(digest) == 64
-    assert len(decode_threads()) == 1  # the next files load while this one is consumed
-    results.close()  # e.g. the run stops on an error: the thread is joined, nothing keeps running
-    assert decode_threads() == []
+    assert _decode_threads() == []  # on CPU a thread beside the encoder only slows it
+    results.close()
 
 
 def test_make_batches_buckets_by_length():

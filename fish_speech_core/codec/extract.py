@@ -1,9 +1,11 @@
 """Semantic-token extraction: audio files -> ``<stem>.npy`` int32 codes (groups, frames).
 
 Pipeline: :func:`plan_extraction` reads headers only (lengths, rejections) and decides what is
-already done; :func:`run_extraction` decodes, resamples and (on CPU) computes log-mels in a
-decode thread, or in DataLoader worker processes, while the main thread encodes length-bucketed
-batches under ``torch.inference_mode``.
+already done; :func:`run_extraction` decodes, resamples and (on CPU) computes log-mels, then
+encodes length-bucketed batches under ``torch.inference_mode``. With no worker processes, a CPU
+codec decodes each batch just before encoding it (a thread beside it slowed both, see
+:func:`_loaded_batches`) and a GPU codec has a decode thread stay ahead; with workers, DataLoader
+processes decode.
 
 Incremental by content: each ``x.npy`` gets a sidecar ``x.npy.json`` recording the sha256 of
 the audio bytes, the codec hash (:func:`~fish_speech_core.codec.checkpoint.codec_hash`), the
@@ -66,7 +68,7 @@ class ExtractSettings:
     """Knobs of one extraction run. Only ``dtype`` changes the codes (it is in the sidecar)."""
 
     batch_size: int = 16
-    num_workers: int = EXTRACT_DECODE_WORKERS  # 0: a decode thread beside the encoder
+    num_workers: int = EXTRACT_DECODE_WORKERS  # 0: this process decodes (in line on CPU, a thread on GPU)
     max_seconds: float = MAX_SECONDS
     dtype: str = "fp32"  # "fp32" (reference parity) or "bf16" (autocast on the encoder)
     overwrite: bool = False
@@ -293,7 +295,7 @@ class _Loaded:
 
 class _AudioDataset(torch.utils.data.Dataset):
     """Reads, hashes, downmixes and resamples one file (and, given ``spec_transform``, computes
-    its log-mel); runs in the decode thread or in DataLoader workers, beside the encoder."""
+    its log-mel); runs in the extracting thread, a decode thread or DataLoader workers."""
 
     def __init__(self, jobs: Sequence[Job], sample_rate: int, max_seconds: float,
                  spec_transform: torch.nn.Module | None = None, min_samples: int = 1) -> None:
@@ -364,6 +366,14 @@ def _loaded_batches(
     # on a GPU the encoder's device computes it faster.
     spec = model.spec_transform if device.type == "cpu" else None
     dataset = _AudioDataset(jobs, model.sample_rate, settings.max_seconds, spec, model.config.samples_per_code)
+    if settings.num_workers == 0 and device.type == "cpu":
+        # In line, not in a thread: the encoder already keeps every core busy, and a decode thread's
+        # own torch ops (resampling, STFT) made the two OpenMP teams contend. Quiet 2 cores, same
+        # run, 24 clips / 184 s: 32-35 audio-s/s in line (the encoder alone on decoded audio: 33-35)
+        # against 23-28 with the thread (docs/codec.md).
+        for batch in batches:
+            yield [dataset[i] for i in batch]
+        return
     if settings.num_workers == 0:
         yield from _prefetched(batches, dataset.__getitem__)
         return

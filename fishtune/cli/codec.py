@@ -64,7 +64,8 @@ def extract_command(
     ),
     num_workers: int = typer.Option(
         EXTRACT_DECODE_WORKERS, "--num-workers", min=0, help="Data-loader worker processes that read, decode "
-        "and resample audio while the codec encodes (0: one thread of this process does it, alongside).",
+        "and resample audio while the codec encodes (0: this process does it: before each batch on CPU, in a thread "
+        "ahead of the GPU on CUDA).",
     ),
     device: Device = typer.Option(Device.auto, "--device", help="Where the codec runs (auto: cuda if available)."),
     filelist: Path | None = typer.Option(

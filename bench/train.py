@@ -65,6 +65,7 @@ def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
     import torch
 
     from fish_speech_core.lm import lm_losses
+    from fish_speech_core.lm.loss import training_loss_sums
 
     from fish_speech_core.allocator import release_freed_memory
 
@@ -75,7 +76,10 @@ def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
     model, params, optimizer, (inputs, labels, padding) = build_lora_step(
         preset, checkpointing, batch, seq_len, impl, threads)
 
-    def loss():  # the outputs go out of scope before backward, as in Lightning's training_step
+    def loss():  # as fishtune's training_step computes it; the reference-like case as the reference does
+        if impl == "sdpa":
+            sums = training_loss_sums(model, inputs, padding, labels)
+            return sums.text_sum / sums.text_count + sums.code_sum / sums.code_count
         out = model(inputs, padding)
         return lm_losses(out.token_logits, out.codebook_logits, labels, logits_are_scratch=True).loss
 

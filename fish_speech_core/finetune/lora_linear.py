@@ -15,6 +15,8 @@ as a base, so its state-dict names, ``merge`` and ``isinstance`` checks are unch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
@@ -27,7 +29,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 drop: Tensor | None, keep_scale: float, scaling: float,
-                gate: Tensor | None = None, up: Tensor | None = None) -> Tensor:
+                rebuild: Callable[..., Tensor] | None = None, *sources: Tensor) -> Tensor:
         width = x.shape[-1]
         x2 = x.reshape(-1, width)
         y = F.linear(x2, weight, bias)
@@ -38,17 +40,22 @@ class _LoraLinearFunction(torch.autograd.Function):
         if keep_scale != 1.0:
             h.mul_(keep_scale)
         y.addmm_(h, lora_b.t(), alpha=scaling)
-        # x = silu(gate) * up (a SwiGLU's output): keep the two inputs the SwiGLU keeps anyway and
-        # rebuild x in backward, instead of a third (rows, hidden) tensor per feed-forward
-        ctx.rebuild = gate is not None
-        ctx.save_for_backward(*((gate, up) if ctx.rebuild else (x2, None)), weight, lora_a, lora_b, h, drop)
+        # x = rebuild(*sources), whose producer keeps the sources for its own backward anyway (a
+        # SwiGLU's two inputs, an RMSNorm's input): keep those and rebuild x in backward, instead of
+        # one more (rows, width) tensor per layer
+        ctx.rebuild = rebuild
+        ctx.save_for_backward(weight, lora_a, lora_b, h, drop, *(sources if rebuild is not None else (x2,)))
         ctx.keep_scale, ctx.scaling, ctx.has_bias = keep_scale, scaling, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        first, up, weight, lora_a, lora_b, h, drop = ctx.saved_tensors
-        x2 = F.silu(first).mul_(up).reshape(-1, first.shape[-1]) if ctx.rebuild else first
+        weight, lora_a, lora_b, h, drop, *kept = ctx.saved_tensors
+        if ctx.rebuild is None:
+            (x2,) = kept
+        else:
+            x2 = ctx.rebuild(*kept)
+            x2 = x2.reshape(-1, x2.shape[-1])
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         g2 = grad.reshape(-1, grad.shape[-1])
         dropped = drop is not None and drop.numel() > 0
@@ -78,7 +85,8 @@ class _LoraLinearFunction(torch.autograd.Function):
             grad_w = g2.t() @ x2
         if need_b and ctx.has_bias:
             grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None, None, None
+        sources = len(kept) if ctx.rebuild is not None else 0
+        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None, None, None, *(None,) * sources
 
 
 class FusedLoraLinear(LoraLinear):
@@ -103,14 +111,15 @@ class FusedLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         return self._fused(x)
 
-    def forward_swiglu(self, x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
-        """This layer on ``x = silu(gate) * up`` (computed by the caller, who keeps ``gate`` and
-        ``up`` for its own backward): the same value as ``self(x)``, but ``x`` is not kept."""
+    def forward_rebuilt(self, x: Tensor, rebuild: Callable[..., Tensor], *sources: Tensor) -> Tensor:
+        """This layer on ``x == rebuild(*sources)``, computed by a caller that keeps ``sources`` for
+        its own backward (e.g. an RMSNorm's input): the same value as ``self(x)``, but ``x`` is not
+        kept; backward calls ``rebuild(*sources)``, which must give ``x`` again bit for bit."""
         if not self._fusable(x, (), {}):
             return super().forward(x)
-        return self._fused(x, gate, up)
+        return self._fused(x, rebuild, *sources)
 
-    def _fused(self, x: Tensor, gate: Tensor | None = None, up: Tensor | None = None) -> Tensor:
+    def _fused(self, x: Tensor, rebuild: Callable[..., Tensor] | None = None, *sources: Tensor) -> Tensor:
         lora_a = self.lora_A[ADAPTER]
         drop, keep_scale = None, 1.0
         if isinstance(lora_a, DroppedLoraA):
@@ -119,7 +128,7 @@ class FusedLoraLinear(LoraLinear):
                 keep_scale = lora_a.keep_scale
         return _LoraLinearFunction.apply(x, self.base_layer.weight, self.base_layer.bias, lora_a.weight,
                                          self.lora_B[ADAPTER].weight, drop, keep_scale, self.scaling[ADAPTER],
-                                         gate, up)
+                                         rebuild, *sources)
 
 
 def fuse_lora_linears(model: nn.Module) -> None:

@@ -38,7 +38,7 @@ from fish_speech_core import defaults
 from fish_speech_core.allocator import release_freed_memory
 from fish_speech_core.choices import Backend, TrainStrategy, values
 from fish_speech_core.finetune.dropout import use_sample_dropout
-from fish_speech_core.lm.loss import lm_loss_sums
+from fish_speech_core.lm.loss import training_loss_sums
 from fish_speech_core.lm import DualARTransformer, lm_losses
 
 
@@ -297,10 +297,8 @@ class LoraFinetune(pl.LightningModule):
         rows = self.model.fast_rows(inputs)
         self.dropout.set(batch["uids"], (~padding).sum(1).cpu(),
                          torch.bincount(rows // inputs.shape[2], minlength=inputs.shape[0]).cpu())
-        out = self.model(inputs, padding)
-        # `out` is dropped when this returns, before backward: its logits may take their gradients
-        sums = lm_loss_sums(out.token_logits.float(), out.codebook_logits.float(), batch["labels"],
-                            logits_are_scratch=True)
+        # the token head's logits never outlive their forward; the codebook logits take their gradients
+        sums = training_loss_sums(self.model, inputs, padding, batch["labels"])
         # One all-reduce of the counts (and, for the logs, the sums) over the ranks. Each rank's
         # loss is its share of the global sums over the global counts, times the world size: DDP
         # averages the gradients over the ranks, so they come out as the gradient of the mean

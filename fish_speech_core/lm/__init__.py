@@ -7,7 +7,7 @@ _WHERE = {
     "CheckpointError": "checkpoint", "Pretrained": "checkpoint", "load_pretrained": "checkpoint",
     "load_state_dict": "checkpoint", "save_pretrained": "checkpoint",
     "PRESETS": "config", "ConfigError": "config", "DualARConfig": "config",
-    "LMLosses": "loss", "lm_losses": "loss",
+    "LMLosses": "loss", "lm_losses": "loss", "training_loss_sums": "loss",
     "DualAROutput": "model", "DualARTransformer": "model", "init_weights": "model",
 }
 __getattr__ = exports(__name__, _WHERE)
@@ -26,4 +26,5 @@ __all__ = [
     "load_pretrained",
     "load_state_dict",
     "save_pretrained",
+    "training_loss_sums",
 ]

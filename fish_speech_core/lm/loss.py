@@ -60,6 +60,52 @@ def cross_entropy_sum(logits: Tensor, labels: Tensor, overwrite: bool = False) -
     return _CrossEntropySum.apply(logits, labels, overwrite)
 
 
+class _HeadCrossEntropySum(torch.autograd.Function):
+    """``cross_entropy_sum(head(hidden), labels)`` whose gradients are computed in forward.
+
+    The head's logits (B·T x 32k floats, 250 MiB at 2x1024) then live only inside this call: at
+    the step's peak, in the fast transformer's forward and backward, they no longer coexist with
+    its activations. Forward runs the head and its backward on a detached copy of ``hidden``
+    (autograd.grad: nothing is accumulated), keeps the gradients of ``hidden`` and of the head's
+    parameters that train, and backward returns them times the incoming scalar, so autograd (and
+    DDP's hooks) accumulate them as for any layer. The head's randomness (adapter dropout) is
+    drawn once, where the head runs in the forward, as before.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, head, labels: Tensor, *params: Tensor) -> Tensor:
+        trains = [i for i, p in enumerate(params) if p.requires_grad]
+        with torch.enable_grad():
+            detached = hidden.detach().requires_grad_(hidden.requires_grad)
+            logits = head(detached)
+            total = cross_entropy_sum(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), True)
+            del logits
+            wrt = ([detached] if hidden.requires_grad else []) + [params[i] for i in trains]
+            grads = list(torch.autograd.grad(total, wrt)) if wrt else []
+        ctx.grad_hidden = grads.pop(0) if hidden.requires_grad else None
+        ctx.grads = dict(zip(trains, grads))
+        ctx.num_params = len(params)
+        return total.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_hidden = None if ctx.grad_hidden is None else ctx.grad_hidden * grad
+        grads = [ctx.grads[i] * grad if i in ctx.grads else None for i in range(ctx.num_params)]
+        return grad_hidden, None, None, *grads
+
+
+def head_cross_entropy_sum(head, hidden: Tensor, labels: Tensor, params: list[Tensor]) -> Tensor:
+    """``cross_entropy_sum(head(hidden).reshape(-1, C), labels.reshape(-1))`` (ignore index −100)
+    for a training step, without keeping the logits for backward (:class:`_HeadCrossEntropySum`).
+
+    ``params``: every parameter ``head`` uses. Outside autograd it is the plain sum."""
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or any(p.requires_grad for p in params)):
+        logits = head(hidden)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return _HeadCrossEntropySum.apply(hidden, head, labels, *params)
+
+
 @dataclass(frozen=True)
 class LMLosses:
     """base_loss: token CE; semantic_loss: codebook CE; loss = their sum (what is trained);
@@ -116,15 +162,18 @@ class LMLossSums:
                             (self.text_sum, self.text_count, self.code_sum, self.code_count, self.hits, self.counted)])
 
 
-def lm_loss_sums(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor,
-                 logits_are_scratch: bool = False) -> LMLossSums:
+def lm_loss_sums(token_logits: Tensor | None, codebook_logits: Tensor, labels: Tensor,
+                 logits_are_scratch: bool = False, text_sum: Tensor | None = None) -> LMLossSums:
     """:func:`lm_losses` before the division by the label counts (same shapes, same labels).
 
     ``logits_are_scratch``: the caller drops both logits after this call (a training step), so
-    backward writes their gradients into them (:func:`cross_entropy_sum`'s ``overwrite``)."""
+    backward writes their gradients into them (:func:`cross_entropy_sum`'s ``overwrite``).
+    ``text_sum``: the token cross-entropy sum, already computed (:func:`training_loss_sums`);
+    ``token_logits`` is then not used."""
     num_codebooks = codebook_logits.size(2)
     text_labels = labels[:, 0].reshape(-1)
-    text_sum = cross_entropy_sum(token_logits.reshape(-1, token_logits.size(-1)), text_labels, logits_are_scratch)
+    if text_sum is None:
+        text_sum = cross_entropy_sum(token_logits.reshape(-1, token_logits.size(-1)), text_labels, logits_are_scratch)
     codebook_labels = labels[:, 1 : 1 + num_codebooks].transpose(1, 2)  # (B, T, K)
     code_sum = cross_entropy_sum(codebook_logits.reshape(-1, codebook_logits.size(-1)), codebook_labels.reshape(-1),
                                  logits_are_scratch)
@@ -137,3 +186,15 @@ def lm_loss_sums(token_logits: Tensor, codebook_logits: Tensor, labels: Tensor,
         code_sum=code_sum, code_count=(codebook_labels != IGNORE_INDEX).sum(),
         hits=hits, counted=counted.sum(),
     )
+
+
+def training_loss_sums(model, inputs: Tensor, key_padding_mask: Tensor | None, labels: Tensor) -> LMLossSums:
+    """:func:`lm_loss_sums` of a training step of ``model`` (a DualARTransformer): the same values
+    as ``lm_loss_sums(out.token_logits.float(), out.codebook_logits.float(), labels)`` on
+    ``out = model(inputs, key_padding_mask)`` (in fp32 up to float rounding), with the token
+    head's logits never kept for backward and the codebook logits overwritten by their gradients."""
+    hidden = model.slow_hidden(inputs, key_padding_mask)
+    text_sum = head_cross_entropy_sum(lambda h: model.token_logits(h).float(), hidden, labels[:, 0],
+                                      model.head_parameters())
+    codebook_logits = model.codebook_logits(inputs, hidden).float()
+    return lm_loss_sums(None, codebook_logits, labels, logits_are_scratch=True, text_sum=text_sum)

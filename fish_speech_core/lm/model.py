@@ -22,6 +22,7 @@ Checkpoint folders are read and written by ``lm.checkpoint``; the model holds no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,19 +84,46 @@ class RMSNorm(nn.Module):
 class _SwiGLU(torch.autograd.Function):
     """silu(a) * b that saves only a and b: autograd's silu-then-mul also kept silu(a), a third
     (N, hidden) tensor per layer (the fast layers run 8 positions per frame). silu is recomputed
-    in backward with the same kernels, so the gradients are autograd's."""
+    in backward with the same kernels, so the gradients are autograd's.
+
+    With ``scratch`` (FeedForward: ``a`` and ``b`` are its w1/w3 outputs, which nothing else keeps;
+    a LoRA w2 that rebuilds its input from them has run its backward already), backward writes
+    ``a``'s gradient over ``a`` and forms its product in ``b``: one (N, hidden) tensor less at
+    the backward's peak.
+    A second backward through the same graph (retain_graph) is refused by autograd's version
+    check, never computed from overwritten values."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, scratch: bool = False) -> Tensor:
         ctx.save_for_backward(a, b)
-        return F.silu(a) * b
+        ctx.scratch = scratch
+        return F.silu(a).mul_(b)  # the product in silu's output: one (N, hidden) temporary less
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         a, b = ctx.saved_tensors
-        grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
-        grad_b = F.silu(a).mul_(grad) if ctx.needs_input_grad[1] else None  # one (N, hidden) temporary less
-        return grad_a, grad_b
+        need_a, need_b = ctx.needs_input_grad[:2]
+        grad_b = F.silu(a).mul_(grad) if need_b else None
+        grad_a = None
+        if need_a and ctx.scratch:  # silu'(a) * (grad * b), the product formed in b and the result in a
+            grad_a = torch.ops.aten.silu_backward.grad_input(b.mul_(grad), a, grad_input=a)
+        elif need_a:
+            grad_a = torch.ops.aten.silu_backward(grad * b, a)
+        return grad_a, grad_b, None
+
+
+def _silu_mul(a: Tensor, b: Tensor) -> Tensor:
+    return F.silu(a).mul_(b)  # bit for bit _SwiGLU's forward
+
+
+def linear_on(layer: nn.Module, x: Tensor, rebuild: Callable[..., Tensor] | None = None, *sources: Tensor) -> Tensor:
+    """``layer(x)`` where ``x == rebuild(*sources)`` and the caller's autograd keeps ``sources``
+    anyway: a LoRA-adapted layer (finetune.lora_linear) then keeps no copy of ``x`` for its
+    backward and rebuilds it there; any other layer just runs."""
+    forward_rebuilt = getattr(layer, "forward_rebuilt", None)
+    if rebuild is None or forward_rebuilt is None or not torch.is_grad_enabled():
+        return layer(x)
+    return forward_rebuilt(x, rebuild, *sources)
 
 
 class FeedForward(nn.Module):
@@ -107,14 +135,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w1(x), self.w3(x)
+    def forward(self, x: Tensor, norm: nn.Module | None = None, norm_input: Tensor | None = None) -> Tensor:
+        """``x`` is ``norm(norm_input)`` when both are given (see :func:`linear_on`)."""
+        a, b = linear_on(self.w1, x, norm, norm_input), linear_on(self.w3, x, norm, norm_input)
         if not torch.is_grad_enabled():
             return self.w2(F.silu(a) * b)
-        hidden = _SwiGLU.apply(a, b)
-        # A LoRA-adapted w2 (finetune.lora_linear) can rebuild its input from a and b in backward.
-        forward_swiglu = getattr(self.w2, "forward_swiglu", None)
-        return forward_swiglu(hidden, a, b) if forward_swiglu is not None else self.w2(hidden)
+        return linear_on(self.w2, _SwiGLU.apply(a, b, True), _silu_mul, a, b)
 
 
 class Attention(nn.Module):
@@ -141,12 +167,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, (n_head + 2 * n_local_heads) * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_head * head_dim, dim, bias=False)
 
-    def project(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, dim) -> q (B, T, n_head, head_dim), k and v (B, T, n_local_heads, head_dim), rotated."""
+    def project(self, x: Tensor, rope: Tensor, norm: nn.Module | None = None,
+                norm_input: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, dim) -> q (B, T, n_head, head_dim), k and v (B, T, n_local_heads, head_dim), rotated.
+
+        ``x`` is ``norm(norm_input)`` when both are given (see :func:`linear_on`)."""
         b, t, _ = x.shape
         q_size = self.n_head * self.head_dim
         kv_size = self.n_local_heads * self.head_dim
-        qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
+        qk, v = linear_on(self.wqkv, x, norm, norm_input).split([q_size + kv_size, kv_size], dim=-1)
         # q and k rotated in one call (the same values: the rotation is elementwise per head);
         # halves the small ops of a decode step, where per-op overhead is the cost.
         qk = apply_rope(qk.view(b, t, self.n_head + self.n_local_heads, self.head_dim), rope)
@@ -154,11 +183,10 @@ class Attention(nn.Module):
         # v's own copy: as a view it kept the whole q/k/v projection alive for backward
         return q, k, v.reshape(b, t, self.n_local_heads, self.head_dim).contiguous()
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, norm: nn.Module | None = None,
+                norm_input: Tensor | None = None) -> Tensor:
         """x (B, T, dim); mask (B, 1, T, T) bool, True = may attend, or None for plain causal."""
-        b, t, _ = x.shape
-        q_size = self.n_head * self.head_dim
-        q, k, v = (y.transpose(1, 2) for y in self.project(x, rope))  # (B, H, T, head_dim)
+        q, k, v = (y.transpose(1, 2) for y in self.project(x, rope, norm, norm_input))  # (B, H, T, head_dim)
         dropout_p = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
             # SDPA shares each k/v head over its query group itself: no repeated copies of k and v
@@ -168,11 +196,19 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
                 enable_gqa=self.n_head != self.n_local_heads,
             )
-        else:
-            repeats = self.n_head // self.n_local_heads
-            y = explicit_attention(q, k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1),
-                                   mask, dropout_p)
-        return self.wo(y.transpose(1, 2).reshape(b, t, q_size))
+            # SDPA keeps its output for backward; wo rebuilds its (rows, heads x dim) input from it
+            # instead of keeping that copy too (see linear_on)
+            return linear_on(self.wo, _heads_to_rows(y), _heads_to_rows, y)
+        repeats = self.n_head // self.n_local_heads
+        y = explicit_attention(q, k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1),
+                               mask, dropout_p)
+        return self.wo(_heads_to_rows(y))
+
+
+def _heads_to_rows(y: Tensor) -> Tensor:
+    """(B, H, T, head_dim) -> (B, T, H * head_dim)."""
+    b, h, t, d = y.shape
+    return y.transpose(1, 2).reshape(b, t, h * d)
 
 
 def causal_mask(t: int, device: torch.device) -> Tensor:
@@ -213,8 +249,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(dim, norm_eps)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # Each norm keeps its input for backward; the projections after it rebuild their input from
+        # that instead of keeping the normed copy too (2 x (rows, dim) per layer; see linear_on).
+        h = x + self.attention(self.attention_norm(x), rope, mask, self.attention_norm, x)
+        return h + self.feed_forward(self.ffn_norm(h), self.ffn_norm, h)
 
 
 # --- the model ---------------------------------------------------------------------------
@@ -364,7 +402,7 @@ class DualARTransformer(nn.Module):
     def fast_logits(self, x: Tensor) -> Tensor:
         """Fast transformer over (N, K, fast_dim) codebook sequences -> (N, K, codebook_size)."""
         x = self._run_layers(self.fast_layers, x, self.fast_rope[: x.size(1)], None)
-        return self.fast_output(self.fast_norm(x))
+        return linear_on(self.fast_output, self.fast_norm(x), self.fast_norm, x)
 
     def fast_rows(self, inputs: Tensor) -> Tensor:
         """Which of the B·T positions (flattened, b-major) the fast transformer runs on, ascending.
@@ -402,8 +440,22 @@ class DualARTransformer(nn.Module):
                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
             )
         hidden = self.slow_hidden(inputs, key_padding_mask)
-        token_logits = self.token_logits(hidden)
+        return DualAROutput(
+            token_logits=self.token_logits(hidden),
+            codebook_logits=self.codebook_logits(inputs, hidden),
+            hidden_states=hidden,
+        )
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters :meth:`token_logits` uses (final norm and output layer, adapters included)."""
+        head = self.embeddings if self.config.tie_word_embeddings else self.output
+        return [*self.norm.parameters(), *head.parameters()]
+
+    def codebook_logits(self, inputs: Tensor, hidden: Tensor) -> Tensor:
+        """The fast transformer's teacher-forced logits (B, T, K, codebook_size) on the slow
+        ``hidden`` (B, T, dim) of ``inputs``; exactly 0.0 on the rows :meth:`fast_rows` skips."""
+        c = self.config
+        b, _, t = inputs.shape
         # Fast input at t: [hidden(t), emb(code_0(t+1)), ..., emb(code_{K-2}(t+1))].
         next_codes = F.pad(inputs[:, 1 : c.num_codebooks, 1:], (0, 1))  # (B, K-1, T)
         x = torch.cat(
@@ -414,11 +466,7 @@ class DualARTransformer(nn.Module):
         logits = self.fast_logits(x.index_select(0, rows))
         # index_put_ (unlike index_copy) keeps only the row numbers for backward, not the logits
         codebook_logits = logits.new_zeros(b * t, c.num_codebooks, c.codebook_size).index_put_((rows,), logits)
-        return DualAROutput(
-            token_logits=token_logits,
-            codebook_logits=codebook_logits.view(b, t, c.num_codebooks, c.codebook_size),
-            hidden_states=hidden,
-        )
+        return codebook_logits.view(b, t, c.num_codebooks, c.codebook_size)
 
 
 def init_weights(model: DualARTransformer, generator: torch.Generator | None = None) -> None:

@@ -110,7 +110,7 @@ def test_add_lora_folds_every_dropped_linear_and_keeps_names():
 
 
 def test_an_adapted_w2_rebuilds_its_swiglu_input_with_the_same_values_and_gradients():
-    from fish_speech_core.lm.model import _SwiGLU
+    from fish_speech_core.lm.model import _silu_mul, _SwiGLU, linear_on
 
     torch.manual_seed(0)
     model = nn.Sequential()
@@ -123,7 +123,7 @@ def test_an_adapted_w2_rebuilds_its_swiglu_input_with_the_same_values_and_gradie
     grad_out = torch.randn(4, 3, 12)
     params = (a, b, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     torch.manual_seed(1)
-    ours = layer.forward_swiglu(_SwiGLU.apply(a, b), a, b)
+    ours = linear_on(layer, _SwiGLU.apply(a, b), _silu_mul, a, b)
     mine = torch.autograd.grad(ours, params, grad_out)
     torch.manual_seed(1)
     plain = layer(torch.nn.functional.silu(a) * b)
@@ -131,3 +131,33 @@ def test_an_adapted_w2_rebuilds_its_swiglu_input_with_the_same_values_and_gradie
     torch.testing.assert_close(ours, plain, rtol=0, atol=0)
     for x, y in zip(mine, theirs):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_an_adapted_layer_after_a_norm_rebuilds_the_normed_input_with_the_same_values_and_gradients():
+    """TransformerBlock's projections keep the norm's input (kept by the norm anyway), not its output."""
+    from fish_speech_core.lm.model import RMSNorm, linear_on
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fast_output", nn.Linear(16, 24, bias=False))  # a target name (after fast_norm)
+    layer = add_lora(model, LoraSettings(dropout=0.2)).train().fast_output
+    norm = RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+        norm.weight.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(False)  # frozen, as under LoRA
+    x = torch.randn(4, 3, 16, requires_grad=True)
+    grad_out = torch.randn(4, 3, 24)
+    params = (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(1)
+        ours = linear_on(layer, norm(x), norm, x)
+    assert not any(t.shape == x.shape and not torch.equal(t, x) for t in saved)  # no normed copy kept
+    mine = torch.autograd.grad(ours, params, grad_out)
+    torch.manual_seed(1)
+    plain = layer(norm(x))
+    theirs = torch.autograd.grad(plain, params, grad_out)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    for got, want in zip(mine, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,5 @@
 import json
+import weakref
 
 import pytest
 import torch
@@ -186,3 +187,30 @@ def test_cross_entropy_sum_equals_torchs_with_ignored_rows_and_more_rows_than_a_
     view = scratch * 1.0  # a non-leaf the loss may overwrite, as a training step's logits
     again, = torch.autograd.grad(cross_entropy_sum(view, labels, overwrite=True) * 0.3, scratch)
     torch.testing.assert_close(again, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_loss_sums_equal_the_plain_losses_and_gradients_without_keeping_the_token_logits(reference, batch, tied):
+    """The training step's fused token head (gradients computed in forward) against model() + lm_loss_sums."""
+    from fish_speech_core.lm.loss import lm_loss_sums, training_loss_sums
+
+    plain = load_tiny(reference).train()
+    if tied:
+        config = DualARConfig.from_dict({**plain.config.to_dict(), "tie_word_embeddings": True})
+        plain = DualARTransformer(config, plain.semantic_token_id).train()
+    fused = DualARTransformer(plain.config, plain.semantic_token_id).train()
+    fused.load_state_dict(plain.state_dict())
+    out = plain(batch["inputs"], batch["attention_masks"])
+    want = lm_loss_sums(out.token_logits, out.codebook_logits, batch["labels"])
+    (want.text_sum / 3 + want.code_sum / 5).backward()
+    vocab = plain.config.vocab_size
+    saved = []  # what the graph keeps for backward (the head's own inner graph is gone by then)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(weakref.ref(t)) or t, lambda t: t):
+        got = training_loss_sums(fused, batch["inputs"], batch["attention_masks"], batch["labels"])
+    kept = [tuple(t.shape) for t in (r() for r in saved) if t is not None]
+    assert kept and not [shape for shape in kept if shape and shape[-1] == vocab]  # no (rows, vocab) logits
+    (got.text_sum / 3 + got.code_sum / 5).backward()
+    torch.testing.assert_close(got.stats(), want.stats(), atol=1e-4, rtol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)

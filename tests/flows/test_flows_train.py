@@ -107,7 +107,10 @@ def test_failed_train_fails_the_flow_and_the_rerun_resumes_it(prefect_env, tmp_p
         rerun = ran(again["run_id"])
     print(f"flow run time: first {first:.2f} s, all cached {rerun:.2f} s ({first / rerun:.0f}x); caller wall: "
           f"failed {failed_seconds:.2f} s + resumed {resumed_seconds:.2f} s, all cached {cached_seconds:.2f} s")
-    assert first >= 10 * rerun, (first, rerun)
+    # The all-cached run is Prefect's fixed per-run cost (~0.5-1 s of task-run bookkeeping for 6 cached
+    # stages), the first runs are this tiny model's real work (~7 s on quiet cores now that training and
+    # model loading got faster): a ratio alone would fail as our own stages speed up, so both bounds.
+    assert first >= 5 * rerun and rerun < 2.5, (first, rerun)
     assert failed_seconds + resumed_seconds >= 5 * cached_seconds, (failed_seconds, resumed_seconds, cached_seconds)
 
     # Re-finetune with warm_start: data stages from cache, training starts from the latest merged LoRA of the

@@ -115,7 +115,7 @@ def _train_case(preset: str, device: str, batch: int, length: int, compiled: boo
 
     from bench.forward import make_batch
     from fish_speech_core.finetune.lora import LoraSettings, add_lora, lora_parameters
-    from fish_speech_core.lm import lm_losses
+    from fish_speech_core.lm import lm_losses, training_loss_sums
 
     _reset_memory(device)
     model, config = _lm(preset, device)
@@ -129,8 +129,11 @@ def _train_case(preset: str, device: str, batch: int, length: int, compiled: boo
 
     def step() -> float:
         with autocast:
-            out = forward(inputs, padding)
-            loss = lm_losses(out.token_logits, out.codebook_logits, labels).loss
+            if compiled:  # the whole forward compiled, then the plain losses
+                out = forward(inputs, padding)
+                loss = lm_losses(out.token_logits, out.codebook_logits, labels).loss
+            else:  # what `fishtune train` runs
+                loss = training_loss_sums(model, inputs, padding, labels).loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -72,14 +72,13 @@ def lm_step(batch: int, seq_len: int, checkpointing: bool, preset: str, threads:
     import torch
 
     from bench.train import build_lora_step
-    from fish_speech_core.lm import lm_losses
+    from fish_speech_core.lm import training_loss_sums
 
     model, params, optimizer, (inputs, labels, padding) = build_lora_step(
         preset, checkpointing, batch, seq_len, threads=threads)
     built_mib = vm_kib("VmRSS") / 1024
     started = time.perf_counter()
-    out = model(inputs, padding)
-    lm_losses(out.token_logits, out.codebook_logits, labels).loss.backward()
+    training_loss_sums(model, inputs, padding, labels).loss().backward()  # what `fishtune train` runs
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -78,8 +78,7 @@ def run_case(preset: str, case: str, steps: int, threads: int) -> dict:
 
     def loss():  # as fishtune's training_step computes it; the reference-like case as the reference does
         if impl == "sdpa":
-            sums = training_loss_sums(model, inputs, padding, labels)
-            return sums.text_sum / sums.text_count + sums.code_sum / sums.code_count
+            return training_loss_sums(model, inputs, padding, labels).loss()
         out = model(inputs, padding)
         return lm_losses(out.token_logits, out.codebook_logits, labels, logits_are_scratch=True).loss
 

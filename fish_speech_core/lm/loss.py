@@ -156,6 +156,10 @@ class LMLossSums:
     hits: Tensor  # top-5 hits among the counted codebook labels
     counted: Tensor  # codebook labels that are neither ignored nor the pad id
 
+    def loss(self) -> Tensor:
+        """The trained loss of these labels alone: token mean + codebook mean (:class:`LMLosses`)."""
+        return self.text_sum / self.text_count + self.code_sum / self.code_count
+
     def stats(self) -> Tensor:
         """(6,) float64, detached: text_sum, text_count, code_sum, code_count, hits, counted."""
         return torch.stack([t.detach().double() for t in

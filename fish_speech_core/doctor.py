@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fish_speech_core.meta import on_meta
 from fish_speech_core.codes import CodeSpec, fit_problems
+from fish_speech_core.meta import on_meta
 
 Level = Literal["ok", "info", "warning", "error"]
 

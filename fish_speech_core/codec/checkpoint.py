@@ -20,8 +20,8 @@ from torch import Tensor
 
 from fish_speech_core.codec.config import FireflyConfig, resolve_config
 from fish_speech_core.codec.model import FireflyCodec
-from fish_speech_core.meta import on_meta
 from fish_speech_core.files import atomic_torch_save
+from fish_speech_core.meta import on_meta
 from fish_speech_core.weights import WeightsError, read_weights
 
 GENERATOR_PREFIX = "generator."

@@ -44,7 +44,7 @@ def decode(
     factor = features.size(-1) // t
     frame = torch.arange(features.size(-1), device=device)
     features = features * (frame[None] < factor * lengths[:, None])[:, None].to(features.dtype)
-    audio = codec.head(features)  # (B, 1, T * samples_per_code)
+    audio = codec.decoder_head()(features)  # (B, 1, T * samples_per_code)
     audio_lengths = lengths * codec.config.samples_per_code
     sample = torch.arange(audio.size(-1), device=device)
     audio = audio * (sample[None] < audio_lengths[:, None])[:, None].to(audio.dtype)

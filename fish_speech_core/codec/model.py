@@ -458,9 +458,13 @@ class FireflyCodec(nn.Module):
             codes = self.encode_mels(batch)
         return [codes[i, :, : self.config.num_code_frames(n)] for i, n in enumerate(num_samples)]
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """int codes (B, G * R, T) -> audio (B, 1, T * samples_per_code)."""
+    def decoder_head(self) -> HiFiGANGenerator:
+        """The HiFiGAN head; a clear error for a codec built without it."""
         if self.head is None:
             raise RuntimeError("this codec was loaded without its decoder (decoder=False); load it "
                                "with decoder=True to turn codes into audio")
-        return self.head(self.quantizer.decode(codes))
+        return self.head
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """int codes (B, G * R, T) -> audio (B, 1, T * samples_per_code)."""
+        return self.decoder_head()(self.quantizer.decode(codes))

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fish_speech_core.meta import on_meta
 from fish_speech_core.files import atomic_torch_save, atomic_write
 from fish_speech_core.lm.config import DualARConfig
 from fish_speech_core.lm.model import AttentionImpl, DualARTransformer
+from fish_speech_core.meta import on_meta
 from fish_speech_core.tokenizer import FishTokenizer
 from fish_speech_core.weights import WeightsError, read_weights
 

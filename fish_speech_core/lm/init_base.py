@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from fish_speech_core.meta import on_meta, to_empty
 from fish_speech_core.lm.checkpoint import save_pretrained
 from fish_speech_core.lm.config import DualARConfig, find_multiple
 from fish_speech_core.lm.model import DualARTransformer, init_weights
+from fish_speech_core.meta import on_meta, to_empty
 from fish_speech_core.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,

@@ -81,6 +81,12 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def _silu_mul(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) * b, the product formed in silu's output (one (N, hidden) temporary less). The one
+    definition of the SwiGLU's value: a LoRA w2 rebuilds its input with it, bit for bit."""
+    return F.silu(a).mul_(b)
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(a) * b that saves only a and b: autograd's silu-then-mul also kept silu(a), a third
     (N, hidden) tensor per layer (the fast layers run 8 positions per frame). silu is recomputed
@@ -97,7 +103,7 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, a: Tensor, b: Tensor, scratch: bool = False) -> Tensor:
         ctx.save_for_backward(a, b)
         ctx.scratch = scratch
-        return F.silu(a).mul_(b)  # the product in silu's output: one (N, hidden) temporary less
+        return _silu_mul(a, b)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -110,10 +116,6 @@ class _SwiGLU(torch.autograd.Function):
         elif need_a:
             grad_a = torch.ops.aten.silu_backward(grad * b, a)
         return grad_a, grad_b, None
-
-
-def _silu_mul(a: Tensor, b: Tensor) -> Tensor:
-    return F.silu(a).mul_(b)  # bit for bit _SwiGLU's forward
 
 
 def linear_on(layer: nn.Module, x: Tensor, rebuild: Callable[..., Tensor] | None = None, *sources: Tensor) -> Tensor:
@@ -139,7 +141,7 @@ class FeedForward(nn.Module):
         """``x`` is ``norm(norm_input)`` when both are given (see :func:`linear_on`)."""
         a, b = linear_on(self.w1, x, norm, norm_input), linear_on(self.w3, x, norm, norm_input)
         if not torch.is_grad_enabled():
-            return self.w2(F.silu(a) * b)
+            return self.w2(_silu_mul(a, b))
         return linear_on(self.w2, _SwiGLU.apply(a, b, True), _silu_mul, a, b)
 
 

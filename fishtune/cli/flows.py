@@ -85,18 +85,17 @@ def _check_locks(config: FinetuneConfig, console) -> None:
         raise typer.Exit(1) from None
 
 
-def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any] | None = None) -> dict:
-    """Run the flow (``run``, returning its state; default: finetune on ``config``), print the stage
-    table and where the report / merged model are; exit 1 on failure."""
+def _run_and_print(config: FinetuneConfig, console, run: Callable[[], Any]) -> dict:
+    """Run the flow (``run``, returning its final state), print the stage table and where the
+    report / merged model are; exit 1 on failure."""
     from rich.markup import escape
     from rich.text import Text
 
     from fish_speech_core.storage import redact, redact_text
-    from fishtune.flows.finetune import finetune
     from fishtune.flows.report import cache_label
 
     try:
-        state = run() if run else finetune(config, return_state=True)
+        state = run()
     except RuntimeError as err:
         if not _is_ephemeral_startup_failure(err):
             raise
